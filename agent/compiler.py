@@ -1,0 +1,48 @@
+"""Compile the C programs in bpf/ with bcc, with settings passed as -D flags."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent.errors import FoveaError
+from agent.kernel.headers import Headers
+
+log = logging.getLogger(__name__)
+
+
+def source_dir() -> Path:
+    """bpf/ beside the packages (a checkout), or where the package installed it."""
+    candidates = [
+        os.environ.get("FOVEA_BPF_DIR", ""),
+        Path(__file__).resolve().parent.parent / "bpf",
+        Path(sys.prefix, "share", "fovea", "bpf"),
+    ]
+    for c in candidates:
+        if c and Path(c, "fovea.h").is_file():
+            return Path(c)
+    raise FoveaError("the eBPF sources (bpf/*.c) are missing", "reinstall fovea or set FOVEA_BPF_DIR")
+
+
+def compile_program(name: str, cflags: list[str], headers: Headers):
+    """Compile bpf/<name>.c and return the loaded bcc.BPF object."""
+    from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests run without it
+
+    src = source_dir()
+    os.environ.update(headers.env)
+    flags = [f"-I{src}", "-Wno-unused-function", *cflags]
+    log.debug("compiling %s.c with %s", name, " ".join(flags))
+    err = io.StringIO()
+    try:
+        # bcc prints clang's diagnostics on fd 2 itself; keep Python's noise out of it.
+        with contextlib.redirect_stderr(err):
+            return BPF(src_file=str(src / f"{name}.c").encode(), cflags=flags)
+    except Exception as e:  # bcc raises plain Exception on compile/load failure
+        raise FoveaError(
+            f"could not compile or load bpf/{name}.c: {e}",
+            f"check the kernel headers ({headers.description}) and 'fovea doctor'",
+        ) from None

@@ -1,0 +1,127 @@
+"""Agent settings: one YAML file (camelCase keys), overridden by CLI flags.
+
+Every key is a field of a frozen dataclass below; its docstring-comment says
+what it does. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from agent.errors import FoveaError
+
+
+@dataclass(frozen=True)
+class TcConfig:
+    priority: int = 1  # tc filter priority of Fovea's filters (lower runs first)
+
+
+@dataclass(frozen=True)
+class DropsConfig:
+    mapSize: int = 16384  # drop keys (reason, protocol, addresses) kept in the kernel
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    headers: str = ""  # kernel headers tree; empty: find them (see agent/kernel/headers.py)
+    btf: str = "/sys/kernel/btf/vmlinux"
+    cacheDir: str = "/var/cache/fovea"  # where prepared headers are kept
+
+
+@dataclass(frozen=True)
+class Config:
+    standalone: bool = False  # no Kubernetes API: a plain Linux host
+    nodeName: str = ""  # default: $NODE_NAME, else the host name
+    kubeconfig: str = ""  # default: in-cluster config or $KUBECONFIG
+    uplinks: tuple[str, ...] = ()  # default: the interfaces of the default routes
+    port: int = 9810  # /metrics, /healthz, /readyz
+    bindAddress: str = "0.0.0.0"
+    interval: float = 5.0  # seconds between reads of the kernel maps
+    idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
+    plugins: tuple[str, ...] = ("forward", "drops")
+    logLevel: str = "info"
+    tc: TcConfig = field(default_factory=TcConfig)
+    drops: DropsConfig = field(default_factory=DropsConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+
+    def validate(self, known_plugins: typing.Iterable[str]) -> "Config":
+        known = sorted(known_plugins)
+        for p in self.plugins:
+            if p not in known:
+                raise FoveaError(f"config key 'plugins': unknown plugin {p!r}", f"known plugins: {', '.join(known)}")
+        checks = [
+            ("port", 1 <= self.port <= 65535, "a TCP port, 1-65535"),
+            ("interval", self.interval > 0, "a positive number of seconds"),
+            ("idleReads", self.idleReads >= 1, "at least 1"),
+            ("drops.mapSize", 1 <= self.drops.mapSize <= 1 << 20, "1 to 1048576"),
+            ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
+            ("logLevel", self.logLevel.lower() in ("debug", "info", "warning", "error"),
+             "debug, info, warning or error"),
+        ]
+        for key, ok, want in checks:
+            if not ok:
+                raise FoveaError(f"config key {key!r} is invalid", f"it must be {want}")
+        for name in self.uplinks:
+            if not re.fullmatch(r"[^\s/]{1,15}", name):
+                raise FoveaError(f"config key 'uplinks': {name!r} is not an interface name", "use names like eth0")
+        return self
+
+    @property
+    def node(self) -> str:
+        return self.nodeName or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise FoveaError(f"config key {path or '(top)'!r} must be a mapping", "check the YAML indentation")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise FoveaError(f"config key {full!r} is unknown", f"known keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _convert(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise FoveaError(f"config key {key!r} must be a list of strings", "e.g. [eth0, eth1]")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise FoveaError(f"config key {key!r} must be of type {hint.__name__}", f"got {value!r}")
+    return value
+
+
+def load(path: str | None, overrides: dict | None = None) -> Config:
+    """The file's settings (if any), then CLI overrides (camelCase keys, dotted for nested)."""
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise FoveaError(f"cannot read config file {path}: {e.strerror}", "check --config") from None
+        except yaml.YAMLError as e:
+            raise FoveaError(f"config file {path} is not valid YAML: {e}".replace("\n", " "), "fix the file") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(Config, data, "")

@@ -1,0 +1,94 @@
+"""`fovea doctor`: what this kernel and host offer, and what Fovea can do here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import FoveaError
+from agent.kernel.btf import BTF
+from agent.kernel.headers import find_headers
+from agent.kernel.tracefs import Tracefs, find_tracefs
+
+# Tracepoints Fovea uses or will use, and the fields it reads.
+TRACEPOINTS = {
+    ("skb", "kfree_skb"): ("skbaddr", "protocol", "reason"),
+    ("tcp", "tcp_retransmit_skb"): ("skaddr",),
+    ("tcp", "tcp_retransmit_synack"): ("skaddr",),
+    ("tcp", "tcp_send_reset"): ("skaddr",),
+    ("tcp", "tcp_receive_reset"): ("skaddr",),
+    ("tcp", "tcp_probe"): ("srtt",),
+    ("sock", "inet_sock_set_state"): ("oldstate", "newstate"),
+}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    needed_by: str = ""
+
+
+def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var/cache/fovea") -> list[Check]:
+    checks = [Check("running as root", os.geteuid() == 0, f"uid {os.geteuid()}", "agent")]
+    checks.append(Check("kernel", True, os.uname().release))
+
+    try:
+        btf = BTF.from_file(btf_path)
+        m = btf.member("sk_buff", "network_header")
+        checks.append(Check("BTF", True, f"{btf_path} (sk_buff.network_header at byte {m.offset})", "drops"))
+    except FoveaError as e:
+        checks.append(Check("BTF", False, str(e), "drops"))
+
+    try:
+        tracefs = Tracefs(find_tracefs(mount_if_missing=os.geteuid() == 0))
+        checks.append(Check("tracefs", True, str(tracefs.root), "drops, tcp"))
+        for (cat, event), fields in TRACEPOINTS.items():
+            if not tracefs.exists(cat, event):
+                checks.append(Check(f"tracepoint {cat}:{event}", False, "missing"))
+                continue
+            fmt = tracefs.format(cat, event)
+            missing = [f for f in fields if f not in fmt.fields]
+            detail = "fields " + ", ".join(fields) + (f"; missing: {', '.join(missing)}" if missing else "")
+            checks.append(Check(f"tracepoint {cat}:{event}", not missing, detail))
+        reasons = tracefs.drop_reasons()
+        checks.append(Check("drop reasons", bool(reasons), f"{len(reasons)} names read from the kernel", "drops"))
+    except FoveaError as e:
+        checks.append(Check("tracefs", False, str(e), "drops, tcp"))
+
+    try:
+        h = find_headers(cache=cache_dir)
+        checks.append(Check("kernel headers", True, h.description, "agent"))
+    except FoveaError as e:
+        checks.append(Check("kernel headers", False, str(e), "agent"))
+
+    checks.append(_bcc_check())
+    kprobes = any(Path(d, "kprobe_events").exists() for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
+    checks.append(Check("kprobes", True, ("available" if kprobes else "not available") +
+                        " (not needed: Fovea uses tracepoints and tc only)"))
+    for tool in ("tc", "ip"):
+        path = shutil.which(tool)
+        checks.append(Check(f"{tool} command", path is not None, path or "not found (iproute2)", "tests, demo"))
+    return checks
+
+
+def _bcc_check() -> Check:
+    try:
+        import bcc  # noqa: F401
+
+        return Check("bcc", True, f"python3-bpfcc {getattr(bcc, '__version__', '')}".strip(), "agent")
+    except ImportError:
+        return Check("bcc", False, "python module bcc missing: apt-get install python3-bpfcc", "agent")
+
+
+def report(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else "FAIL"
+        need = f"  [needed by {c.needed_by}]" if c.needed_by and not c.ok else ""
+        lines.append(f"{mark} {c.name.ljust(width)}  {c.detail}{need}")
+    return "\n".join(lines)

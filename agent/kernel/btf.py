@@ -1,0 +1,172 @@
+"""A small reader for the kernel's BTF (/sys/kernel/btf/vmlinux).
+
+The headers we compile against are not the running kernel's, so the layout of
+kernel-internal structs (sk_buff, skb_shared_info) is read from the running
+kernel's BTF and handed to the C code as -D flags. Only what the agent needs
+is implemented: struct/union member offsets (also through anonymous members),
+type sizes and enum values.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import FoveaError
+
+BTF_MAGIC = 0xEB9F
+
+# Kinds (include/uapi/linux/btf.h).
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+
+_MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+# Bytes that follow the 12-byte common header, per kind: (fixed, per vlen item).
+_TRAILER = {
+    INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+    FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12),
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a member lives, relative to the start of the outermost struct."""
+
+    offset: int  # bytes
+    size: int  # bytes
+    bit_offset: int = 0  # within the byte, for bitfields
+    bitfield_size: int = 0  # 0 unless a bitfield
+
+
+@dataclass(frozen=True)
+class _Type:
+    kind: int
+    name: str
+    vlen: int
+    kind_flag: bool
+    size_or_type: int
+    pos: int  # where the trailer starts in the type section
+
+
+class BTF:
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise FoveaError("BTF data is truncated", "check /sys/kernel/btf/vmlinux")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != BTF_MAGIC:
+            raise FoveaError("not BTF data (bad magic)", "check /sys/kernel/btf/vmlinux")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._types_raw = data[hdr_len + type_off : hdr_len + type_off + type_len]
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._types: list[_Type | None] = [None]  # id 0 is void
+        self._by_name: dict[str, list[int]] = {}
+        self._parse()
+
+    @classmethod
+    def from_file(cls, path: str | Path = "/sys/kernel/btf/vmlinux") -> "BTF":
+        try:
+            return cls(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise FoveaError(
+                f"no BTF at {path}: this kernel was built without CONFIG_DEBUG_INFO_BTF",
+                "run on a kernel with BTF (most distribution kernels since 5.4 have it)",
+            ) from None
+
+    def _str(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def _parse(self) -> None:
+        raw, pos = self._types_raw, 0
+        while pos < len(raw):
+            name_off, info, size_or_type = struct.unpack_from("<III", raw, pos)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            fixed, per_item = _TRAILER.get(kind, (0, 0))
+            t = _Type(kind, self._str(name_off), vlen, bool(info >> 31), size_or_type, pos + 12)
+            if t.name and kind in (STRUCT, UNION, ENUM, ENUM64):
+                self._by_name.setdefault(t.name, []).append(len(self._types))
+            self._types.append(t)
+            pos += 12 + fixed + per_item * vlen
+
+    def _find(self, name: str, kinds: tuple[int, ...]) -> _Type:
+        for tid in self._by_name.get(name, []):
+            t = self._types[tid]
+            if t.kind in kinds and (t.vlen or t.size_or_type):  # skip empty forward-ish copies
+                return t
+        kind = "enum" if ENUM in kinds else "struct"
+        raise FoveaError(f"{kind} {name} is not in the kernel's BTF", "this kernel is not supported")
+
+    def _resolve(self, tid: int) -> _Type | None:
+        t = self._types[tid]
+        while t is not None and t.kind in _MODIFIERS:
+            t = self._types[t.size_or_type]
+        return t
+
+    def type_size(self, tid: int) -> int:
+        t = self._resolve(tid)
+        if t is None:
+            return 0
+        if t.kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT, DATASEC):
+            return t.size_or_type
+        if t.kind == PTR:
+            return 8
+        if t.kind == ARRAY:
+            elem, _index, nelems = struct.unpack_from("<III", self._types_raw, t.pos)
+            return self.type_size(elem) * nelems
+        return 0
+
+    def _members(self, t: _Type):
+        for i in range(t.vlen):
+            name_off, tid, off = struct.unpack_from("<III", self._types_raw, t.pos + 12 * i)
+            if t.kind_flag:
+                yield self._str(name_off), tid, off & 0xFFFFFF, off >> 24
+            else:
+                yield self._str(name_off), tid, off, 0
+
+    def _lookup(self, t: _Type, name: str, base_bits: int) -> tuple[Member, int] | None:
+        """(where, type id) of member `name`, searching anonymous members too."""
+        anonymous = []
+        for mname, tid, bits, bf_size in self._members(t):
+            if mname == name:
+                total = base_bits + bits
+                return Member(total // 8, self.type_size(tid), total % 8, bf_size), tid
+            if not mname:
+                anonymous.append((tid, bits))
+        for tid, bits in anonymous:
+            inner = self._resolve(tid)
+            if inner is not None and inner.kind in (STRUCT, UNION):
+                found = self._lookup(inner, name, base_bits + bits)
+                if found is not None:
+                    return found
+        return None
+
+    def member(self, struct_name: str, path: str) -> Member:
+        """Where `path` ("a" or "a.b") lives in struct/union `struct_name`."""
+        t: _Type | None = self._find(struct_name, (STRUCT, UNION))
+        bits = 0
+        for part in path.split("."):
+            found = self._lookup(t, part, bits) if t and t.kind in (STRUCT, UNION) else None
+            if found is None:
+                raise FoveaError(
+                    f"struct {struct_name} has no member {path} in this kernel's BTF",
+                    "this kernel is not supported",
+                )
+            where, tid = found
+            bits = where.offset * 8 + where.bit_offset
+            t = self._resolve(tid)
+        return where
+
+    def enum(self, name: str) -> dict[int, str]:
+        """Values → names of an enum."""
+        t = self._find(name, (ENUM, ENUM64))
+        out = {}
+        for i in range(t.vlen):
+            if t.kind == ENUM:
+                name_off, val = struct.unpack_from("<Ii", self._types_raw, t.pos + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", self._types_raw, t.pos + 12 * i)
+                val = (hi << 32) | lo
+            out[val] = self._str(name_off)
+        return out

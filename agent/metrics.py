@@ -1,0 +1,52 @@
+"""The Prometheus collector: plugin metrics and the agent's own health."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+from agent import __version__
+
+log = logging.getLogger(__name__)
+
+
+class FoveaCollector:
+    """Reads the kernel maps at scrape time, so a scrape sees current counts."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def describe(self):
+        return []  # families depend on the plugins running; collect() at register time is avoided
+
+    def collect(self):
+        agent = self.agent
+        start = time.monotonic()
+        with agent.lock:
+            running = agent.refresh_all()
+            for plugin in running:
+                yield from plugin.metrics()
+
+            up = GaugeMetricFamily("fovea_agent_plugin_up", "1 if the plugin is loaded and attached", labels=["plugin"])
+            fill = GaugeMetricFamily("fovea_agent_map_fill_ratio", "Entries in a BPF map over its size", labels=["map"])
+            lost = CounterMetricFamily(
+                "fovea_agent_lost_events", "Events the agent could not keep in detail, by source", labels=["source"]
+            )
+            for name in agent.config.plugins:
+                up.add_metric([name], 1.0 if name in agent.plugins else 0.0)
+            for plugin in running:
+                health = plugin.health()
+                for m, v in health.map_fill.items():
+                    fill.add_metric([m], v)
+                for s, v in health.lost.items():
+                    lost.add_metric([s], v)
+        info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
+        info.add_metric([], {"version": __version__, "kernel": os.uname().release})
+        duration = GaugeMetricFamily(
+            "fovea_agent_scrape_collect_seconds", "Time the last scrape spent reading kernel maps"
+        )
+        duration.add_metric([], time.monotonic() - start)
+        yield from (up, fill, lost, info, duration)

@@ -1,0 +1,6 @@
+"""The registry of plugins: a name in the config maps to exactly one class."""
+
+from agent.plugins.drops import DropsPlugin
+from agent.plugins.forward import ForwardPlugin
+
+REGISTRY = {cls.name: cls for cls in (ForwardPlugin, DropsPlugin)}

@@ -1,0 +1,65 @@
+"""What every plugin is: one concern, one C file in bpf/, one module here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from prometheus_client.core import Metric
+
+from agent.config import Config
+from agent.kernel.btf import BTF
+from agent.kernel.headers import Headers
+from agent.kernel.tracefs import Tracefs
+from agent.tc import TcAttacher
+
+
+class PluginContext:
+    """What the agent hands each plugin when it starts."""
+
+    def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, tc: TcAttacher,
+                 uplinks: list[str]):
+        self.config = config
+        self.uplinks = uplinks
+        self.headers = headers
+        self.tracefs = tracefs
+        self.tc = tc
+
+    @cached_property
+    def btf(self) -> BTF:
+        return BTF.from_file(self.config.kernel.btf)
+
+
+@dataclass
+class PluginHealth:
+    """Self-observation a plugin reports (fovea_agent_*)."""
+
+    map_fill: dict[str, float] = field(default_factory=dict)  # map -> entries / max entries
+    lost: dict[str, int] = field(default_factory=dict)  # source -> events not kept in detail
+
+
+class Plugin:
+    name = ""
+
+    def check(self, tracefs: Tracefs) -> str | None:
+        """Why this kernel cannot run the plugin, or None if it can."""
+        return None
+
+    def start(self, ctx: PluginContext) -> None:
+        """Compile, load and attach."""
+
+    def reconcile(self) -> None:
+        """Housekeeping every interval (interfaces that came or went)."""
+
+    def refresh(self) -> None:
+        """Read the kernel maps (called every interval and before each scrape)."""
+
+    def metrics(self) -> Iterable[Metric]:
+        return ()
+
+    def health(self) -> PluginHealth:
+        return PluginHealth()
+
+    def close(self) -> None:
+        """Detach everything; safe to call twice."""

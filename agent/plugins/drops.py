@@ -1,0 +1,145 @@
+"""Drops with the kernel's own reason, from the skb:kfree_skb tracepoint."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import defaultdict
+
+from prometheus_client.core import CounterMetricFamily
+
+from agent.compiler import compile_program
+from agent.errors import FoveaError
+from agent.maps import CounterHash, read_percpu_array
+from agent.plugins.base import Plugin, PluginContext, PluginHealth
+
+log = logging.getLogger(__name__)
+
+TRACEPOINT = ("skb", "kfree_skb")
+FIELDS = {"skbaddr": 8, "protocol": 2, "reason": 4}  # field -> size the C code reads
+SKB_MEMBERS = {"head": 8, "data": 8, "len": 4, "network_header": 2, "end": 4}
+SHINFO_MEMBERS = {"gso_segs": 2}
+PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # order of drop_overflow slots, as in drops.c
+L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+
+
+def protocol_name(l4proto: int) -> str:
+    return L4_NAMES.get(l4proto, "other")
+
+
+def _address(family: int, raw: bytes) -> str:
+    if family == 4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == 6:
+        return str(ipaddress.IPv6Address(raw))
+    return ""
+
+
+class DropsPlugin(Plugin):
+    name = "drops"
+
+    def __init__(self):
+        self._bpf = None
+        self._counts: CounterHash | None = None
+        self.reasons: dict[int, str] = {}
+        self._by_key: dict[tuple, tuple[int, int]] = {}
+        self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
+        self._lost = 0
+
+    def check(self, tracefs) -> str | None:
+        if not tracefs.exists(*TRACEPOINT):
+            return "tracepoint skb:kfree_skb is missing"
+        fmt = tracefs.format(*TRACEPOINT)
+        for f, size in FIELDS.items():
+            if f not in fmt.fields:
+                return f"skb:kfree_skb has no {f!r} field (kernel older than 5.17?)"
+            if fmt.fields[f].size != size:
+                return f"skb:kfree_skb field {f!r} is {fmt.fields[f].size} bytes, expected {size}"
+        return None
+
+    def cflags(self, ctx: PluginContext) -> list[str]:
+        flags = ctx.tracefs.offset_flags(*TRACEPOINT, list(FIELDS))
+        for struct, members in (("sk_buff", SKB_MEMBERS), ("skb_shared_info", SHINFO_MEMBERS)):
+            prefix = "SKB" if struct == "sk_buff" else "SHINFO"
+            for name, size in members.items():
+                m = ctx.btf.member(struct, name)
+                if m.size != size or m.bitfield_size:
+                    raise FoveaError(
+                        f"struct {struct}.{name} is {m.size} bytes in this kernel, expected {size}",
+                        "this kernel is not supported by the drops plugin",
+                    )
+                flags.append(f"-D{prefix}_{name.upper()}_OFF={m.offset}")
+        self.reasons = ctx.tracefs.drop_reasons() or _btf_reasons(ctx)
+        flags += [
+            f"-DDROP_MAP_SIZE={ctx.config.drops.mapSize}",
+            f"-DDROP_REASON_MAX={max(self.reasons, default=0) + 2}",  # last slot: out of range
+        ]
+        return flags
+
+    def start(self, ctx: PluginContext) -> None:
+        self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers)
+        self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
+        self._counts = CounterHash(self._bpf["drop_counts"], self._decode, ctx.config.idleReads)
+        log.info("counting drops by reason (%d reasons known to this kernel)", len(self.reasons))
+
+    def reason_name(self, value: int) -> str:
+        return self.reasons.get(value, "UNKNOWN")
+
+    def _decode(self, key) -> tuple:
+        """(reason, protocol, source, destination) from a struct drop_key."""
+        return (
+            self.reason_name(key.reason),
+            protocol_name(key.l4proto),
+            _address(key.family, bytes(key.saddr)),
+            _address(key.family, bytes(key.daddr)),
+        )
+
+    def refresh(self) -> None:
+        self._by_key = self._counts.read()
+        overflow = {}
+        slots = read_percpu_array(self._bpf["drop_overflow"])
+        for slot, (p, b) in enumerate(slots):
+            if p:
+                reason = self.reason_name(slot // len(PROTO_CLASSES))
+                overflow[(reason, PROTO_CLASSES[slot % len(PROTO_CLASSES)])] = (p, b)
+        self._overflow = overflow
+        self._lost = sum(p for p, _ in overflow.values())
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(reason, protocol) -> (packets, bytes), detailed and overflowed drops together."""
+        out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for (reason, proto, _src, _dst), (p, b) in self._by_key.items():
+            out[(reason, proto)][0] += p
+            out[(reason, proto)][1] += b
+        for key, (p, b) in self._overflow.items():
+            out[key][0] += p
+            out[key][1] += b
+        return {k: (p, b) for k, (p, b) in out.items()}
+
+    def metrics(self):
+        packets = CounterMetricFamily(
+            "fovea_drop_packets", "IP packets the kernel dropped, by its drop reason",
+            labels=["reason", "protocol"],
+        )
+        nbytes = CounterMetricFamily(
+            "fovea_drop_bytes", "IP bytes the kernel dropped, by its drop reason",
+            labels=["reason", "protocol"],
+        )
+        for (reason, proto), (p, b) in sorted(self.totals().items()):
+            packets.add_metric([reason, proto], p)
+            nbytes.add_metric([reason, proto], b)
+        return [packets, nbytes]
+
+    def health(self) -> PluginHealth:
+        fill = self._counts.fill_ratio if self._counts else 0.0
+        return PluginHealth(map_fill={"drop_counts": fill}, lost={"drop_counts_full": self._lost})
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+
+def _btf_reasons(ctx: PluginContext) -> dict[int, str]:
+    values = ctx.btf.enum("skb_drop_reason")
+    return {v: n.removeprefix("SKB_DROP_REASON_") for v, n in values.items()}

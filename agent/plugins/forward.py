@@ -1,0 +1,93 @@
+"""Node forward counters: what crosses the node's uplinks (DESIGN.md)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client.core import CounterMetricFamily
+from pyroute2 import IPRoute
+
+from agent.compiler import compile_program
+from agent.errors import FoveaError
+from agent.maps import read_percpu_array
+from agent.plugins.base import Plugin, PluginContext
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("ingress", "egress")  # index in forward_counts, relative to the node
+ARPHRD_ETHER = 1
+
+
+class ForwardPlugin(Plugin):
+    name = "forward"
+
+    def __init__(self):
+        self._bpf = None
+        self._ctx: PluginContext | None = None
+        self._uplinks: list[str] = []
+        self._attached: dict[str, int] = {}  # uplink name -> ifindex
+        self._totals = [(0, 0), (0, 0)]
+
+    def start(self, ctx: PluginContext) -> None:
+        self._ctx = ctx
+        self._uplinks = list(ctx.uplinks)
+        with IPRoute() as ipr:
+            for name in self._uplinks:
+                idx = ipr.link_lookup(ifname=name)
+                if not idx:
+                    raise FoveaError(f"uplink {name!r} does not exist", f"interfaces here: {', '.join(_names(ipr))}")
+                if ipr.get_links(idx[0])[0]["ifi_type"] != ARPHRD_ETHER:
+                    raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
+        self._bpf = compile_program("forward", [], ctx.headers)
+        self._programs = {
+            "ingress": self._bpf.load_func(b"forward_ingress", self._bpf.SCHED_CLS),
+            "egress": self._bpf.load_func(b"forward_egress", self._bpf.SCHED_CLS),
+        }
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Attach to uplinks that (re)appeared; forget those that vanished."""
+        with IPRoute() as ipr:
+            for name in self._uplinks:
+                idx = ipr.link_lookup(ifname=name)
+                current = self._attached.get(name)
+                if current is not None and (not idx or idx[0] != current):
+                    log.warning("uplink %s vanished; counting resumes if it comes back", name)
+                    self._ctx.tc.attached.pop(current, None)
+                    del self._attached[name]
+                if idx and name not in self._attached:
+                    try:
+                        self._ctx.tc.attach(name, self._programs)
+                    except FoveaError as e:
+                        log.warning("%s", e)
+                        continue
+                    self._attached[name] = idx[0]
+                    log.info("counting forward traffic on uplink %s", name)
+
+    def refresh(self) -> None:
+        self._totals = read_percpu_array(self._bpf["forward_counts"])
+
+    def metrics(self):
+        packets = CounterMetricFamily(
+            "fovea_forward_packets", "IP packets crossing the node's uplinks", labels=["direction"]
+        )
+        nbytes = CounterMetricFamily(
+            "fovea_forward_bytes", "IP bytes crossing the node's uplinks", labels=["direction"]
+        )
+        for direction, (p, b) in zip(DIRECTIONS, self._totals):
+            packets.add_metric([direction], p)
+            nbytes.add_metric([direction], b)
+        return [packets, nbytes]
+
+    def close(self) -> None:
+        if self._ctx:
+            for ifindex in self._attached.values():
+                self._ctx.tc.detach(ifindex)
+            self._attached.clear()
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+
+def _names(ipr: IPRoute) -> list[str]:
+    return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]

@@ -1,0 +1,171 @@
+"""The agent: kernel preparation, plugins, the metrics server, the read loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+from pyroute2 import IPRoute
+
+from agent.config import Config
+from agent.errors import FoveaError
+from agent.kernel.headers import find_headers
+from agent.kernel.tracefs import Tracefs
+from agent.metrics import FoveaCollector
+from agent.plugins import REGISTRY
+from agent.plugins.base import Plugin, PluginContext
+from agent.server import MetricsServer
+from agent.tc import TcAttacher
+
+log = logging.getLogger(__name__)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise FoveaError(
+            "fovea agent must run as root (loading eBPF programs and tc filters needs "
+            "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)",
+            "run it with sudo, or through the DaemonSet",
+        )
+
+
+def default_route_interfaces() -> list[str]:
+    """Interfaces that carry the host's default routes, IPv4 and IPv6."""
+    names: list[str] = []
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ipr.get_default_routes(family=family):
+                oifs = [route.get_attr("RTA_OIF")]
+                oifs += [hop["oif"] for hop in route.get_attr("RTA_MULTIPATH") or []]
+                for oif in filter(None, oifs):
+                    link = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+                    if link not in names:
+                        names.append(link)
+    return names
+
+
+def check_uplinks(names: list[str]) -> None:
+    with IPRoute() as ipr:
+        existing = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    for name in names:
+        if name not in existing:
+            raise FoveaError(
+                f"uplink {name!r} does not exist",
+                f"pass --uplink with one of: {', '.join(existing)}",
+            )
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.lock = threading.Lock()  # plugins are read by the loop and by scrapes
+        self.plugins: dict[str, Plugin] = {}
+        self.failed: dict[str, str] = {}
+        self.tc: TcAttacher | None = None
+        self.server: MetricsServer | None = None
+        self._stop = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._ready = False
+        self._refresh_errors: dict[str, float] = {}
+
+    def start(self) -> None:
+        require_root()
+        cfg = self.config
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(FoveaCollector(self))
+        # Bind first: a busy port fails before anything touches the kernel.
+        self.server = MetricsServer(cfg.bindAddress, cfg.port, registry, self.health, self.readiness)
+        try:
+            self._start_plugins()
+        except BaseException:
+            self.close()
+            raise
+        self.server.start()
+        self._ready = True
+        log.info("serving /metrics on %s:%d (node %s)", cfg.bindAddress, cfg.port, cfg.node)
+
+    def _start_plugins(self) -> None:
+        cfg = self.config
+        tracefs = Tracefs()
+        headers = find_headers(cfg.kernel.headers or None, cache=cfg.kernel.cacheDir)
+        log.info("kernel headers: %s", headers.description)
+        uplinks = list(cfg.uplinks) or default_route_interfaces()
+        check_uplinks(uplinks)
+        log.info("uplinks: %s", ", ".join(uplinks) or "none")
+        self.tc = TcAttacher(cfg.tc.priority)
+        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks)
+        for name in cfg.plugins:
+            plugin = REGISTRY[name]()
+            why = plugin.check(tracefs)
+            if why is None:
+                try:
+                    started = time.monotonic()
+                    plugin.start(ctx)
+                    self.plugins[name] = plugin
+                    log.info("plugin %s started in %.1fs", name, time.monotonic() - started)
+                    continue
+                except FoveaError as e:
+                    why = str(e)
+            plugin.close()
+            self.failed[name] = why
+            log.error("plugin %s is down: %s", name, why)
+        if not self.plugins:
+            raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+
+    def refresh_all(self) -> list[Plugin]:
+        """Read every plugin's maps; a failing plugin is logged, not fatal."""
+        running = []
+        for name, plugin in self.plugins.items():
+            try:
+                plugin.refresh()
+                running.append(plugin)
+            except Exception:
+                now = time.monotonic()
+                if now - self._refresh_errors.get(name, 0) > 60:  # rate-limited
+                    log.exception("plugin %s failed to read its maps", name)
+                    self._refresh_errors[name] = now
+        return running
+
+    def run(self) -> None:
+        while not self._stop.wait(self.config.interval):
+            with self.lock:
+                for plugin in self.plugins.values():
+                    plugin.reconcile()
+                self.refresh_all()
+            self._heartbeat = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def health(self) -> tuple[bool, str]:
+        # Liveness depends only on the agent's own loop, never on the API server.
+        age = time.monotonic() - self._heartbeat
+        if age > 3 * self.config.interval + 30:
+            return False, f"read loop stalled for {age:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._ready:
+            return False, "starting"
+        down = ", ".join(f"{n} ({w})" for n, w in self.failed.items())
+        return True, "ready" + (f"; plugins down: {down}" if down else "")
+
+    def close(self) -> None:
+        """Detach everything from the kernel; safe to call twice."""
+        with self.lock:
+            for plugin in self.plugins.values():
+                try:
+                    plugin.close()
+                except Exception:
+                    log.exception("plugin %s did not close cleanly", plugin.name)
+            self.plugins.clear()
+            if self.tc is not None:
+                self.tc.close()
+                self.tc = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

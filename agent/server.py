@@ -1,0 +1,74 @@
+"""HTTP on the metrics port: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agent.errors import FoveaError
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "MetricsServer"
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body, ctype, code = generate_latest(self.server.registry), CONTENT_TYPE_LATEST, 200
+            except Exception:
+                log.exception("scrape failed")
+                body, ctype, code = b"scrape failed, see the agent log\n", "text/plain", 500
+        elif path == "/healthz":
+            ok, why = self.server.health()
+            body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
+        elif path == "/readyz":
+            ok, why = self.server.ready()
+            body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
+        else:
+            body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("http: " + fmt, *args)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: str, port: int, registry: CollectorRegistry, health, ready):
+        self.registry = registry
+        self.health = health
+        self.ready = ready
+        try:
+            super().__init__((address, port), _Handler)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise FoveaError(
+                    f"port {port} is already in use on {address}",
+                    "stop the other process or pick another port with --port",
+                ) from None
+            raise FoveaError(f"cannot listen on {address}:{port}: {e.strerror}", "check --port and bindAddress") from None
+        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+
+    def handle_error(self, request, client_address):
+        # A client that went away mid-response (a timed-out probe) is not an agent error.
+        log.debug("http client %s went away", client_address, exc_info=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.shutdown()
+        self.server_close()

@@ -1,0 +1,110 @@
+/* Drops: skb:kfree_skb fires for every freed skb that was dropped (normal
+ * frees go to consume_skb). Aggregated in the kernel by reason, L4 protocol
+ * and addresses; when that map is full, the drop still counts, by reason and
+ * protocol, in a fixed array, so node totals stay right.
+ *
+ * Set from user space (-D):
+ *   TP_KFREE_SKB_{SKBADDR,PROTOCOL,REASON}_OFF  field offsets from tracefs
+ *   SKB_{HEAD,DATA,LEN,NETWORK_HEADER,END}_OFF    struct sk_buff, from BTF
+ *   SHINFO_GSO_{SEGS}_OFF                         struct skb_shared_info, from BTF
+ *   DROP_MAP_SIZE, DROP_REASON_MAX
+ */
+#include "fovea.h"
+
+#define PROTO_CLASSES 4 /* tcp, udp, icmp, other */
+
+struct drop_key {
+    u32 reason;
+    u8 family; /* 4, 6, or 0 when the network header was not set */
+    u8 l4proto;
+    u16 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+BPF_PERCPU_HASH(drop_counts, struct drop_key, struct fovea_counter, DROP_MAP_SIZE);
+BPF_PERCPU_ARRAY(drop_overflow, struct fovea_counter, DROP_REASON_MAX * PROTO_CLASSES);
+
+#define READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
+
+static __always_inline u32 proto_class(u8 p)
+{
+    if (p == IPPROTO_TCP)
+        return 0;
+    if (p == IPPROTO_UDP)
+        return 1;
+    if (p == IPPROTO_ICMP || p == IPPROTO_ICMPV6)
+        return 2;
+    return 3;
+}
+
+int on_kfree_skb(void *ctx)
+{
+    u16 protocol = *(u16 *)(ctx + TP_KFREE_SKB_PROTOCOL_OFF); /* host order */
+    if (protocol != ETH_P_IP && protocol != ETH_P_IPV6)
+        return 0;
+
+    struct drop_key key = {};
+    key.reason = *(u32 *)(ctx + TP_KFREE_SKB_REASON_OFF);
+    void *skb = *(void **)(ctx + TP_KFREE_SKB_SKBADDR_OFF);
+
+    unsigned char *head = 0, *data = 0;
+    u32 len = 0, end = 0;
+    u16 nh = 0;
+    READ(head, skb, SKB_HEAD_OFF);
+    READ(data, skb, SKB_DATA_OFF);
+    READ(len, skb, SKB_LEN_OFF);
+    READ(nh, skb, SKB_NETWORK_HEADER_OFF);
+    READ(end, skb, SKB_END_OFF);
+
+    u16 segs = 0;
+    READ(segs, head + end, SHINFO_GSO_SEGS_OFF);
+    u64 packets = segs > 1 ? segs : 1;
+    u64 bytes = len;
+    u32 hdrs = 0;
+
+    if (nh != (u16)~0U) {
+        unsigned char *ip = head + nh;
+        u8 doff = 0;
+        /* IP bytes run from the network header to the end of the data. */
+        bytes = (u64)(data + len - ip);
+        if (protocol == ETH_P_IP) {
+            struct iphdr iph = {};
+            READ(iph, ip, 0);
+            key.family = 4;
+            key.l4proto = iph.protocol;
+            __builtin_memcpy(key.saddr, &iph.saddr, 4);
+            __builtin_memcpy(key.daddr, &iph.daddr, 4);
+            hdrs = iph.ihl * 4;
+        } else {
+            struct ipv6hdr ip6 = {};
+            READ(ip6, ip, 0);
+            key.family = 6;
+            key.l4proto = ip6.nexthdr;
+            __builtin_memcpy(key.saddr, &ip6.saddr, 16);
+            __builtin_memcpy(key.daddr, &ip6.daddr, 16);
+            hdrs = sizeof(ip6);
+        }
+        if (key.l4proto == IPPROTO_TCP)
+            READ(doff, ip, hdrs + 12);
+        hdrs += fovea_l4_header_len(key.l4proto, doff);
+    }
+    bytes += (packets - 1) * hdrs;
+
+    struct fovea_counter *c = drop_counts.lookup(&key);
+    if (!c) {
+        struct fovea_counter zero = {};
+        drop_counts.insert(&key, &zero); /* fails when the map is full */
+        c = drop_counts.lookup(&key);
+    }
+    if (!c) {
+        u32 reason = key.reason < DROP_REASON_MAX ? key.reason : DROP_REASON_MAX - 1;
+        u32 slot = reason * PROTO_CLASSES + proto_class(key.l4proto);
+        c = drop_overflow.lookup(&slot);
+    }
+    if (c) {
+        c->packets += packets;
+        c->bytes += bytes;
+    }
+    return 0;
+}

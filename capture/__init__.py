@@ -1,0 +1,1 @@
+"""Packet captures on demand (Capture / ClusterCapture resources)."""
