@@ -1,0 +1,143 @@
+"""Shared fixtures: root checks, the node lab, a running agent."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+FOVEA = str(Path(sys.executable).parent / "fovea")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip locally, fail loudly in CI: a missing capability is never a CI skip."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI needs this: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def root():
+    require(os.geteuid() == 0, "needs root (loads eBPF, builds network namespaces)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique_prefix() -> str:
+    return "fv%05x" % random.randrange(16**5)
+
+
+class Metrics:
+    """Samples of one scrape: {(name, frozenset(labels)): value}."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def get(self, name: str, **labels) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class RunningAgent:
+    def __init__(self, *args: str, port: int | None = None):
+        self.port = port or free_port()
+        self.args = [FOVEA, "agent", "--standalone", "--port", str(self.port), "--interval", "1", *args]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"agent not ready after 60s:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        if self.log.closed:
+            return self._final_output
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def scrape(self) -> Metrics:
+        r = requests.get(self.url + "/metrics", timeout=10)
+        r.raise_for_status()
+        return Metrics(r.text)
+
+    def settled(self, name: str, **labels) -> float:
+        """The value once two reads 0.3 s apart agree (packets in flight have landed)."""
+        last = self.scrape().get(name, **labels)
+        for _ in range(30):
+            time.sleep(0.3)
+            now = self.scrape().get(name, **labels)
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def stop(self, sig: str = "TERM") -> int:
+        if self.proc.poll() is None:
+            if sig == "KILL":
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if not self.log.closed:
+            self._final_output = self.output()
+            self.log.close()
+            os.unlink(self.log.name)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def lab(root):
+    from agent.netlab import NodeLab
+
+    lab = NodeLab(unique_prefix(), pods=2, ipv6=True, octet=random.randrange(100, 200))
+    lab.up()
+    yield lab
+    lab.down()
+
+
+@pytest.fixture(scope="module")
+def agent(lab):
+    a = RunningAgent("--uplink", lab.uplink)
+    yield a
+    assert a.stop() == 0, a.output()
+
+
+def tc_filters(ifname: str, hook: str) -> str:
+    return subprocess.run(
+        ["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True
+    ).stdout
+
+
+def promtool() -> str | None:
+    return shutil.which("promtool")

@@ -1,0 +1,108 @@
+"""Forward counters on the lab uplink equal the traffic the test sent.
+
+Lab: a pod namespace routed through the host to a "world" namespace behind
+the lab uplink, which the agent is told to watch (--uplink). Static neighbour
+entries and no IPv6 router solicitation/DAD mean nothing else crosses it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+ICMP_ECHO_IP_BYTES = {4: 20 + 8 + 56, 6: 40 + 8 + 56}  # ping's default 56-byte payload
+IP_HDR = {4: 20, 6: 40}
+FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def forward(agent, direction: str) -> tuple[float, float]:
+    return (
+        agent.settled("fovea_forward_packets_total", direction=direction),
+        agent.settled("fovea_forward_bytes_total", direction=direction),
+    )
+
+
+def addr(ep, version: int) -> str:
+    return ep.ipv4 if version == 4 else ep.ipv6
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_icmp_and_udp_counts_are_exact(lab, agent, version):
+    pod, world = lab.pods[0], lab.world
+    n_pings, n_udp, payload = 25, 40, 333
+
+    listener = lab.socket(world.netns, FAMILY[version], socket.SOCK_DGRAM)
+    listener.bind((addr(world, version), 0))
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    out0, in0 = forward(agent, "egress"), forward(agent, "ingress")
+
+    ping = lab.run(pod.netns, "ping", f"-{version}", "-c", str(n_pings), "-i", "0.002", "-q", addr(world, version))
+    assert f"{n_pings} received" in ping.stdout, ping.stdout
+    sender = lab.socket(pod.netns, FAMILY[version], socket.SOCK_DGRAM)
+    for _ in range(n_udp):
+        sender.sendto(b"u" * payload, (addr(world, version), port))
+    received = sum(1 for _ in range(n_udp) if listener.recv(2048))
+    sender.close()
+    listener.close()
+    assert received == n_udp  # ground truth: every datagram arrived
+
+    out1, in1 = forward(agent, "egress"), forward(agent, "ingress")
+    udp_ip_bytes = IP_HDR[version] + 8 + payload
+    assert out1[0] - out0[0] == n_pings + n_udp
+    assert out1[1] - out0[1] == n_pings * ICMP_ECHO_IP_BYTES[version] + n_udp * udp_ip_bytes
+    assert in1[0] - in0[0] == n_pings  # echo replies
+    assert in1[1] - in0[1] == n_pings * ICMP_ECHO_IP_BYTES[version]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_tcp_transfer_counts_segments_not_skbs(lab, agent, version):
+    """With segmentation offload on, tc sees GSO skbs; packets must equal segments."""
+    pod, world = lab.pods[1], lab.world
+    total = 8 * 1024 * 1024
+
+    server = lab.socket(world.netns, FAMILY[version], socket.SOCK_STREAM)
+    server.bind((addr(world, version), 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    got = []
+
+    def sink():
+        conn, _ = server.accept()
+        n = 0
+        while chunk := conn.recv(1 << 16):
+            n += len(chunk)
+        conn.close()
+        got.append(n)
+
+    t = threading.Thread(target=sink)
+    t.start()
+    out0, in0 = forward(agent, "egress"), forward(agent, "ingress")
+    pod_segs0 = lab.snmp(pod.netns, "Tcp", "OutSegs")
+    world_segs0 = lab.snmp(world.netns, "Tcp", "OutSegs")
+    retrans0 = lab.snmp(pod.netns, "Tcp", "RetransSegs")
+
+    client = lab.socket(pod.netns, FAMILY[version], socket.SOCK_STREAM)
+    client.connect((addr(world, version), port))
+    client.sendall(b"t" * total)
+    client.shutdown(socket.SHUT_WR)
+    t.join(60)
+    client.close()
+    server.close()
+    assert got == [total]
+
+    out1, in1 = forward(agent, "egress"), forward(agent, "ingress")
+    pod_segs = lab.snmp(pod.netns, "Tcp", "OutSegs") - pod_segs0
+    world_segs = lab.snmp(world.netns, "Tcp", "OutSegs") - world_segs0
+    assert lab.snmp(pod.netns, "Tcp", "RetransSegs") == retrans0, "a retransmit would break the ground truth"
+    assert pod_segs > total // 65536  # many segments: far more than 64 KiB GSO skbs
+    assert out1[0] - out0[0] == pod_segs
+    assert in1[0] - in0[0] == world_segs
+    # Every segment carries its own IP and TCP headers, the payload counts once.
+    # TCP header: 32 bytes (timestamps option, on by default in a new netns);
+    # the SYN's is 40 (MSS, SACK-permitted, timestamps, window scale).
+    assert out1[1] - out0[1] == total + pod_segs * (IP_HDR[version] + 32) + 8
