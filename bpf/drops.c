@@ -25,7 +25,7 @@ struct drop_key {
 BPF_PERCPU_HASH(drop_counts, struct drop_key, struct fovea_counter, DROP_MAP_SIZE);
 BPF_PERCPU_ARRAY(drop_overflow, struct fovea_counter, DROP_REASON_MAX * PROTO_CLASSES);
 
-#define READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
+#define FOVEA_READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
 
 static __always_inline u32 proto_class(u8 p)
 {
@@ -51,14 +51,14 @@ int on_kfree_skb(void *ctx)
     unsigned char *head = 0, *data = 0;
     u32 len = 0, end = 0;
     u16 nh = 0;
-    READ(head, skb, SKB_HEAD_OFF);
-    READ(data, skb, SKB_DATA_OFF);
-    READ(len, skb, SKB_LEN_OFF);
-    READ(nh, skb, SKB_NETWORK_HEADER_OFF);
-    READ(end, skb, SKB_END_OFF);
+    FOVEA_READ(head, skb, SKB_HEAD_OFF);
+    FOVEA_READ(data, skb, SKB_DATA_OFF);
+    FOVEA_READ(len, skb, SKB_LEN_OFF);
+    FOVEA_READ(nh, skb, SKB_NETWORK_HEADER_OFF);
+    FOVEA_READ(end, skb, SKB_END_OFF);
 
     u16 segs = 0;
-    READ(segs, head + end, SHINFO_GSO_SEGS_OFF);
+    FOVEA_READ(segs, head + end, SHINFO_GSO_SEGS_OFF);
     u64 packets = segs > 1 ? segs : 1;
     u64 bytes = len;
     u32 hdrs = 0;
@@ -70,7 +70,7 @@ int on_kfree_skb(void *ctx)
         bytes = (u64)(data + len - ip);
         if (protocol == ETH_P_IP) {
             struct iphdr iph = {};
-            READ(iph, ip, 0);
+            FOVEA_READ(iph, ip, 0);
             key.family = 4;
             key.l4proto = iph.protocol;
             __builtin_memcpy(key.saddr, &iph.saddr, 4);
@@ -78,7 +78,7 @@ int on_kfree_skb(void *ctx)
             hdrs = iph.ihl * 4;
         } else {
             struct ipv6hdr ip6 = {};
-            READ(ip6, ip, 0);
+            FOVEA_READ(ip6, ip, 0);
             key.family = 6;
             key.l4proto = ip6.nexthdr;
             __builtin_memcpy(key.saddr, &ip6.saddr, 16);
@@ -86,7 +86,7 @@ int on_kfree_skb(void *ctx)
             hdrs = sizeof(ip6);
         }
         if (key.l4proto == IPPROTO_TCP)
-            READ(doff, ip, hdrs + 12);
+            FOVEA_READ(doff, ip, hdrs + 12);
         hdrs += fovea_l4_header_len(key.l4proto, doff);
     }
     bytes += (packets - 1) * hdrs;

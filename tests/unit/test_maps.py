@@ -1,0 +1,260 @@
+"""agent/maps.py CounterHash against a fake per-CPU hash table and a fake bcc."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import sys
+import types
+
+import pytest
+
+from agent.maps import CounterHash, read_percpu_array
+
+NCPU = 4
+
+
+class Counter(ct.Structure):  # struct fovea_counter
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class Key(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("proto", ct.c_uint8)]
+
+
+Leaf = Counter * NCPU
+
+
+class FakeTable:
+    """What CounterHash uses of a bcc PerCpuHash: Key, Leaf, map_fd, max_entries, batch reads."""
+
+    Key = Key
+    Leaf = Leaf
+
+    def __init__(self, max_entries: int = 100, batch: bool = True):
+        self.map_fd = 42
+        self.max_entries = max_entries
+        self.batch = batch
+        self.values: dict[bytes, list[list[int]]] = {}  # raw key -> per CPU [packets, bytes]
+        self.before_delete = None  # called inside lookup_and_delete, before the copy
+        self.deleted: list[tuple[int, int]] = []
+
+    @staticmethod
+    def raw(kid: int, proto: int = 6) -> bytes:
+        return bytes(Key(kid, proto))
+
+    def add(self, kid: int, cpu: int, packets: int, nbytes: int, proto: int = 6) -> None:
+        per_cpu = self.values.setdefault(self.raw(kid, proto), [[0, 0] for _ in range(NCPU)])
+        per_cpu[cpu][0] += packets
+        per_cpu[cpu][1] += nbytes
+
+    def _pairs(self):
+        for raw, per_cpu in self.values.items():
+            leaf = Leaf(*(Counter(p, b) for p, b in per_cpu))
+            yield Key.from_buffer_copy(raw), leaf
+
+    def items_lookup_batch(self):
+        if not self.batch:
+            raise OSError(22, "batch ops not supported")
+        return list(self._pairs())
+
+    def items(self):
+        return list(self._pairs())
+
+
+class FakeLib:
+    def __init__(self, tables: list[FakeTable]):
+        self.tables = {t.map_fd: t for t in tables}
+        self.calls = 0
+
+    def bpf_lookup_and_delete(self, fd, keyref, leafref) -> int:
+        self.calls += 1
+        table = self.tables[fd]
+        key, leaf = keyref._obj, leafref._obj
+        assert isinstance(key, Key) and isinstance(leaf, Leaf)
+        if table.before_delete is not None:
+            table.before_delete()
+        per_cpu = table.values.pop(bytes(key), None)
+        if per_cpu is None:
+            return -1
+        for cpu, (p, b) in enumerate(per_cpu):
+            leaf[cpu].packets, leaf[cpu].bytes = p, b
+        table.deleted.append((key.id, key.proto))
+        return 0
+
+
+@pytest.fixture
+def table(monkeypatch) -> FakeTable:
+    t = FakeTable()
+    lib = FakeLib([t])
+    libbcc = types.ModuleType("bcc.libbcc")
+    libbcc.lib = lib
+    bcc = types.ModuleType("bcc")
+    bcc.libbcc = libbcc
+    monkeypatch.setitem(sys.modules, "bcc", bcc)
+    monkeypatch.setitem(sys.modules, "bcc.libbcc", libbcc)
+    t.lib = lib
+    return t
+
+
+def decode(key) -> int:
+    return key.id
+
+
+def test_totals_sum_per_cpu(table):
+    table.add(1, 0, 2, 200)
+    table.add(1, 3, 5, 500)
+    table.add(2, 1, 1, 60)
+    table.add(3, 2, 0, 0)
+    assert CounterHash(table, decode).read() == {1: (7, 700), 2: (1, 60), 3: (0, 0)}
+
+
+def test_keys_that_decode_alike_are_summed(table):
+    table.add(1, 0, 2, 20, proto=6)
+    table.add(1, 1, 3, 30, proto=17)
+    assert CounterHash(table, decode).read() == {1: (5, 50)}
+
+
+def test_items_fallback_without_batch_ops(table):
+    table.batch = False
+    table.add(1, 2, 3, 4)
+    assert CounterHash(table, decode).read() == {1: (3, 4)}
+
+
+def test_totals_monotonic_across_reads(table):
+    ch = CounterHash(table, decode, idle_reads=2)
+    steps = [  # adds (key, cpu, packets, bytes) before each read; totals and deleted keys after it
+        ([(1, 0, 1, 100)], {1: (1, 100)}, []),
+        ([(1, 1, 2, 200), (2, 0, 1, 10)], {1: (3, 300), 2: (1, 10)}, []),
+        ([], {1: (3, 300), 2: (1, 10)}, []),
+        ([(2, 3, 4, 40)], {1: (3, 300), 2: (5, 50)}, [1]),  # 1 unchanged for 2 reads
+        ([], {1: (3, 300), 2: (5, 50)}, [1]),
+        ([(1, 2, 1, 1)], {1: (4, 301), 2: (5, 50)}, [1, 2]),  # 1 recreated on top of its base
+        ([], {1: (4, 301), 2: (5, 50)}, [1, 2]),
+        ([(2, 0, 1, 1)], {1: (4, 301), 2: (6, 51)}, [1, 2, 1]),
+        ([], {1: (4, 301), 2: (6, 51)}, [1, 2, 1]),
+        ([], {1: (4, 301), 2: (6, 51)}, [1, 2, 1, 2]),
+        ([], {1: (4, 301), 2: (6, 51)}, [1, 2, 1, 2]),
+    ]
+    previous: dict = {}
+    for adds, expected, deleted in steps:
+        for a in adds:
+            table.add(*a)
+        totals = ch.read()
+        assert totals == expected
+        assert [k for k, _ in table.deleted] == deleted
+        for k, (p, b) in previous.items():
+            assert totals[k][0] >= p and totals[k][1] >= b
+        previous = totals
+    assert table.values == {}
+
+
+@pytest.mark.parametrize("idle_reads", [1, 2, 3, 5])
+def test_idle_key_deleted_and_kept_in_totals(table, idle_reads):
+    table.add(1, 0, 3, 300)
+    table.add(2, 0, 1, 10)
+    ch = CounterHash(table, decode, idle_reads=idle_reads)
+    # The first read sees the value; each of the next idle_reads reads sees it unchanged.
+    for read in range(idle_reads):
+        table.add(2, 1, 1, 10)  # key 2 stays busy
+        assert ch.read() == {1: (3, 300), 2: (read + 2, 10 * (read + 2))}
+        assert table.deleted == []
+        assert ch.entries == 2
+    table.add(2, 1, 1, 10)
+    assert ch.read() == {1: (3, 300), 2: (idle_reads + 2, 10 * (idle_reads + 2))}
+    assert table.deleted == [(1, 6)]
+    assert table.raw(1) not in table.values
+    assert ch.entries == 1
+    # Gone from the map, still in the totals, forever.
+    for _ in range(3):
+        table.add(2, 1, 1, 10)
+        totals = ch.read()
+        assert totals[1] == (3, 300)
+    assert table.deleted == [(1, 6)]
+    assert table.lib.calls == 1
+
+
+def test_increment_between_read_and_delete_is_counted(table):
+    table.add(1, 0, 10, 1000)
+    ch = CounterHash(table, decode, idle_reads=1)
+    assert ch.read() == {1: (10, 1000)}
+    # The next read sees it unchanged and deletes it; just before the delete, two more
+    # packets land on another CPU.
+    table.before_delete = lambda: table.add(1, 2, 2, 128)
+    assert ch.read() == {1: (12, 1128)}
+    table.before_delete = None
+    assert table.deleted == [(1, 6)]
+    assert ch.read() == {1: (12, 1128)}
+    assert ch._base == {1: (12, 1128)}
+
+
+def test_recreated_key_adds_on_top_of_base(table):
+    table.add(7, 1, 4, 400)
+    ch = CounterHash(table, decode, idle_reads=1)
+    ch.read()
+    assert ch.read() == {7: (4, 400)}
+    assert table.deleted == [(7, 6)]
+    table.add(7, 3, 1, 50)  # the kernel creates the key again, from zero
+    assert ch.read() == {7: (5, 450)}
+    table.add(7, 0, 2, 20)
+    assert ch.read() == {7: (7, 470)}
+    assert ch.read() == {7: (7, 470)}  # deleted a second time
+    assert table.deleted == [(7, 6), (7, 6)]
+    assert ch._base == {7: (7, 470)}
+    table.add(7, 0, 1, 1)
+    assert ch.read() == {7: (8, 471)}
+
+
+def test_key_already_gone_is_not_folded(table):
+    table.add(1, 0, 1, 1)
+    ch = CounterHash(table, decode, idle_reads=1)
+    ch.read()
+    # Make the delete fail: the key vanishes just before it.
+    table.before_delete = lambda: table.values.clear()
+    ch.read()
+    assert table.lib.calls == 1 and table.deleted == []
+    assert ch._base == {}
+    assert ch.entries == 1
+
+
+@pytest.mark.parametrize("keys, max_entries, ratio", [
+    (0, 100, 0.0),
+    (25, 100, 0.25),
+    (100, 100, 1.0),
+    (3, 0, 0.0),
+])
+def test_fill_ratio(keys, max_entries, ratio):
+    t = FakeTable(max_entries=max_entries)
+    for k in range(keys):
+        t.add(k, 0, 1, 1)
+    ch = CounterHash(t, decode)
+    assert ch.fill_ratio == 0.0  # nothing read yet
+    ch.read()
+    assert ch.entries == keys
+    assert ch.fill_ratio == ratio
+
+
+def test_fill_ratio_drops_after_delete(table):
+    table.max_entries = 4
+    table.add(1, 0, 1, 1)
+    table.add(2, 0, 1, 1)
+    ch = CounterHash(table, decode, idle_reads=1)
+    ch.read()
+    assert ch.fill_ratio == 0.5
+    table.add(2, 0, 1, 1)
+    ch.read()  # 1 is idle and deleted; 2 changed
+    assert (ch.entries, ch.fill_ratio) == (1, 0.25)
+
+
+def test_read_percpu_array():
+    class ArrayTable:
+        max_entries = 3
+
+        def __init__(self):
+            self.cells = [Leaf(Counter(1, 10), Counter(2, 20), Counter(0, 0), Counter(0, 0)),
+                          Leaf(), Leaf(Counter(0, 0), Counter(0, 0), Counter(0, 0), Counter(5, 7))]
+
+        def __getitem__(self, index):
+            assert isinstance(index, ct.c_int)
+            return self.cells[index.value]
+
+    assert read_percpu_array(ArrayTable()) == [(3, 30), (0, 0), (5, 7)]
