@@ -45,6 +45,8 @@ class CounterHash:
         items = self._items()
         self.entries = len(items)
         for key, leaf in items:
+            if isinstance(key, int):  # batch reads hand back integer keys as ints
+                key = self.table.Key(key)
             raw = bytes(key)
             value = _sum_percpu(leaf)
             prev = self._last.get(raw)
