@@ -118,10 +118,14 @@ def load(path: str | None, overrides: dict | None = None) -> Config:
             raise FoveaError(f"cannot read config file {path}: {e.strerror}", "check --config") from None
         except yaml.YAMLError as e:
             raise FoveaError(f"config file {path} is not valid YAML: {e}".replace("\n", " "), "fix the file") from None
+    if not isinstance(data, dict):
+        raise FoveaError(f"config file {path} must be a mapping of keys", "see docs/configuration.md")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise FoveaError(f"config key {p!r} must be a mapping", "check the YAML indentation")
         node[leaf] = value
     return _build(Config, data, "")

@@ -10,8 +10,11 @@ is lost. Only idle keys are deleted, so the map never needs draining.
 from __future__ import annotations
 
 import ctypes as ct
+import logging
 from collections.abc import Callable, Hashable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Counts = tuple[int, int]  # (packets, bytes)
 
@@ -66,20 +69,33 @@ class CounterHash:
         """Delete an idle key atomically; whatever it held by then goes to the base."""
         from bcc import libbcc
 
-        leaf = self.table.Leaf()
-        kbuf = self.table.Key.from_buffer_copy(bytes(key))
-        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) != 0:
-            return  # already gone
         raw = bytes(key)
-        seen = self._last.pop(raw)[0]
-        final = _sum_percpu(leaf)
         k = self.decode(key)
+        seen = self._last.pop(raw)[0]
+        leaf = self.table.Leaf()
+        kbuf = self.table.Key.from_buffer_copy(raw)
+        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) != 0:
+            if self._exists(kbuf):  # kernel older than 5.14: no lookup-and-delete on hashes
+                log.warning("this kernel cannot delete idle keys of %s atomically; keeping them",
+                            self.table.name.decode() if isinstance(self.table.name, bytes) else self.table.name)
+                self.idle_reads = float("inf")
+                return
+            final = seen  # gone already: keep what we saw
+        else:
+            final = _sum_percpu(leaf)
         bp, bb = self._base.get(k, (0, 0))
         self._base[k] = (bp + final[0], bb + final[1])
         # Anything that arrived between our read and the delete is counted too.
         tp, tb = totals[k]
         totals[k] = (tp + final[0] - seen[0], tb + final[1] - seen[1])
         self.entries -= 1
+
+    def _exists(self, kbuf) -> bool:
+        try:
+            self.table[kbuf]
+            return True
+        except KeyError:
+            return False
 
     @property
     def fill_ratio(self) -> float:

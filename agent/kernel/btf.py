@@ -98,13 +98,23 @@ class BTF:
         kind = "enum" if ENUM in kinds else "struct"
         raise FoveaError(f"{kind} {name} is not in the kernel's BTF", "this kernel is not supported")
 
-    def _resolve(self, tid: int) -> _Type | None:
-        t = self._types[tid]
-        while t is not None and t.kind in _MODIFIERS:
-            t = self._types[t.size_or_type]
-        return t
+    def _type(self, tid: int) -> _Type | None:
+        if not 0 <= tid < len(self._types):
+            raise FoveaError(f"BTF type id {tid} is out of range", "the BTF data is corrupt")
+        return self._types[tid]
 
-    def type_size(self, tid: int) -> int:
+    def _resolve(self, tid: int) -> _Type | None:
+        """Follow typedef/const/volatile/... to the underlying type."""
+        t = self._type(tid)
+        for _ in range(32):  # real chains are short; a cycle means corrupt data
+            if t is None or t.kind not in _MODIFIERS:
+                return t
+            t = self._type(t.size_or_type)
+        raise FoveaError(f"BTF type {tid} is a cycle of modifiers", "the BTF data is corrupt")
+
+    def type_size(self, tid: int, depth: int = 0) -> int:
+        if depth > 32:
+            raise FoveaError("BTF array types nest too deep", "the BTF data is corrupt")
         t = self._resolve(tid)
         if t is None:
             return 0
@@ -114,7 +124,7 @@ class BTF:
             return 8
         if t.kind == ARRAY:
             elem, _index, nelems = struct.unpack_from("<III", self._types_raw, t.pos)
-            return self.type_size(elem) * nelems
+            return self.type_size(elem, depth + 1) * nelems
         return 0
 
     def _members(self, t: _Type):
@@ -125,7 +135,7 @@ class BTF:
             else:
                 yield self._str(name_off), tid, off, 0
 
-    def _lookup(self, t: _Type, name: str, base_bits: int) -> tuple[Member, int] | None:
+    def _lookup(self, t: _Type, name: str, base_bits: int, depth: int = 0) -> tuple[Member, int] | None:
         """(where, type id) of member `name`, searching anonymous members too."""
         anonymous = []
         for mname, tid, bits, bf_size in self._members(t):
@@ -134,10 +144,12 @@ class BTF:
                 return Member(total // 8, self.type_size(tid), total % 8, bf_size), tid
             if not mname:
                 anonymous.append((tid, bits))
+        if depth > 32:
+            raise FoveaError("BTF anonymous members nest too deep", "the BTF data is corrupt")
         for tid, bits in anonymous:
             inner = self._resolve(tid)
             if inner is not None and inner.kind in (STRUCT, UNION):
-                found = self._lookup(inner, name, base_bits + bits)
+                found = self._lookup(inner, name, base_bits + bits, depth + 1)
                 if found is not None:
                     return found
         return None
@@ -159,14 +171,16 @@ class BTF:
         return where
 
     def enum(self, name: str) -> dict[int, str]:
-        """Values → names of an enum."""
+        """Values -> names of an enum (kind_flag set: signed values)."""
         t = self._find(name, (ENUM, ENUM64))
         out = {}
         for i in range(t.vlen):
             if t.kind == ENUM:
-                name_off, val = struct.unpack_from("<Ii", self._types_raw, t.pos + 8 * i)
+                name_off, val = struct.unpack_from("<Ii" if t.kind_flag else "<II", self._types_raw, t.pos + 8 * i)
             else:
                 name_off, lo, hi = struct.unpack_from("<III", self._types_raw, t.pos + 12 * i)
                 val = (hi << 32) | lo
+                if t.kind_flag and val >= 1 << 63:
+                    val -= 1 << 64
             out[val] = self._str(name_off)
         return out

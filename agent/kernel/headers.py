@@ -55,9 +55,10 @@ def find_headers(
             )
         return Headers("explicit", p, {"BCC_KERNEL_SOURCE": str(p)}, f"{p} (configured)")
 
+    for d in (Path(modules, release, "build"), Path(modules, release, "source")):
+        if (d / "include").is_dir():
+            return Headers("running", d, {}, f"{d} (running kernel {release})")
     build = Path(modules, release, "build")
-    if (build / "include").is_dir() or (Path(modules, release, "source", "include").is_dir()):
-        return Headers("running", build, {}, f"{build} (running kernel {release})")
 
     if Path(kheaders).exists():
         return Headers("kheaders", None, {}, f"{kheaders} (built into the kernel)")

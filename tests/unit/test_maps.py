@@ -60,6 +60,11 @@ class FakeTable:
     def items(self):
         return list(self._pairs())
 
+    def __getitem__(self, key):
+        if bytes(key) not in self.values:
+            raise KeyError(bytes(key))
+        return next(leaf for k, leaf in self._pairs() if bytes(k) == bytes(key))
+
 
 class FakeLib:
     def __init__(self, tables: list[FakeTable]):
@@ -204,16 +209,29 @@ def test_recreated_key_adds_on_top_of_base(table):
     assert ch.read() == {7: (8, 471)}
 
 
-def test_key_already_gone_is_not_folded(table):
+def test_key_already_gone_keeps_what_was_seen(table):
+    table.add(1, 0, 1, 1)
+    ch = CounterHash(table, decode, idle_reads=1)
+    assert ch.read() == {1: (1, 1)}
+    # The delete fails because the key vanished just before it: the last value
+    # seen stays in the totals, so the counter never goes backwards.
+    table.before_delete = lambda: table.values.clear()
+    assert ch.read() == {1: (1, 1)}
+    assert table.deleted == []
+    assert ch._base == {1: (1, 1)}
+    assert ch.entries == 0
+    assert ch.read() == {1: (1, 1)}
+
+
+def test_kernel_without_lookup_and_delete_keeps_idle_keys(table, monkeypatch):
     table.add(1, 0, 1, 1)
     ch = CounterHash(table, decode, idle_reads=1)
     ch.read()
-    # Make the delete fail: the key vanishes just before it.
-    table.before_delete = lambda: table.values.clear()
-    ch.read()
-    assert table.lib.calls == 1 and table.deleted == []
+    monkeypatch.setattr(table.lib, "bpf_lookup_and_delete", lambda *a: -22)  # EINVAL, key still there
+    assert ch.read() == {1: (1, 1)}
+    assert ch.idle_reads == float("inf")  # stops trying
+    assert ch.read() == {1: (1, 1)}
     assert ch._base == {}
-    assert ch.entries == 1
 
 
 @pytest.mark.parametrize("keys, max_entries, ratio", [
@@ -258,3 +276,42 @@ def test_read_percpu_array():
             return self.cells[index.value]
 
     assert read_percpu_array(ArrayTable()) == [(3, 30), (0, 0), (5, 7)]
+
+
+def test_integer_keys_from_batch_reads(table):
+    """bcc's batch reads hand back keys of an integer map type as plain ints."""
+
+    class IntKeyTable(FakeTable):
+        Key = ct.c_uint32
+
+        def add_int(self, kid: int, cpu: int, packets: int, nbytes: int) -> None:
+            per_cpu = self.values.setdefault(bytes(ct.c_uint32(kid)), [[0, 0] for _ in range(NCPU)])
+            per_cpu[cpu][0] += packets
+            per_cpu[cpu][1] += nbytes
+
+        def items_lookup_batch(self):
+            return [(ct.c_uint32.from_buffer_copy(raw).value, Leaf(*(Counter(p, b) for p, b in v)))
+                    for raw, v in self.values.items()]
+
+    t = IntKeyTable()
+    t.map_fd = 43
+    deleted = []
+
+    def lookup_and_delete(fd, keyref, leafref):
+        assert fd == 43 and isinstance(keyref._obj, ct.c_uint32)
+        per_cpu = t.values.pop(bytes(keyref._obj))
+        for cpu, (p, b) in enumerate(per_cpu):
+            leafref._obj[cpu].packets, leafref._obj[cpu].bytes = p, b
+        deleted.append(keyref._obj.value)
+        return 0
+
+    sys.modules["bcc"].libbcc.lib.bpf_lookup_and_delete = lookup_and_delete
+    t.add_int(5, 0, 2, 20)
+    t.add_int(9, 1, 1, 10)
+    ch = CounterHash(t, lambda k: k.value, idle_reads=1)
+    assert ch.read() == {5: (2, 20), 9: (1, 10)}
+    t.add_int(9, 2, 1, 10)
+    assert ch.read() == {5: (2, 20), 9: (2, 20)}
+    assert deleted == [5]
+    assert ch.read() == {5: (2, 20), 9: (2, 20)}
+    assert deleted == [5, 9]
