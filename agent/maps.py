@@ -76,8 +76,7 @@ class CounterHash:
         kbuf = self.table.Key.from_buffer_copy(raw)
         if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) != 0:
             if self._exists(kbuf):  # kernel older than 5.14: no lookup-and-delete on hashes
-                log.warning("this kernel cannot delete idle keys of %s atomically; keeping them",
-                            self.table.name.decode() if isinstance(self.table.name, bytes) else self.table.name)
+                log.warning("this kernel cannot delete idle map keys atomically (needs 5.14); keeping them")
                 self.idle_reads = float("inf")
                 return
             final = seen  # gone already: keep what we saw
