@@ -29,6 +29,7 @@ def _agent_overrides(args) -> dict:
         "uplinks": args.uplink,
         "port": args.port,
         "interval": args.interval,
+        "staticPods": args.static_pods,
         "logLevel": args.log_level,
     }
     return {k: v for k, v in pairs.items() if v is not None}
@@ -41,8 +42,6 @@ def cmd_agent(args) -> int:
 
     cfg = config_mod.load(args.config, _agent_overrides(args)).validate(REGISTRY)
     _setup_logging(cfg.logLevel)
-    if not cfg.standalone:
-        log.info("Kubernetes enrichment is not built yet: node-level metrics only")
     agent = Agent(cfg)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
@@ -92,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--uplink", metavar="IFACE", action="append",
                    help="an uplink to count forward traffic on; repeatable (default: the default routes' interfaces)")
     a.add_argument("--port", type=int, help="port for /metrics, /healthz, /readyz (default 9810)")
+    a.add_argument("--static-pods", metavar="FILE",
+                   help="standalone: YAML file naming pods by IP (see docs/configuration.md)")
     a.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between kernel map reads (default 5)")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     a.set_defaults(func=cmd_agent)

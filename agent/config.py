@@ -29,6 +29,20 @@ class DropsConfig:
 
 
 @dataclass(frozen=True)
+class PodsConfig:
+    mapSize: int = 8192  # pod counter keys (2 per pod interface)
+    flowMapSize: int = 65536  # (source, destination, protocol) keys for the traffic map
+    interfaces: tuple[str, ...] = ("*",)  # globs of host-side pod interface names (cali*, lxc*, veth*...)
+
+
+@dataclass(frozen=True)
+class PodLevelConfig:
+    allPods: bool = False  # pod-level series for every pod, not only annotated ones
+    seriesTTL: float = 300.0  # seconds a deleted pod's series stay
+    maxSeries: int = 10000  # per metric; past it, new label sets go to an overflow series
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     headers: str = ""  # kernel headers tree; empty: find them (see agent/kernel/headers.py)
     btf: str = "/sys/kernel/btf/vmlinux"
@@ -45,10 +59,13 @@ class Config:
     bindAddress: str = "0.0.0.0"
     interval: float = 5.0  # seconds between reads of the kernel maps
     idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
-    plugins: tuple[str, ...] = ("forward", "drops")
+    plugins: tuple[str, ...] = ("forward", "drops", "pods")
+    staticPods: str = ""  # standalone: YAML file naming pods by IP (agent/k8s/static.py)
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
+    pods: PodsConfig = field(default_factory=PodsConfig)
+    podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
 
     def validate(self, known_plugins: typing.Iterable[str]) -> "Config":
@@ -62,6 +79,10 @@ class Config:
             ("idleReads", self.idleReads >= 1, "at least 1"),
             ("drops.mapSize", 1 <= self.drops.mapSize <= 1 << 20, "1 to 1048576"),
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
+            ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
+            ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
+            ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
+            ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
             ("logLevel", self.logLevel.lower() in ("debug", "info", "warning", "error"),
              "debug, info, warning or error"),
         ]

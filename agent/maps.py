@@ -1,16 +1,19 @@
-"""Read cumulative counters out of BPF maps.
+"""Read counters out of BPF maps as increments.
 
 The kernel programs only ever add. Each read takes the current cumulative
-value of every key; a key whose value has not changed for `idle_reads` reads
-is removed with an atomic lookup-and-delete and its final value folded into a
-base kept here, so totals stay monotonic and no increment that reached the map
-is lost. Only idle keys are deleted, so the map never needs draining.
+value of every key and returns what was added since the previous read. A key
+whose value has not changed for `idle_reads` reads is removed with an atomic
+lookup-and-delete, and whatever it gained before the delete is part of that
+read's increments: no increment that reached the map is lost, and memory here
+is bounded by the live keys. Only idle keys are deleted, so the map never
+needs draining. Consumers keep the cumulative series (agent/series.py).
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -24,14 +27,13 @@ def _sum_percpu(leaf) -> Counts:
 
 
 class CounterHash:
-    """A BPF_PERCPU_HASH of struct fovea_counter, read as cumulative totals."""
+    """A BPF_PERCPU_HASH of struct fovea_counter, read as increments per decoded key."""
 
     def __init__(self, table, decode: Callable[[Any], Hashable], idle_reads: int = 3):
         self.table = table
         self.decode = decode
         self.idle_reads = idle_reads
         self.max_entries = table.max_entries
-        self._base: dict[Hashable, Counts] = {}  # folded-in values of deleted keys
         self._last: dict[bytes, tuple[Counts, int]] = {}  # raw key -> (value, unchanged reads)
         self.entries = 0
 
@@ -42,7 +44,8 @@ class CounterHash:
             return list(self.table.items())
 
     def read(self) -> dict[Hashable, Counts]:
-        totals = dict(self._base)
+        """What each key gained since the previous read (keys that gained nothing are left out)."""
+        increments: dict[Hashable, list[int]] = defaultdict(lambda: [0, 0])
         last: dict[bytes, tuple[Counts, int]] = {}
         idle = []
         items = self._items()
@@ -53,25 +56,34 @@ class CounterHash:
             raw = bytes(key)
             value = _sum_percpu(leaf)
             prev = self._last.get(raw)
+            before = prev[0] if prev else (0, 0)
             unchanged = prev[1] + 1 if prev and prev[0] == value else 0
             last[raw] = (value, unchanged)
             if unchanged >= self.idle_reads:
                 idle.append(key)
-            k = self.decode(key)
-            p, b = totals.get(k, (0, 0))
-            totals[k] = (p + value[0], b + value[1])
+            if value != before:
+                inc = increments[self.decode(key)]
+                inc[0] += value[0] - before[0]
+                inc[1] += value[1] - before[1]
         self._last = last
         for key in idle:
-            self._retire(key, totals)
-        return totals
+            self._retire(key, increments)
+        return {k: (p, b) for k, (p, b) in increments.items() if p or b}
 
-    def _retire(self, key, totals) -> None:
-        """Delete an idle key atomically; whatever it held by then goes to the base."""
+    def retire_where(self, predicate: Callable[[Hashable], bool]) -> dict[Hashable, Counts]:
+        """Delete the keys whose decoded form matches (their source is gone);
+        returns what they gained since the last read."""
+        increments: dict[Hashable, list[int]] = defaultdict(lambda: [0, 0])
+        for raw in [r for r in self._last if predicate(self.decode(self.table.Key.from_buffer_copy(r)))]:
+            self._retire(self.table.Key.from_buffer_copy(raw), increments)
+        return {k: (p, b) for k, (p, b) in increments.items() if p or b}
+
+    def _retire(self, key, increments) -> None:
+        """Delete one key atomically; what it gained since our read is added to `increments`."""
         from bcc import libbcc
 
         raw = bytes(key)
-        k = self.decode(key)
-        seen = self._last.pop(raw)[0]
+        seen = self._last[raw][0]
         leaf = self.table.Leaf()
         kbuf = self.table.Key.from_buffer_copy(raw)
         if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) != 0:
@@ -79,15 +91,15 @@ class CounterHash:
                 log.warning("this kernel cannot delete idle map keys atomically (needs 5.14); keeping them")
                 self.idle_reads = float("inf")
                 return
-            final = seen  # gone already: keep what we saw
+            final = seen  # gone already: nothing more to count
         else:
             final = _sum_percpu(leaf)
-        bp, bb = self._base.get(k, (0, 0))
-        self._base[k] = (bp + final[0], bb + final[1])
-        # Anything that arrived between our read and the delete is counted too.
-        tp, tb = totals[k]
-        totals[k] = (tp + final[0] - seen[0], tb + final[1] - seen[1])
+        del self._last[raw]
         self.entries -= 1
+        if final != seen:
+            inc = increments[self.decode(key)]
+            inc[0] += final[0] - seen[0]
+            inc[1] += final[1] - seen[1]
 
     def _exists(self, kbuf) -> bool:
         try:
@@ -102,5 +114,5 @@ class CounterHash:
 
 
 def read_percpu_array(table) -> list[Counts]:
-    """A BPF_PERCPU_ARRAY of struct fovea_counter: one total per index."""
+    """A BPF_PERCPU_ARRAY of struct fovea_counter: one cumulative total per index."""
     return [_sum_percpu(table[ct.c_int(i)]) for i in range(table.max_entries)]

@@ -35,6 +35,11 @@ class FoveaCollector:
             lost = CounterMetricFamily(
                 "fovea_agent_lost_events", "Events the agent could not keep in detail, by source", labels=["source"]
             )
+            series = GaugeMetricFamily("fovea_agent_series", "Series exported, per metric", labels=["metric"])
+            overflow = CounterMetricFamily(
+                "fovea_agent_series_overflow", "Increments that went to an overflow series past the series cap",
+                labels=["metric"],
+            )
             for name in agent.config.plugins:
                 up.add_metric([name], 1.0 if name in agent.plugins else 0.0)
             for plugin in running:
@@ -43,10 +48,14 @@ class FoveaCollector:
                     fill.add_metric([m], v)
                 for s, v in health.lost.items():
                     lost.add_metric([s], v)
+                for m, v in health.series.items():
+                    series.add_metric([m], v)
+                for m, v in health.overflowed.items():
+                    overflow.add_metric([m], v)
         info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
         info.add_metric([], {"version": __version__, "kernel": os.uname().release})
         duration = GaugeMetricFamily(
             "fovea_agent_scrape_collect_seconds", "Time the last scrape spent reading kernel maps"
         )
         duration.add_metric([], time.monotonic() - start)
-        yield from (up, fill, lost, info, duration)
+        yield from (up, fill, lost, series, overflow, info, duration)

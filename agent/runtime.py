@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from pyroute2 import IPRoute
 
 from agent.config import Config
+from agent.enrich import Resolver
 from agent.errors import FoveaError
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs
@@ -66,6 +67,7 @@ class Agent:
         self.plugins: dict[str, Plugin] = {}
         self.failed: dict[str, str] = {}
         self.tc: TcAttacher | None = None
+        self.pod_source = None
         self.server: MetricsServer | None = None
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
@@ -97,7 +99,9 @@ class Agent:
         check_uplinks(uplinks)
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
         self.tc = TcAttacher(cfg.tc.priority)
-        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks)
+        self.pod_source = self._pod_source()
+        resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
+        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.lock)
         for name in cfg.plugins:
             plugin = REGISTRY[name]()
             why = plugin.check(tracefs)
@@ -115,6 +119,20 @@ class Agent:
             log.error("plugin %s is down: %s", name, why)
         if not self.plugins:
             raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+
+    def _pod_source(self):
+        """Who the pods are: the Kubernetes API, or a static file when standalone."""
+        cfg = self.config
+        if cfg.standalone:
+            from agent.k8s.static import StaticPods
+
+            return StaticPods.load(cfg.staticPods) if cfg.staticPods else StaticPods.empty()
+        from agent.k8s.cache import KubeCache, make_api_client
+
+        cache = KubeCache(make_api_client(cfg.kubeconfig or None), cfg.node, cluster_wide=True)
+        cache.start()
+        log.info("watching the Kubernetes API for pods of node %s", cfg.node)
+        return cache
 
     def refresh_all(self) -> list[Plugin]:
         """Read every plugin's maps; a failing plugin is logged, not fatal."""
@@ -166,6 +184,9 @@ class Agent:
             if self.tc is not None:
                 self.tc.close()
                 self.tc = None
+            if self.pod_source is not None:
+                self.pod_source.stop()
+                self.pod_source = None
         if self.server is not None:
             self.server.stop()
             self.server = None

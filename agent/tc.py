@@ -114,6 +114,10 @@ class TcAttacher:
                 if e.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                     raise
 
+    def forget(self, ifindex: int) -> None:
+        """The interface is gone, and its filters and qdisc with it."""
+        self.attached.pop(ifindex, None)
+
     def detach(self, ifindex: int) -> None:
         att = self.attached.pop(ifindex, None)
         if att is None:

@@ -9,15 +9,9 @@ BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
 
 static __always_inline int count(struct __sk_buff *skb, u32 direction)
 {
-    u64 packets, bytes;
-    fovea_tc_measure(skb, &packets, &bytes);
-    if (!packets)
-        return TC_ACT_UNSPEC;
-    struct fovea_counter *c = forward_counts.lookup(&direction);
-    if (c) {
-        c->packets += packets;
-        c->bytes += bytes;
-    }
+    struct fovea_packet pkt = {};
+    if (fovea_tc_parse(skb, &pkt))
+        fovea_add(forward_counts.lookup(&direction), &pkt);
     return TC_ACT_UNSPEC;
 }
 

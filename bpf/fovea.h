@@ -32,46 +32,69 @@ static __always_inline u32 fovea_l4_header_len(u8 l4proto, u8 tcp_doff_byte)
     return 0;
 }
 
-/* Packets and IP bytes of one skb seen by a tc program on an Ethernet
- * device; 0 packets for a non-IP frame. */
-static __always_inline void fovea_tc_measure(struct __sk_buff *skb, u64 *packets, u64 *bytes)
+/* One skb seen by a tc program, measured by the counting rules. */
+struct fovea_packet {
+    u64 packets; /* 0 for a non-IP frame */
+    u64 bytes;
+    u8 family; /* 4 or 6 */
+    u8 l4proto;
+    u8 saddr[16]; /* IPv4 in the first 4 bytes */
+    u8 daddr[16];
+};
+
+/* Parse an skb on an Ethernet device, where the packet starts with the MAC
+ * header. Returns 0 for a non-IP frame or one too short to read. */
+static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_packet *pkt)
 {
     u32 l3 = ETH_HLEN, ip_len, l3_hdr;
-    u8 l4proto;
 
-    *packets = 0;
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr iph;
         if (bpf_skb_load_bytes(skb, l3, &iph, sizeof(iph)) < 0)
-            return;
+            return 0;
         ip_len = bpf_ntohs(iph.tot_len);
         l3_hdr = iph.ihl * 4;
-        l4proto = iph.protocol;
+        pkt->family = 4;
+        pkt->l4proto = iph.protocol;
+        __builtin_memcpy(pkt->saddr, &iph.saddr, 4);
+        __builtin_memcpy(pkt->daddr, &iph.daddr, 4);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr ip6;
         if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)) < 0)
-            return;
+            return 0;
         ip_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
         l3_hdr = sizeof(ip6);
-        l4proto = ip6.nexthdr;
+        pkt->family = 6;
+        pkt->l4proto = ip6.nexthdr;
+        __builtin_memcpy(pkt->saddr, &ip6.saddr, 16);
+        __builtin_memcpy(pkt->daddr, &ip6.daddr, 16);
     } else {
-        return;
+        return 0;
     }
 
     u32 segs = skb->gso_segs;
     if (segs <= 1) {
-        *packets = 1;
-        *bytes = ip_len;
-        return;
+        pkt->packets = 1;
+        pkt->bytes = ip_len;
+        return 1;
     }
     /* A GSO skb: its IP length field may be 0 (BIG TCP), so take the skb
      * length, and add the headers every further segment carries. */
     u8 doff = 0;
-    if (l4proto == IPPROTO_TCP)
+    if (pkt->l4proto == IPPROTO_TCP)
         bpf_skb_load_bytes(skb, l3 + l3_hdr + 12, &doff, 1);
-    u32 hdrs = l3_hdr + fovea_l4_header_len(l4proto, doff);
-    *packets = segs;
-    *bytes = (skb->len - l3) + (u64)(segs - 1) * hdrs;
+    u32 hdrs = l3_hdr + fovea_l4_header_len(pkt->l4proto, doff);
+    pkt->packets = segs;
+    pkt->bytes = (skb->len - l3) + (u64)(segs - 1) * hdrs;
+    return 1;
+}
+
+static __always_inline void fovea_add(struct fovea_counter *c, struct fovea_packet *pkt)
+{
+    if (c) {
+        c->packets += pkt->packets;
+        c->bytes += pkt->bytes;
+    }
 }
 
 #endif

@@ -2,5 +2,6 @@
 
 from agent.plugins.drops import DropsPlugin
 from agent.plugins.forward import ForwardPlugin
+from agent.plugins.pods import PodsPlugin
 
-REGISTRY = {cls.name: cls for cls in (ForwardPlugin, DropsPlugin)}
+REGISTRY = {cls.name: cls for cls in (ForwardPlugin, DropsPlugin, PodsPlugin)}

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+import threading
 
 from prometheus_client.core import Metric
 
 from agent.config import Config
+from agent.enrich import Resolver
 from agent.kernel.btf import BTF
 from agent.kernel.headers import Headers
 from agent.kernel.tracefs import Tracefs
@@ -19,9 +21,11 @@ class PluginContext:
     """What the agent hands each plugin when it starts."""
 
     def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, tc: TcAttacher,
-                 uplinks: list[str]):
+                 uplinks: list[str], resolver: Resolver, lock: threading.Lock):
         self.config = config
         self.uplinks = uplinks
+        self.resolver = resolver  # names addresses: pods, services, nodes
+        self.lock = lock  # held while plugins are read; events from threads take it too
         self.headers = headers
         self.tracefs = tracefs
         self.tc = tc
@@ -37,6 +41,8 @@ class PluginHealth:
 
     map_fill: dict[str, float] = field(default_factory=dict)  # map -> entries / max entries
     lost: dict[str, int] = field(default_factory=dict)  # source -> events not kept in detail
+    series: dict[str, int] = field(default_factory=dict)  # metric -> series exported
+    overflowed: dict[str, int] = field(default_factory=dict)  # metric -> increments sent to overflow
 
 
 class Plugin:

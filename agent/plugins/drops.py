@@ -12,6 +12,7 @@ from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
+from agent.series import Pending, SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ SKB_MEMBERS = {"head": 8, "data": 8, "len": 4, "network_header": 2, "end": 4}
 SHINFO_MEMBERS = {"gso_segs": 2}
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # order of drop_overflow slots, as in drops.c
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+POD_DROP_LABELS = ("namespace", "pod", "workload_kind", "workload_name", "reason", "direction")
 
 
 def protocol_name(l4proto: int) -> str:
@@ -42,8 +44,9 @@ class DropsPlugin(Plugin):
         self._bpf = None
         self._counts: CounterHash | None = None
         self.reasons: dict[int, str] = {}
-        self._by_key: dict[tuple, tuple[int, int]] = {}
+        self._totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # detailed drops
         self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
+        self._pending = Pending()
         self._lost = 0
 
     def check(self, tracefs) -> str | None:
@@ -77,6 +80,9 @@ class DropsPlugin(Plugin):
         return flags
 
     def start(self, ctx: PluginContext) -> None:
+        self.resolver = ctx.resolver
+        self.pod_series = SeriesStore(POD_DROP_LABELS, ctx.config.podLevel.maxSeries, ctx.config.podLevel.seriesTTL,
+                                      keep_on_overflow=("reason", "direction"))
         self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers)
         self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
         self._counts = CounterHash(self._bpf["drop_counts"], self._decode, ctx.config.idleReads)
@@ -95,7 +101,12 @@ class DropsPlugin(Plugin):
         )
 
     def refresh(self) -> None:
-        self._by_key = self._counts.read()
+        increments = self._counts.read()
+        for (reason, proto, _src, _dst), (p, b) in increments.items():
+            t = self._totals[(reason, proto)]
+            t[0] += p
+            t[1] += b
+        self._pending.add(increments)
         overflow = {}
         slots = read_percpu_array(self._bpf["drop_overflow"])
         for slot, (p, b) in enumerate(slots):
@@ -104,13 +115,32 @@ class DropsPlugin(Plugin):
                 overflow[(reason, PROTO_CLASSES[slot % len(PROTO_CLASSES)])] = (p, b)
         self._overflow = overflow
         self._lost = sum(p for p, _ in overflow.values())
+        self._attribute_to_pods()
+
+    def _attribute_to_pods(self) -> None:
+        """A drop belongs to the local pod that sent it, else the local pod it was for."""
+
+        def attribute(key, p, b) -> bool:
+            reason, _proto, src, dst = key
+            pod, direction = self.resolver.local_pod(src), "egress"
+            if pod is None:
+                pod, direction = self.resolver.local_pod(dst), "ingress"
+            if pod is None:
+                return self.resolver.source.synced  # else: maybe a pod not listed yet
+            if self.resolver.observed(pod):
+                self.pod_series.add(self.resolver.pod_labels(pod) + (reason, direction), p, b)
+            return True
+
+        self._pending.drain(attribute)
+        present = {self.resolver.pod_labels(p) for p in self.resolver.source.local_pods()}
+        self.pod_series.touch(lambda labels: labels[:4] in present)
 
     def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(reason, protocol) -> (packets, bytes), detailed and overflowed drops together."""
         out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for (reason, proto, _src, _dst), (p, b) in self._by_key.items():
-            out[(reason, proto)][0] += p
-            out[(reason, proto)][1] += b
+        for key, (p, b) in self._totals.items():
+            out[key][0] += p
+            out[key][1] += b
         for key, (p, b) in self._overflow.items():
             out[key][0] += p
             out[key][1] += b
@@ -128,11 +158,22 @@ class DropsPlugin(Plugin):
         for (reason, proto), (p, b) in sorted(self.totals().items()):
             packets.add_metric([reason, proto], p)
             nbytes.add_metric([reason, proto], b)
-        return [packets, nbytes]
+        pp = CounterMetricFamily("fovea_pod_drop_packets", "IP packets of observed pods the kernel dropped",
+                                 labels=list(POD_DROP_LABELS))
+        pb = CounterMetricFamily("fovea_pod_drop_bytes", "IP bytes of observed pods the kernel dropped",
+                                 labels=list(POD_DROP_LABELS))
+        for labels, (p, b) in sorted(self.pod_series.values.items()):
+            pp.add_metric(labels, p)
+            pb.add_metric(labels, b)
+        return [packets, nbytes, pp, pb]
 
     def health(self) -> PluginHealth:
         fill = self._counts.fill_ratio if self._counts else 0.0
-        return PluginHealth(map_fill={"drop_counts": fill}, lost={"drop_counts_full": self._lost})
+        return PluginHealth(
+            map_fill={"drop_counts": fill}, lost={"drop_counts_full": self._lost},
+            series={"fovea_pod_drop_packets_total": len(self.pod_series)} if self._counts else {},
+            overflowed={"fovea_pod_drop_packets_total": self.pod_series.overflowed} if self._counts else {},
+        )
 
     def close(self) -> None:
         if self._bpf is not None:

@@ -53,7 +53,7 @@ class ForwardPlugin(Plugin):
                 current = self._attached.get(name)
                 if current is not None and (not idx or idx[0] != current):
                     log.warning("uplink %s vanished; counting resumes if it comes back", name)
-                    self._ctx.tc.attached.pop(current, None)
+                    self._ctx.tc.forget(current)
                     del self._attached[name]
                 if idx and name not in self._attached:
                     try:

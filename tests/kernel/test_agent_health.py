@@ -45,13 +45,13 @@ def test_full_drop_map_keeps_totals_and_counts_lost_details(lab, tmp_path):
         m1 = agent.scrape()
         assert after - before == 2 * k  # totals stay right with the detail map full
         assert m1.get("fovea_agent_map_fill_ratio", map="drop_counts") == 1.0
-        # Every drop in the window lost its detail, except those of the key holding
-        # the only slot: pod 0's (k of them) or an earlier drop's elsewhere on the host.
+        # The only slot was taken before pod 1 sent (by pod 0's first drop, or an
+        # earlier drop elsewhere on the host), so all of pod 1's drops lost their
+        # detail; no more than every drop in the window can have.
         lost = m1.get("fovea_agent_lost_events_total", source="drop_counts_full") - m0.get(
             "fovea_agent_lost_events_total", source="drop_counts_full")
         all_drops = total_drops(m1) - total_drops(m0)
-        assert all_drops >= 2 * k  # the ICMP errors the closed ports send back are dropped too
-        assert all_drops - k <= lost <= all_drops
+        assert k <= lost <= all_drops
     finally:
         assert agent.stop() == 0
 
@@ -72,7 +72,7 @@ def test_counts_survive_idle_key_deletion(lab, tmp_path):
 
 
 def test_idle_key_is_deleted_from_a_real_map(root):
-    """CounterHash on a real per-CPU hash map: retire with the kernel's lookup-and-delete."""
+    """CounterHash on a real per-CPU hash map: increments, and retiring with the kernel's lookup-and-delete."""
     import os
 
     from bcc import BPF
@@ -96,12 +96,12 @@ def test_idle_key_is_deleted_from_a_real_map(root):
     put(2, 7)
     assert counts.read() == {1: (5, 500), 2: (7, 700)}
     put(2, 9)
-    assert counts.read() == {1: (5, 500), 2: (9, 900)}  # 1 unchanged once
-    assert counts.read() == {1: (5, 500), 2: (9, 900)}  # 1 unchanged twice: deleted
+    assert counts.read() == {2: (2, 200)}  # increments: 1 unchanged once
+    assert counts.read() == {}  # 1 unchanged twice: deleted, having gained nothing
     assert [k.value for k in table.keys()] == [2]
     assert counts.fill_ratio == 1 / 8
     put(1, 3)  # the key comes back and counts from zero in the kernel
-    assert counts.read() == {1: (8, 800), 2: (9, 900)}
+    assert counts.read() == {1: (3, 300)}
     bpf.cleanup()
 
 

@@ -35,10 +35,13 @@ def test_defaults():
         "bindAddress": "0.0.0.0",
         "interval": 5.0,
         "idleReads": 12,
-        "plugins": ("forward", "drops"),
+        "plugins": ("forward", "drops", "pods"),
+        "staticPods": "",
         "logLevel": "info",
         "tc": {"priority": 1},
         "drops": {"mapSize": 16384},
+        "pods": {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)},
+        "podLevel": {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000},
         "kernel": {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"},
     }
     assert cfg.validate(REGISTRY) is cfg
@@ -80,7 +83,7 @@ kernel:
     ("tc:\n  prio: 1\n", "tc.prio", "priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
     ("prot: 1\n", "prot", "bindAddress, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
-                          "nodeName, plugins, port, standalone, tc, uplinks"),
+                          "nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, uplinks"),
 ])
 def test_unknown_key_is_named(tmp_path, text, key, known):
     with pytest.raises(FoveaError) as exc:
@@ -187,7 +190,7 @@ def test_validate_unknown_plugin(plugins, bad):
     with pytest.raises(FoveaError) as exc:
         Config(plugins=plugins).validate(REGISTRY)
     assert exc.value.problem == f"config key 'plugins': unknown plugin {bad!r}"
-    assert exc.value.hint == "known plugins: drops, forward"
+    assert exc.value.hint == "known plugins: drops, forward, pods"
 
 
 @pytest.mark.parametrize("name", ["eth 0", "a/b", "a" * 16, ""])
@@ -198,7 +201,7 @@ def test_validate_bad_uplink(name):
 
 
 def test_registry():
-    assert sorted(REGISTRY) == ["drops", "forward"]
+    assert sorted(REGISTRY) == ["drops", "forward", "pods"]
     assert all(cls.name == name for name, cls in REGISTRY.items())
 
 
@@ -212,7 +215,7 @@ def test_plugins_import_without_root_or_bcc():
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "True ['drops', 'forward'] False\n"
+    assert result.stdout == "True ['drops', 'forward', 'pods'] False\n"
 
 
 def test_invalid_yaml(tmp_path):

@@ -1,0 +1,135 @@
+"""Pod interfaces on this host: veths whose peer lives in another network namespace.
+
+For each one: its host-side index and name, the peer's namespace (found by the
+namespace id the kernel reports for the peer, matched against /run/netns and
+/proc/<pid>/ns/net) and the addresses the peer holds there. Netlink link
+events trigger a rescan; a full scan also runs at start and every interval,
+since a CNI adds the pod's addresses inside its namespace after the veth
+appears on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    ifindex: int
+    ifname: str
+    netns: str  # path of the peer's network namespace, "" if not found
+    ips: tuple[str, ...]
+
+
+class Endpoints:
+    def __init__(self, exclude: set[str], netns_dir: str = "/run/netns", proc: str = "/proc"):
+        self.exclude = exclude  # uplinks and other links that are not pods
+        self.netns_dir = Path(netns_dir)
+        self.proc = Path(proc)
+        self._paths: dict[int, str] = {}  # nsid -> namespace path
+        self._events: IPRoute | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def scan(self) -> dict[int, PodInterface]:
+        found = {}
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME")
+                info = link.get_attr("IFLA_LINKINFO")
+                nsid = link.get_attr("IFLA_LINK_NETNSID")
+                if name in self.exclude or nsid is None or info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
+                    continue
+                path = self._netns_path(ipr, nsid)
+                peer = link.get_attr("IFLA_LINK")
+                ips = self._peer_ips(path, peer) if path and peer else ()
+                found[link["index"]] = PodInterface(link["index"], name, path, ips)
+        return found
+
+    def _netns_path(self, ipr: IPRoute, nsid: int) -> str:
+        if nsid not in self._paths:
+            self._paths = self._all_nsids(ipr)
+        return self._paths.get(nsid, "")
+
+    def _all_nsids(self, ipr: IPRoute) -> dict[int, str]:
+        """nsid -> a path of that namespace, for every namespace we can see."""
+        candidates = sorted(self.netns_dir.glob("*")) if self.netns_dir.is_dir() else []
+        candidates += sorted(self.proc.glob("[0-9]*/ns/net"))
+        out: dict[int, str] = {}
+        seen_inodes = set()
+        for path in candidates:
+            try:
+                inode = os.stat(path).st_ino
+                if inode in seen_inodes:
+                    continue
+                seen_inodes.add(inode)
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # a process that exited
+            try:
+                nsid = ipr.get_netnsid(fd=fd).get("nsid")
+            except (NetlinkError, AttributeError):
+                nsid = None
+            finally:
+                os.close(fd)
+            if nsid is not None and nsid >= 0:
+                out.setdefault(nsid, str(path))
+        return out
+
+    @staticmethod
+    def _peer_ips(path: str, peer_index: int) -> tuple[str, ...]:
+        try:
+            netns.pushns(path)
+        except OSError:
+            return ()
+        try:
+            with IPRoute() as ipr:
+                addrs = ipr.get_addr(index=peer_index)
+                return tuple(
+                    a.get_attr("IFA_ADDRESS") for a in addrs if a.get_attr("IFA_ADDRESS") and a["scope"] == 0
+                )
+        except NetlinkError:
+            return ()
+        finally:
+            netns.popns()
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call on_change (from a thread) whenever a link comes, goes or changes."""
+        self._events = IPRoute()
+        self._events.bind(groups=RTMGRP_LINK)
+
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    msgs = self._events.get()
+                except Exception:
+                    if not self._stop.is_set():
+                        log.exception("netlink link events failed; falling back to periodic scans")
+                    return
+                if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in msgs):
+                    try:
+                        on_change()
+                    except Exception:
+                        log.exception("handling a link change failed")
+
+        self._thread = threading.Thread(target=loop, name="link-events", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                self._events.close()
+            self._events = None

@@ -1,0 +1,133 @@
+"""What the agent keeps of Kubernetes objects: slim, frozen records.
+
+A `kubernetes` client model object of a pod holds ~49 KiB; a record holds the
+few fields enrichment needs. Records are built straight from the API's JSON
+and never from model objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.k8s.workload import workload_of
+
+OBSERVE_ANNOTATION = "fovea.dev/observe"
+
+# Which pod wins an IP that two pods claim (the old one still terminating):
+# a live pod over a terminating one, then by phase, then the newest.
+_PHASE_RANK = {"Running": 3, "Pending": 2, "Unknown": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    ips: tuple[str, ...]
+    host_network: bool
+    observe: bool  # the pod's own fovea.dev/observe annotation is "true"
+    workload_kind: str
+    workload_name: str
+    phase: str
+    created: str = ""  # creationTimestamp (RFC 3339 UTC: compares as text)
+    terminating: bool = False  # deletionTimestamp is set
+
+    def claim_rank(self) -> tuple:
+        return (not self.terminating, _PHASE_RANK.get(self.phase, 0), self.created, self.uid)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRecord:
+    name: str
+    observe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    namespace: str
+    name: str
+    cluster_ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    ips: tuple[str, ...]
+
+
+class PodDirectory(Protocol):
+    """The lookups enrichment uses: KubeCache (from the API) and StaticPods (from a file)."""
+
+    @property
+    def synced(self) -> bool: ...
+    def pod_by_ip(self, ip: str) -> PodRecord | None: ...
+    def local_pods(self) -> tuple[PodRecord, ...]: ...
+    def namespace(self, name: str) -> NamespaceRecord | None: ...
+    def pod_observed(self, pod: PodRecord) -> bool: ...
+    def service_by_ip(self, ip: str) -> ServiceRecord | None: ...
+    def node_by_ip(self, ip: str) -> NodeRecord | None: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+def canonical_ip(ip: str) -> str:
+    """One spelling per address, so that '::ffff:...' or '2001:DB8::1' find the same entry."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def _meta(obj: dict) -> dict:
+    return obj.get("metadata") or {}
+
+
+def _observe(meta: dict) -> bool:
+    return (meta.get("annotations") or {}).get(OBSERVE_ANNOTATION) == "true"
+
+
+def pod_record(obj: dict) -> PodRecord:
+    meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
+    ips = [p.get("ip") for p in status.get("podIPs") or [] if p.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [status["podIP"]]
+    kind, name = workload_of(meta)
+    return PodRecord(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        node=spec.get("nodeName", ""),
+        ips=tuple(dict.fromkeys(canonical_ip(i) for i in ips)),
+        host_network=bool(spec.get("hostNetwork")),
+        observe=_observe(meta),
+        workload_kind=kind,
+        workload_name=name,
+        phase=status.get("phase", ""),
+        created=meta.get("creationTimestamp", ""),
+        terminating=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def namespace_record(obj: dict) -> NamespaceRecord:
+    meta = _meta(obj)
+    return NamespaceRecord(meta.get("name", ""), _observe(meta))
+
+
+def service_record(obj: dict) -> ServiceRecord:
+    meta, spec = _meta(obj), obj.get("spec") or {}
+    ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    # "None" is a headless Service: it has no address of its own
+    ips = [canonical_ip(i) for i in ips if i and i != "None"]
+    return ServiceRecord(meta.get("namespace", ""), meta.get("name", ""), tuple(dict.fromkeys(ips)))
+
+
+def node_record(obj: dict) -> NodeRecord:
+    meta, status = _meta(obj), obj.get("status") or {}
+    ips = [canonical_ip(a["address"]) for a in status.get("addresses") or []
+           if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")]
+    return NodeRecord(meta.get("name", ""), tuple(dict.fromkeys(ips)))

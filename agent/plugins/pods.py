@@ -1,0 +1,175 @@
+"""Pod traffic and the workload traffic map, from tc programs on pod interfaces."""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+
+from prometheus_client.core import CounterMetricFamily
+
+from agent.compiler import compile_program
+from agent.endpoints import Endpoints, PodInterface
+from agent.maps import CounterHash, read_percpu_array
+from agent.plugins.base import Plugin, PluginContext, PluginHealth
+from agent.plugins.drops import protocol_name
+from agent.series import Pending, SeriesStore
+
+log = logging.getLogger(__name__)
+
+POD_LABELS = ("namespace", "pod", "workload_kind", "workload_name")
+FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload", "protocol")
+DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
+
+
+def _address(family: int, raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+
+
+class PodsPlugin(Plugin):
+    name = "pods"
+
+    def __init__(self):
+        self._bpf = None
+        self._ctx: PluginContext | None = None
+        self._interfaces: dict[int, PodInterface] = {}
+        self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
+
+    def start(self, ctx: PluginContext) -> None:
+        self._ctx = ctx
+        cfg = ctx.config
+        self.resolver = ctx.resolver
+        self.pod_series = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries,
+                                      cfg.podLevel.seriesTTL, keep_on_overflow=("direction",))
+        self.flow_series = SeriesStore(FLOW_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
+                                       keep_on_overflow=("protocol",))
+        self._pod_pending = Pending()
+        self._flow_pending = Pending()
+        self._bpf = compile_program("pods", [
+            f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
+        ], ctx.headers)
+        self._programs = {
+            "ingress": self._bpf.load_func(b"pod_from_pod", self._bpf.SCHED_CLS),
+            "egress": self._bpf.load_func(b"pod_to_pod", self._bpf.SCHED_CLS),
+        }
+        self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
+        self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
+        self._endpoints = Endpoints(exclude=set(ctx.uplinks))
+        self.reconcile()
+        self._endpoints.watch(self._on_link_change)
+
+    def _decode_flow(self, k) -> tuple:
+        return (_address(k.family, bytes(k.saddr)), _address(k.family, bytes(k.daddr)),
+                protocol_name(k.l4proto), bool(k.to_pod))
+
+    def _wanted(self, iface: PodInterface) -> bool:
+        return any(fnmatch.fnmatchcase(iface.ifname, p) for p in self._ctx.config.pods.interfaces)
+
+    def _on_link_change(self) -> None:
+        with self._ctx.lock:
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        """Attach to new pod interfaces, settle the counts of vanished ones."""
+        found = {i: f for i, f in self._endpoints.scan().items() if self._wanted(f)}
+        gone = [i for i in self._interfaces if i not in found or found[i].ifname != self._interfaces[i].ifname]
+        if gone:
+            self.refresh()  # credit what they counted to their pods before they go
+            for ifindex in gone:
+                self._pod_pending.add(self._pod_counts.retire_where(lambda key: key[0] == ifindex))
+                self._attribute_pod_counts()
+                self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
+                iface = self._interfaces.pop(ifindex)
+                self._ctx.tc.forget(ifindex)
+                log.info("pod interface %s is gone", iface.ifname)
+        for ifindex, iface in found.items():
+            if ifindex not in self._interfaces:
+                try:
+                    self._ctx.tc.attach(iface.ifname, self._programs)
+                except Exception as e:  # it may vanish between scan and attach
+                    log.warning("cannot attach to pod interface %s: %s", iface.ifname, e)
+                    continue
+                log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
+            self._interfaces[ifindex] = iface
+
+    def _owner(self, ifindex: int):
+        iface = self._interfaces.get(ifindex)
+        if iface is None:
+            return None
+        for ip in iface.ips:
+            pod = self.resolver.local_pod(ip)
+            if pod is not None:
+                return pod
+        return None
+
+    def refresh(self) -> None:
+        self._pod_pending.add(self._pod_counts.read())
+        self._attribute_pod_counts()
+        self._flow_pending.add(self._flow_counts.read())
+        self._flow_pending.drain(self._attribute_flow)
+        overflow = read_percpu_array(self._bpf["overflow"])
+        self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
+        present = {self.resolver.pod_labels(p) for p in self.resolver.source.local_pods()}
+        self.pod_series.touch(lambda labels: labels[:4] in present)
+        self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
+
+    def _attribute_pod_counts(self) -> None:
+        def attribute(key, p, b) -> bool:
+            ifindex, direction = key
+            pod = self._owner(ifindex)
+            if pod is None:
+                return ifindex not in self._interfaces  # keep it for its pod until it resolves
+            if self.resolver.observed(pod):
+                self.pod_series.add(self.resolver.pod_labels(pod) + (DIRECTIONS[direction],), p, b)
+            return True
+
+        self._pod_pending.drain(attribute)
+
+    def _attribute_flow(self, key, p, b) -> bool:
+        """The traffic map counts each packet once per cluster (DESIGN.md): the
+        sender's node when the sender is a pod of the cluster, the receiver's
+        node only when the sender is not (outside, a node, a hostNetwork pod)."""
+        src, dst, proto, to_pod = key
+        if self.resolver.local_pod(dst if to_pod else src) is None:
+            return self.resolver.source.synced  # another node's pod, or not listed yet
+        sender = self.resolver.peer(src)
+        if not to_pod or not sender.is_pod:
+            receiver = self.resolver.peer(dst)
+            self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
+        return True
+
+    def metrics(self):
+        names = POD_LABELS + ("direction",)
+        packets = CounterMetricFamily("fovea_pod_packets", "IP packets of observed pods", labels=names)
+        nbytes = CounterMetricFamily("fovea_pod_bytes", "IP bytes of observed pods", labels=names)
+        for labels, (p, b) in sorted(self.pod_series.values.items()):
+            packets.add_metric(labels, p)
+            nbytes.add_metric(labels, b)
+        fp = CounterMetricFamily("fovea_workload_flow_packets", "IP packets between workloads, once per cluster",
+                                 labels=FLOW_LABELS)
+        fb = CounterMetricFamily("fovea_workload_flow_bytes", "IP bytes between workloads, once per cluster",
+                                 labels=FLOW_LABELS)
+        for labels, (p, b) in sorted(self.flow_series.values.items()):
+            fp.add_metric(labels, p)
+            fb.add_metric(labels, b)
+        return [packets, nbytes, fp, fb]
+
+    def health(self) -> PluginHealth:
+        return PluginHealth(
+            map_fill={"pod_counts": self._pod_counts.fill_ratio, "flow_counts": self._flow_counts.fill_ratio},
+            lost=dict(self._lost),
+            series={"fovea_pod_packets_total": len(self.pod_series),
+                    "fovea_workload_flow_packets_total": len(self.flow_series)},
+            overflowed={"fovea_pod_packets_total": self.pod_series.overflowed,
+                        "fovea_workload_flow_packets_total": self.flow_series.overflowed},
+        )
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._endpoints.close()
+            for ifindex in list(self._interfaces):
+                self._ctx.tc.detach(ifindex)
+            self._interfaces.clear()
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,91 @@
+"""Counter series with cardinality controls, fed with increments.
+
+Kernel maps are read as increments per interface or address (agent/maps.py);
+series are per label set (a pod, a pair of workloads). `Pending` holds
+increments until their owner is known, and `SeriesStore` adds them to series
+so that:
+- counters never go backwards, even when their sources (interface indexes,
+  map keys) are retired or reused;
+- a series whose owner is gone disappears `ttl` seconds later; an owner that
+  comes back with the same labels within the TTL adds to the same series;
+- past `max_series` label sets, new ones go to one overflow series (every
+  label "_overflow" except those listed as kept), counted, so totals stay right.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+
+OVERFLOW = "_overflow"
+
+
+class Pending:
+    """Increments waiting for an owner (a pod the cache has not listed yet)."""
+
+    def __init__(self):
+        self._items: dict[Hashable, list[int]] = {}
+
+    def add(self, increments: dict[Hashable, tuple[int, int]]) -> None:
+        for key, (p, b) in increments.items():
+            v = self._items.setdefault(key, [0, 0])
+            v[0] += p
+            v[1] += b
+
+    def drain(self, handle: Callable[[Hashable, int, int], bool]) -> None:
+        """Offer each increment to `handle`; those it returns False for stay."""
+        for key in list(self._items):
+            p, b = self._items[key]
+            if handle(key, p, b):
+                del self._items[key]
+
+    def discard(self, predicate: Callable[[Hashable], bool]) -> None:
+        for key in [k for k in self._items if predicate(k)]:
+            del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SeriesStore:
+    def __init__(
+        self,
+        label_names: tuple[str, ...],
+        max_series: int,
+        ttl: float,
+        keep_on_overflow: tuple[str, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.label_names = label_names
+        self.max_series = max_series
+        self.ttl = ttl
+        self.clock = clock
+        self._keep = [name in keep_on_overflow for name in label_names]
+        self.values: dict[tuple[str, ...], list[int]] = {}
+        self._alive: dict[tuple[str, ...], float] = {}  # label set -> last time its owner was seen
+        self.overflowed = 0  # increments that went to an overflow series
+
+    def _overflow_labels(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v if keep else OVERFLOW for v, keep in zip(labels, self._keep))
+
+    def add(self, labels: tuple[str, ...], packets: int, nbytes: int) -> None:
+        if labels not in self.values and len(self.values) >= self.max_series:
+            labels = self._overflow_labels(labels)
+            self.overflowed += 1
+        v = self.values.setdefault(labels, [0, 0])
+        v[0] += packets
+        v[1] += nbytes
+        self._alive[labels] = self.clock()
+
+    def touch(self, alive: Callable[[tuple[str, ...]], bool]) -> None:
+        """Mark series whose owner still exists; drop those gone longer than the TTL."""
+        now = self.clock()
+        for labels in list(self.values):
+            if alive(labels) or labels == self._overflow_labels(labels):
+                self._alive[labels] = now
+            elif now - self._alive[labels] > self.ttl:
+                del self.values[labels]
+                del self._alive[labels]
+
+    def __len__(self) -> int:
+        return len(self.values)
