@@ -1,6 +1,8 @@
 """`fovea demo`: the agent on a demo node made of network namespaces.
 
 Two "pods" and an "outside world" behind a demo uplink (agent/netlab.py).
+The pods are named by a static pods file (shop/web and shop/db), so the
+summary shows pod-level traffic and the workload traffic map too.
 Live traffic flows from the pods to the world: pings, a TCP transfer, UDP
 datagrams, plus traffic that the kernel drops: UDP to a port an iptables rule
 in the world blocks (NETFILTER_DROP), UDP to a port nobody listens on and TCP
@@ -12,19 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.config import Config
+from agent.config import Config, PodLevelConfig, PodsConfig
 from agent.netlab import NodeLab
 from agent.runtime import Agent, require_root
 
@@ -115,6 +121,21 @@ class Traffic:
         self.udp_server.close()
 
 
+DEMO_PODS = (("shop", "web-7d9c-abcde", "Deployment", "web"), ("shop", "db-0", "StatefulSet", "db"))
+
+
+def _write_static_pods(lab: NodeLab, directory: str) -> str:
+    entries = [
+        {"ip": ip, "namespace": ns, "pod": name, "workloadKind": kind, "workloadName": workload}
+        for (ns, name, kind, workload), ep in zip(DEMO_PODS, lab.pods)
+        for ip in (ep.ipv4, ep.ipv6)
+    ]
+    path = os.path.join(directory, "pods.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"pods": entries}, f)
+    return path
+
+
 def _scrape(port: int) -> dict[tuple, float]:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     out = {}
@@ -147,11 +168,30 @@ def _summary(port: int, now: dict, prev: dict, dt: float, started: float, until:
     for labels, v, r in rows[:12]:
         drops.add_row(labels["reason"], labels["protocol"], f"{v:,.0f}", f"{r:,.1f}")
 
+    pods = Table(title="Pods (fovea_pod_packets_total)", expand=True)
+    for col in ("namespace/pod", "workload", "direction", "packets", "packets/s"):
+        pods.add_column(col, justify="right" if col.startswith("packets") else "left")
+    for (name, labels), v in sorted(now.items()):
+        if name == "fovea_pod_packets_total":
+            lab = dict(labels)
+            pods.add_row(f"{lab['namespace']}/{lab['pod']}", f"{lab['workload_kind']}/{lab['workload_name']}",
+                         lab["direction"], f"{v:,.0f}", f"{rate((name, labels)):,.1f}")
+
+    flows = Table(title="Traffic map (fovea_workload_flow_packets_total)", expand=True)
+    for col in ("from", "to", "protocol", "packets", "packets/s"):
+        flows.add_column(col, justify="right" if col.startswith("packets") else "left")
+    for (name, labels), v in sorted(now.items()):
+        if name == "fovea_workload_flow_packets_total":
+            lab = dict(labels)
+            src = "/".join(x for x in (lab["source_namespace"], lab["source_workload"]) if x)
+            dst = "/".join(x for x in (lab["destination_namespace"], lab["destination_workload"]) if x)
+            flows.add_row(src, dst, lab["protocol"], f"{v:,.0f}", f"{rate((name, labels)):,.1f}")
+
     head = Text.assemble(
         ("Fovea demo", "bold"), f"  running {time.monotonic() - started:,.0f}s  ",
         f"metrics: curl localhost:{port}/metrics  ", (until, "dim"),
     )
-    return Group(head, fwd, drops)
+    return Group(head, fwd, drops, pods, flows)
 
 
 def run_demo(port: int = 9810, duration: float = 0) -> int:
@@ -159,10 +199,16 @@ def run_demo(port: int = 9810, duration: float = 0) -> int:
     console = Console()
     lab = NodeLab(PREFIX, pods=2, ipv6=True, octet=OCTET)
     agent = traffic = None
+    tmp = tempfile.mkdtemp(prefix="fovea-demo-")
     try:
         console.print("building the demo node (network namespaces)...")
         lab.up()
-        config = Config(standalone=True, uplinks=(lab.uplink,), port=port, interval=2.0, nodeName="demo-node")
+        pods_file = _write_static_pods(lab, tmp)
+        config = Config(
+            standalone=True, uplinks=(lab.uplink,), port=port, interval=2.0, nodeName="demo-node",
+            staticPods=pods_file, pods=PodsConfig(interfaces=(PREFIX + "p*",)),
+            podLevel=PodLevelConfig(allPods=True),
+        )
         agent = Agent(config)
         console.print("compiling and loading the eBPF programs...")
         agent.start()
@@ -189,5 +235,6 @@ def run_demo(port: int = 9810, duration: float = 0) -> int:
             agent.stop()
             agent.close()
         lab.down()
+        shutil.rmtree(tmp, ignore_errors=True)
         console.print("removed everything the demo created (namespaces, links, tc filters, iptables rules)")
     return 0

@@ -98,7 +98,7 @@ class Agent:
         uplinks = list(cfg.uplinks) or default_route_interfaces()
         check_uplinks(uplinks)
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
-        self.tc = TcAttacher(cfg.tc.priority)
+        self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
         resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
         ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.lock)

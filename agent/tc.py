@@ -1,8 +1,9 @@
 """Attach tc programs beside the CNI's, and remove only our own.
 
 A `clsact` qdisc holds ingress and egress filters. Fovea adds one
-direct-action bpf filter per hook, named `fovea-<program>` so it can find its
-own filters again: at attach time a filter of the same name left by an agent
+direct-action bpf filter per hook, named `fovea-<node>-<program>` so it can
+find its own filters again (the node name keeps two agents apart when tests
+simulate several nodes on one host): at attach time a filter of the same name left by an agent
 that was killed is replaced (never stacked); at detach time only our filters
 go, and the qdisc only if Fovea created it and nothing else uses it.
 """
@@ -10,6 +11,7 @@ go, and the qdisc only if Fovea created it and nothing else uses it.
 from __future__ import annotations
 
 import errno
+import zlib
 import logging
 from dataclasses import dataclass, field
 
@@ -23,7 +25,6 @@ log = logging.getLogger(__name__)
 INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 EGRESS = 0xFFFFFFF3
 HOOKS = {"ingress": INGRESS, "egress": EGRESS}
-HANDLE = 0xF0EA
 NAME_PREFIX = "fovea-"
 
 
@@ -62,8 +63,11 @@ def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
 
 
 class TcAttacher:
-    def __init__(self, priority: int = 1):
+    def __init__(self, priority: int = 1, instance: str = "node"):
         self.priority = priority
+        self.instance = instance
+        # One handle per instance: filters of one priority need distinct handles.
+        self.handle = 0xF0EA0000 | (zlib.crc32(instance.encode()) & 0xFFFF)
         self._ipr = IPRoute()
         self.attached: dict[int, Attachment] = {}
 
@@ -85,11 +89,11 @@ class TcAttacher:
         self.attached[ifindex] = att
         for hook, fn in programs.items():
             parent = HOOKS[hook]
-            name = NAME_PREFIX + fn.name.decode()
+            name = f"{NAME_PREFIX}{self.instance}-{fn.name.decode()}"
             self._remove_named(ifindex, parent, name, stale=True)
             try:
                 self._ipr.tc(
-                    "add-filter", "bpf", ifindex, HANDLE,
+                    "add-filter", "bpf", ifindex, self.handle,
                     fd=fn.fd, name=name, parent=parent, prio=self.priority,
                     classid=1, direct_action=True,
                 )

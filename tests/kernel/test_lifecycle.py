@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 
@@ -61,7 +62,7 @@ class ForeignFilter:
 
 
 def fovea_filter_count(ifname: str) -> int:
-    return sum(tc_filters(ifname, hook).count("fovea-forward") for hook in ("ingress", "egress"))
+    return sum(len(re.findall(r"fovea-\S+-forward_", tc_filters(ifname, hook))) for hook in ("ingress", "egress"))
 
 
 def test_foreign_filter_keeps_running_during_and_after(lab):

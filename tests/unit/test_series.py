@@ -1,0 +1,99 @@
+"""SeriesStore and Pending: monotonic series, TTL, overflow, pending increments."""
+
+from __future__ import annotations
+
+from agent.series import OVERFLOW, Pending, SeriesStore
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(max_series=10, ttl=60.0, clock=None) -> SeriesStore:
+    return SeriesStore(("namespace", "pod", "direction"), max_series, ttl,
+                       keep_on_overflow=("direction",), clock=clock or Clock())
+
+
+def test_increments_add_up_per_label_set():
+    s = store()
+    s.add(("a", "p1", "egress"), 3, 300)
+    s.add(("a", "p1", "egress"), 2, 200)
+    s.add(("a", "p1", "ingress"), 1, 10)
+    assert s.values == {("a", "p1", "egress"): [5, 500], ("a", "p1", "ingress"): [1, 10]}
+
+
+def test_series_of_a_gone_owner_disappear_after_the_ttl():
+    clock = Clock()
+    s = store(ttl=60, clock=clock)
+    s.add(("a", "p1", "egress"), 1, 1)
+    s.add(("a", "p2", "egress"), 1, 1)
+    clock.now = 59
+    s.touch(lambda labels: labels[1] == "p2")  # p1 deleted at 0
+    assert len(s) == 2
+    clock.now = 61
+    s.touch(lambda labels: labels[1] == "p2")
+    assert list(s.values) == [("a", "p2", "egress")]
+
+
+def test_recreated_owner_within_ttl_adds_to_the_same_series():
+    clock = Clock()
+    s = store(ttl=60, clock=clock)
+    s.add(("a", "web-0", "egress"), 10, 100)
+    clock.now = 30
+    s.touch(lambda labels: False)  # the pod is gone...
+    s.add(("a", "web-0", "egress"), 1, 10)  # ...and back with the same labels
+    clock.now = 80
+    s.touch(lambda labels: True)
+    assert s.values == {("a", "web-0", "egress"): [11, 110]}  # one series, never backwards
+
+
+def test_past_the_cap_new_label_sets_go_to_overflow_and_totals_stay_right():
+    s = store(max_series=2)
+    s.add(("a", "p1", "egress"), 1, 1)
+    s.add(("a", "p2", "egress"), 1, 1)
+    s.add(("a", "p3", "egress"), 4, 40)
+    s.add(("b", "p4", "ingress"), 5, 50)
+    s.add(("a", "p1", "egress"), 1, 1)  # an existing series still counts as itself
+    assert s.values == {
+        ("a", "p1", "egress"): [2, 2],
+        ("a", "p2", "egress"): [1, 1],
+        (OVERFLOW, OVERFLOW, "egress"): [4, 40],
+        (OVERFLOW, OVERFLOW, "ingress"): [5, 50],
+    }
+    assert s.overflowed == 2
+    assert sum(v[0] for v in s.values.values()) == 1 + 1 + 4 + 5 + 1
+
+
+def test_overflow_series_never_expire():
+    clock = Clock()
+    s = store(max_series=1, ttl=1, clock=clock)
+    s.add(("a", "p1", "egress"), 1, 1)
+    s.add(("a", "p2", "egress"), 1, 1)
+    clock.now = 100
+    s.touch(lambda labels: False)
+    assert list(s.values) == [(OVERFLOW, OVERFLOW, "egress")]
+
+
+def test_pending_keeps_what_is_not_taken():
+    p = Pending()
+    p.add({"k1": (1, 10), "k2": (2, 20)})
+    p.add({"k1": (1, 10)})
+    taken = []
+    p.drain(lambda key, packets, nbytes: key == "k1" and not taken.append((key, packets, nbytes)))
+    assert taken == [("k1", 2, 20)]
+    assert len(p) == 1
+    p.drain(lambda key, packets, nbytes: taken.append((key, packets, nbytes)) or True)
+    assert taken[-1] == ("k2", 2, 20) and len(p) == 0
+
+
+def test_pending_discard():
+    p = Pending()
+    p.add({(1, 0): (1, 1), (2, 0): (1, 1)})
+    p.discard(lambda key: key[0] == 1)
+    seen = []
+    p.drain(lambda key, a, b: seen.append(key) or True)
+    assert seen == [(2, 0)]
