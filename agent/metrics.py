@@ -52,10 +52,15 @@ class FoveaCollector:
                     series.add_metric([m], v)
                 for m, v in health.overflowed.items():
                     overflow.add_metric([m], v)
+            cache = GaugeMetricFamily("fovea_agent_cache_objects", "Objects in the pod source, per kind",
+                                      labels=["kind"])
+            if agent.pod_source is not None:
+                for kind, n in sorted(agent.pod_source.stats().items()):
+                    cache.add_metric([kind], n)
         info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
         info.add_metric([], {"version": __version__, "kernel": os.uname().release})
         duration = GaugeMetricFamily(
             "fovea_agent_scrape_collect_seconds", "Time the last scrape spent reading kernel maps"
         )
         duration.add_metric([], time.monotonic() - start)
-        yield from (up, fill, lost, series, overflow, info, duration)
+        yield from (up, fill, lost, series, overflow, cache, info, duration)
