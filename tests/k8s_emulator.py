@@ -51,6 +51,7 @@ import re
 import socket
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -448,8 +449,7 @@ class K8sEmulator:
         cfg.retries = 0
         tok = token if token is not None else self.token
         if tok:
-            cfg.api_key = {"authorization": tok}
-            cfg.api_key_prefix = {"authorization": "Bearer"}
+            cfg.api_key = {"authorization": f"Bearer {tok}"}  # the prefix inline: client versions differ
         return cfg
 
     def write_kubeconfig(self, path: str | Path, token: str | None = None, namespace: str = "default",
@@ -1029,6 +1029,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         path = url.path
         req = Request(method, path, query, method.lower(), "", "", "", "", "", 0)
+        self._req, self._logged = req, False
         code = 500
         # read the body first: an error answered before reading it would break keep-alive
         self._raw_body = self._read_body() if method != "GET" else b""
@@ -1039,7 +1040,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 code = self._nonresource(path)
                 return
-            req = self._request(method, path, query, route)
+            req = self._req = self._request(method, path, query, route)
             if not api._allowed(req):
                 scope = f'in the namespace "{req.namespace}"' if req.namespace else "at the cluster scope"
                 res = req.resource + (f"/{req.subresource}" if req.subresource else "")
@@ -1053,8 +1054,17 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionError):
             code = 499
             self.close_connection = True
+        except Exception as e:  # an emulator bug: say so loudly, as a 500 and on stderr
+            traceback.print_exc()
+            code = 500
+            self.close_connection = True
+            try:
+                self._send(500, ApiError(500, "InternalError", f"emulator error: {e!r}").status())
+            except OSError:
+                pass
         finally:
-            api._log(Request(**{**req.__dict__, "code": code}))
+            if not self._logged:
+                api._log(Request(**{**req.__dict__, "code": code}))
 
     def _route(self, path: str) -> _Route | None:
         api = self.server.api
@@ -1174,6 +1184,9 @@ class _Handler(BaseHTTPRequestHandler):
         if sub in ("log", "finalize") or (sub == "status" and method not in ("GET", "PUT", "PATCH")):
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {rt.plural}/{sub} here")
         if req.verb == "watch":
+            if name:  # the old /watch/namespaces/{ns}/pods/{name} form: one object
+                query = dict(query, fieldSelector=",".join(filter(None, [query.get("fieldSelector"),
+                                                                         f"metadata.name={name}"])))
             return self._watch(rt, ns, query)
         if req.verb in ("list", "deletecollection"):
             labels = parse_label_selector(query.get("labelSelector"))
@@ -1243,6 +1256,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache, private")
         self.end_headers()
+        api._log(Request(**{**self._req.__dict__, "code": 200}))  # now: a watch may last long
+        self._logged = True
         try:
             pos, initial, epoch = api._watch_start(rt, ns, labels, fields, query.get("resourceVersion"))
         except ApiError as e:

@@ -1,0 +1,557 @@
+"""The agent's Kubernetes cache: list+watch of the API server into slim records.
+
+One thread per kind ("reflector", as client-go calls it) lists, then watches
+from the list's resourceVersion, and applies every event to the store:
+
+- it reads raw JSON (`_preload_content=False`) and keeps only records
+  (agent/k8s/records.py), never the client's model objects (~49 KiB a pod);
+- it resumes a broken watch from the last resourceVersion it saw; bookmarks
+  (allowWatchBookmarks) keep that version fresh when its own objects are quiet,
+  so a resume rarely falls outside the server's history;
+- 410 Gone/Expired means the version is too old: it lists again and replaces
+  the store, reporting removals for objects that vanished in the gap;
+- failures back off exponentially with jitter, reset by the next success, and
+  warn at most once per `warn_interval` per kind;
+- an API outage never stops the agent: lookups answer from the last state.
+
+Kinds: the pods of this node (fieldSelector spec.nodeName) and namespaces (for
+the fovea.dev/observe annotation). With `cluster_wide`, one watch of all pods
+(this node's among them) replaces the node's, and Services and Nodes are
+added, to name the other end of a flow.
+
+pod_by_ip: a hostNetwork pod claims its node's IP only when no pod of the pod
+network does; when two pods claim an IP (the old one terminating), a live pod
+wins over a terminating one, then Running over Pending over finished, then the
+newest; removing one claim leaves the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from agent.errors import FoveaError
+from agent.k8s.records import (
+    NamespaceRecord,
+    NodeRecord,
+    PodRecord,
+    ServiceRecord,
+    canonical_ip,
+    namespace_record,
+    node_record,
+    pod_record,
+    service_record,
+)
+
+log = logging.getLogger(__name__)
+
+# on_change(kind, old, new): kind is "pods", "namespaces", "services" or "nodes";
+# old is None for an addition, new is None for a removal. It is called from the
+# cache's threads, after the store has changed: keep it quick.
+ChangeCallback = Callable[[str, object, object], None]
+
+
+def make_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
+    """A client for the API server: the kubeconfig given, else $KUBECONFIG, else the
+    in-cluster service account, else ~/.kube/config."""
+    from kubernetes import config as k8s_config
+
+    cfg = k8s_client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    try:
+        if path:
+            files = [p for p in path.split(os.pathsep) if p]
+            missing = [p for p in files if not Path(p).expanduser().is_file()]
+            if missing == files:
+                where = "--kubeconfig" if kubeconfig else "$KUBECONFIG"
+                raise FoveaError(f"kubeconfig {path} does not exist", f"check {where}, or run with --standalone")
+            k8s_config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        elif Path("~/.kube/config").expanduser().is_file():
+            path = str(Path("~/.kube/config").expanduser())
+            k8s_config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+        else:
+            raise FoveaError(
+                "no Kubernetes API to talk to: not running in a pod (KUBERNETES_SERVICE_HOST is unset), "
+                "no --kubeconfig, no $KUBECONFIG, no ~/.kube/config",
+                "pass --kubeconfig FILE, or run with --standalone",
+            )
+    except k8s_config.ConfigException as e:
+        source = f"kubeconfig {path}" if path else "the in-cluster service account"
+        raise FoveaError(f"cannot use {source}: {e}", "check the file, or run with --standalone") from None
+    # The cache retries with its own backoff; urllib3's retries would only add a warning per attempt.
+    cfg.retries = 0
+    return k8s_client.ApiClient(cfg)
+
+
+@dataclass(frozen=True)
+class ReflectorStatus:
+    kind: str
+    synced: bool  # the first list is done
+    resource_version: str  # the last one seen (list, event or bookmark)
+    lists: int  # lists done (more than 1: relists after 410)
+    failures: int  # consecutive failures, 0 when healthy
+    last_error: str
+
+
+class _Backoff:
+    """Exponential backoff with "equal jitter": half the delay fixed, half random."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum, self.attempt = initial, maximum, 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _Expired(Exception):
+    """410: the resourceVersion is older than the server's history."""
+
+
+class _IpIndex:
+    """IP -> the record that owns it. Several records may claim one IP at once (a
+    terminating pod and its successor): each keeps its claim, the best one answers,
+    and removing one claim leaves the others."""
+
+    def __init__(self, rank: Callable[[object], tuple]):
+        self._rank = rank
+        self._claims: dict[str, dict[object, object]] = {}
+        self.best: dict[str, object] = {}  # read without the lock: one dict lookup
+
+    def set(self, key, old_ips: tuple[str, ...], record, new_ips: tuple[str, ...]) -> None:
+        for ip in old_ips:
+            if ip not in new_ips:
+                self._drop(key, ip)
+        for ip in new_ips:
+            claims = self._claims.setdefault(ip, {})
+            claims[key] = record
+            self._elect(ip, claims)
+
+    def remove(self, key, ips: tuple[str, ...]) -> None:
+        for ip in ips:
+            self._drop(key, ip)
+
+    def _drop(self, key, ip: str) -> None:
+        claims = self._claims.get(ip)
+        if claims is None or claims.pop(key, None) is None:
+            return
+        if claims:
+            self._elect(ip, claims)
+        else:
+            del self._claims[ip]
+            self.best.pop(ip, None)
+
+    def _elect(self, ip: str, claims: dict) -> None:
+        self.best[ip] = next(iter(claims.values())) if len(claims) == 1 else max(claims.values(), key=self._rank)
+
+
+def _pod_rank(pod: PodRecord) -> tuple:
+    # A hostNetwork pod shares its node's IP: any pod of the pod network is a better answer.
+    return (not pod.host_network,) + pod.claim_rank()
+
+
+class _Reflector:
+    """List, then watch, one kind into the cache's store."""
+
+    def __init__(self, cache: "KubeCache", kind: str, list_fn, kwargs: dict, to_record):
+        self.cache = cache
+        self.kind = kind
+        self.list_fn = list_fn
+        self.kwargs = kwargs
+        self.to_record = to_record
+        self.rv: str | None = None  # None: list before watching
+        self.synced = False
+        self.lists = 0
+        self.failures = 0
+        self.last_error = ""
+        self.doing = "list"
+        self.backoff = _Backoff(cache.backoff_initial, cache.backoff_max)
+        self.thread = threading.Thread(target=self._run, name=f"k8s-{kind}", daemon=True)
+        self._resp = None
+        self._resp_lock = threading.Lock()
+
+    def status(self) -> ReflectorStatus:
+        return ReflectorStatus(self.kind, self.synced, self.rv or "", self.lists, self.failures, self.last_error)
+
+    def _run(self) -> None:
+        stop = self.cache._stop
+        expired_in_a_row = 0
+        while not stop.is_set():
+            try:
+                if self.rv is None:
+                    self._list()
+                self._watch()
+                expired_in_a_row = 0
+            except _Expired:
+                if stop.is_set():
+                    break
+                log.info("k8s %s: resourceVersion %s is too old for the API server, listing again", self.kind,
+                         self.rv)
+                self.rv = None
+                expired_in_a_row += 1
+                if expired_in_a_row > 1:  # the server keeps expiring fresh versions: do not spin
+                    stop.wait(self.backoff.next())
+            except Exception as e:  # noqa: BLE001 (any failure: back off and try again, never die)
+                if stop.is_set():
+                    break
+                self._failed(e)
+        log.debug("k8s %s: stopped", self.kind)
+
+    def _failed(self, e: Exception) -> None:
+        self.failures += 1
+        self.last_error = f"{self.doing} failed: {_describe(e)}"
+        delay = self.backoff.next()
+        self.cache._warn(self.kind, "k8s %s: %s (failure %d); retrying in %.1fs%s", self.kind, self.last_error,
+                         self.failures, delay, "" if self.synced else "; not synced yet")
+        self.cache._stop.wait(delay)
+
+    def _succeeded(self) -> None:
+        if self.failures:
+            log.info("k8s %s: talking to the API server again after %d failure(s)", self.kind, self.failures)
+        self.failures = 0
+        self.last_error = ""
+        self.backoff.reset()
+
+    def _list(self) -> None:
+        records, rv, cont, pages = [], None, None, 0
+        self.doing = "list"
+        while True:
+            try:
+                resp = self.list_fn(limit=self.cache.page_size, _continue=cont, _preload_content=False,
+                                    _request_timeout=(self.cache.connect_timeout, self.cache.list_timeout),
+                                    **self.kwargs)
+            except ApiException as e:
+                if e.status == 410:
+                    raise _Expired() from None  # the continue token expired: list again from the start
+                raise
+            try:
+                data = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            meta = data.get("metadata") or {}
+            rv = rv or meta.get("resourceVersion")
+            # Records at once: a page of dicts is the most this ever holds.
+            records.extend(self.to_record(o) for o in data.get("items") or [])
+            pages += 1
+            cont = meta.get("continue")
+            if not cont:
+                break
+        if not rv:
+            raise ValueError("the list has no resourceVersion")
+        self.cache._replace(self.kind, records)
+        self.rv = rv
+        self.lists += 1
+        self._succeeded()
+        log.log(logging.INFO if self.lists == 1 else logging.DEBUG,
+                "k8s %s: listed %d at resourceVersion %s (%d page(s))", self.kind, len(records), rv, pages)
+        if not self.synced:
+            self.synced = True
+            self.cache._check_synced()
+
+    def _watch(self) -> None:
+        cache = self.cache
+        timeout = max(1, int(cache.watch_timeout * random.uniform(1.0, 1.5)))  # spread the reconnects
+        started, events = time.monotonic(), 0
+        self.doing = "watch"
+        try:
+            resp = self.list_fn(watch=True, resource_version=self.rv, allow_watch_bookmarks=True,
+                                timeout_seconds=timeout, _preload_content=False,
+                                _request_timeout=(cache.connect_timeout, timeout + cache.read_slack),
+                                **self.kwargs)
+        except ApiException as e:
+            if e.status == 410:
+                raise _Expired() from None
+            raise
+        with self._resp_lock:
+            self._resp = resp
+        try:
+            if cache._stop.is_set():
+                return
+            for line in iter_resp_lines(resp):
+                if cache._stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                type_, obj = event.get("type"), event.get("object") or {}
+                if type_ == "ERROR":
+                    if obj.get("code") == 410 or _too_large(obj):
+                        raise _Expired()
+                    raise RuntimeError(f"watch error {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if type_ in ("ADDED", "MODIFIED"):
+                    cache._upsert(self.kind, self.to_record(obj))
+                elif type_ == "DELETED":
+                    cache._delete(self.kind, self.to_record(obj))
+                elif type_ != "BOOKMARK":
+                    log.debug("k8s %s: ignoring a watch event of type %r", self.kind, type_)
+                    continue
+                if rv:
+                    self.rv = rv
+                events += 1
+                if events == 1:
+                    self._succeeded()
+        finally:
+            with self._resp_lock:
+                self._resp = None
+            resp.close()
+            resp.release_conn()
+        if events == 0 and time.monotonic() - started < 1.0 and not cache._stop.is_set():
+            # A watch that ends at once, empty, is a failure (a proxy cutting it, say): back off.
+            raise RuntimeError("the watch ended at once without an event")
+
+    def interrupt(self) -> None:
+        """Unblock a read in progress (for stop())."""
+        with self._resp_lock:
+            resp = self._resp
+        if resp is None:
+            return
+        try:
+            resp.shutdown()  # urllib3 >= 2.3: shuts the socket down, the reader wakes
+        except Exception:  # noqa: BLE001 (best effort: the read timeout ends it anyway)
+            log.debug("k8s %s: cannot interrupt the watch", self.kind, exc_info=True)
+
+
+def _too_large(status: dict) -> bool:
+    """The server has not reached our resourceVersion (another API server, or one restored
+    from a backup): client-go lists afresh, and so do we."""
+    causes = (status.get("details") or {}).get("causes") or []
+    return any(c.get("reason") == "ResourceVersionTooLarge" for c in causes)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
+        e = e.reason  # the cause, without urllib3's retry wording and the whole URL
+    if isinstance(e, ApiException):
+        reason = e.reason
+        try:
+            reason = json.loads(e.body).get("message") or reason
+        except (TypeError, ValueError, AttributeError):
+            pass
+        return f"API error {e.status}: {reason}"
+    text = str(e).strip() or type(e).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class KubeCache:
+    """Lookups on pods, namespaces, Services and Nodes, kept in step by list+watch.
+
+    `api_client` should have `configuration.retries = 0` (make_api_client does it):
+    failures are retried here, with backoff.
+    """
+
+    def __init__(self, api_client: k8s_client.ApiClient, node_name: str, cluster_wide: bool = False,
+                 on_change: ChangeCallback | None = None, *,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, watch_timeout: float = 300.0,
+                 page_size: int = 500, warn_interval: float = 60.0, connect_timeout: float = 10.0,
+                 list_timeout: float = 60.0, read_slack: float = 30.0):
+        self.node_name = node_name
+        self.cluster_wide = cluster_wide
+        self.on_change = on_change
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.watch_timeout = watch_timeout  # server-side timeoutSeconds of a watch (x1 to x1.5)
+        self.page_size = page_size
+        self.warn_interval = warn_interval
+        self.connect_timeout = connect_timeout
+        self.list_timeout = list_timeout
+        self.read_slack = read_slack  # a watch silent this long past its timeout is dead
+        self._lock = threading.Lock()  # writers; readers do single dict lookups
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._warned: dict[str, tuple[float, int]] = {}
+        self._pods: dict[tuple[str, str], PodRecord] = {}
+        self._local: dict[tuple[str, str], PodRecord] = {}
+        self._namespaces: dict[str, NamespaceRecord] = {}
+        self._services: dict[tuple[str, str], ServiceRecord] = {}
+        self._nodes: dict[str, NodeRecord] = {}
+        self._pod_ips = _IpIndex(_pod_rank)
+        self._service_ips = _IpIndex(lambda s: (s.namespace, s.name))
+        self._node_ips = _IpIndex(lambda n: (n.name,))
+        self._stores = {"pods": self._pods, "namespaces": self._namespaces, "services": self._services,
+                        "nodes": self._nodes}
+        core = k8s_client.CoreV1Api(api_client)
+        if cluster_wide:
+            kinds = [("pods", core.list_pod_for_all_namespaces, {}, pod_record),
+                     ("namespaces", core.list_namespace, {}, namespace_record),
+                     ("services", core.list_service_for_all_namespaces, {}, service_record),
+                     ("nodes", core.list_node, {}, node_record)]
+        else:
+            kinds = [("pods", core.list_pod_for_all_namespaces, {"field_selector": f"spec.nodeName={node_name}"},
+                      pod_record),
+                     ("namespaces", core.list_namespace, {}, namespace_record)]
+        self._reflectors = [_Reflector(self, *k) for k in kinds]
+
+    # --- lifecycle
+
+    def start(self) -> "KubeCache":
+        for r in self._reflectors:
+            r.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for r in self._reflectors:
+            r.interrupt()
+        deadline = time.monotonic() + timeout
+        for r in self._reflectors:
+            if r.thread.is_alive():
+                r.thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def synced(self) -> bool:
+        """Every kind has been listed once (lookups before that may miss)."""
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self._synced.wait(timeout)
+
+    def status(self) -> tuple[ReflectorStatus, ...]:
+        return tuple(r.status() for r in self._reflectors)
+
+    def stats(self) -> dict[str, int]:
+        """Objects per kind (fovea_agent_cache_objects)."""
+        return {r.kind: len(self._stores[r.kind]) for r in self._reflectors}
+
+    # --- lookups (O(1), safe from any thread)
+
+    def pod_by_ip(self, ip: str) -> PodRecord | None:
+        best = self._pod_ips.best
+        return best.get(ip) or best.get(canonical_ip(ip))
+
+    def pod(self, namespace: str, name: str) -> PodRecord | None:
+        return self._pods.get((namespace, name))
+
+    def local_pods(self) -> tuple[PodRecord, ...]:
+        with self._lock:
+            return tuple(self._local.values())
+
+    def namespace(self, name: str) -> NamespaceRecord | None:
+        return self._namespaces.get(name)
+
+    def pod_observed(self, pod: PodRecord) -> bool:
+        """The pod, or its namespace, carries fovea.dev/observe: "true"."""
+        if pod.observe:
+            return True
+        ns = self._namespaces.get(pod.namespace)
+        return ns is not None and ns.observe
+
+    def service_by_ip(self, ip: str) -> ServiceRecord | None:
+        best = self._service_ips.best
+        return best.get(ip) or best.get(canonical_ip(ip))
+
+    def node_by_ip(self, ip: str) -> NodeRecord | None:
+        best = self._node_ips.best
+        return best.get(ip) or best.get(canonical_ip(ip))
+
+    # --- the store (called by the reflectors)
+
+    @staticmethod
+    def _key(kind: str, record) -> object:
+        return record.name if kind in ("namespaces", "nodes") else (record.namespace, record.name)
+
+    def _index_locked(self, kind: str, key, old, new) -> None:
+        """Move the secondary indexes from old to new (either may be None)."""
+        index = {"pods": self._pod_ips, "services": self._service_ips, "nodes": self._node_ips}.get(kind)
+        if index is not None:
+            old_ips = () if old is None else (old.cluster_ips if kind == "services" else old.ips)
+            new_ips = () if new is None else (new.cluster_ips if kind == "services" else new.ips)
+            if new is None:
+                index.remove(key, old_ips)
+            else:
+                index.set(key, old_ips, new, new_ips)
+        if kind == "pods":
+            if new is not None and new.node == self.node_name:
+                self._local[key] = new
+            else:
+                self._local.pop(key, None)
+
+    def _upsert(self, kind: str, record) -> None:
+        key = self._key(kind, record)
+        store = self._stores[kind]
+        with self._lock:
+            old = store.get(key)
+            if old == record:
+                return
+            store[key] = record
+            self._index_locked(kind, key, old, record)
+        self._notify(kind, old, record)
+
+    def _delete(self, kind: str, record) -> None:
+        key = self._key(kind, record)
+        store = self._stores[kind]
+        with self._lock:
+            old = store.get(key)
+            if old is None:
+                return
+            if kind == "pods" and record.uid and old.uid and record.uid != old.uid:
+                return  # a deletion of an older pod of the same name: the one here is newer
+            del store[key]
+            self._index_locked(kind, key, old, None)
+        self._notify(kind, old, None)
+
+    def _replace(self, kind: str, records: list) -> None:
+        """A (re)list: the store becomes exactly this; report what changed in the gap."""
+        store = self._stores[kind]
+        fresh = {self._key(kind, r): r for r in records}
+        changes = []
+        with self._lock:
+            for key in [k for k in store if k not in fresh]:
+                old = store.pop(key)
+                self._index_locked(kind, key, old, None)
+                changes.append((old, None))
+            for key, record in fresh.items():
+                old = store.get(key)
+                if old != record:
+                    store[key] = record
+                    self._index_locked(kind, key, old, record)
+                    changes.append((old, record))
+        for old, new in changes:
+            self._notify(kind, old, new)
+
+    def _notify(self, kind: str, old, new) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(kind, old, new)
+        except Exception:  # noqa: BLE001 (a subscriber's bug must not stop the watch)
+            self._warn("on_change", "k8s %s: on_change failed", kind, exc_info=True)
+
+    def _check_synced(self) -> None:
+        if all(r.synced for r in self._reflectors) and not self._synced.is_set():
+            self._synced.set()
+            log.info("k8s cache synced: %s", ", ".join(f"{n} {k}" for k, n in self.stats().items()))
+
+    def _warn(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
+        """A warning at most once per warn_interval per key; the rest at debug level, counted."""
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._warned.get(key, (-math.inf, 0))
+            loud = now - last >= self.warn_interval
+            self._warned[key] = (now, 0) if loud else (last, suppressed + 1)
+        if loud:
+            if suppressed:
+                msg += " (%d similar message(s) since the last warning)"
+                args += (suppressed,)
+            log.warning(msg, *args, exc_info=exc_info)
+        else:
+            log.debug(msg, *args, exc_info=exc_info)
