@@ -95,6 +95,21 @@ class NodeLab:
     def endpoints(self) -> list[Endpoint]:
         return [*self.pods, self.world]
 
+    def add_pod(self, name: str, subnet: int) -> Endpoint:
+        """One more pod after up(): namespace <prefix>-<name>, host link <prefix><name>."""
+        ep = self._endpoint(f"{self.prefix}-{name}", f"{self.prefix}{name}", subnet)
+        self.pods.append(ep)
+        with IPRoute() as ipr:
+            self._add_endpoint(ipr, ep)
+        return ep
+
+    def remove_pod(self, ep: Endpoint) -> None:
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=ep.host_if):
+                ipr.link("del", index=idx)
+        netns.remove(ep.netns)
+        self.pods.remove(ep)
+
     # -- set-up and tear-down -------------------------------------------------
 
     def up(self) -> "NodeLab":

@@ -61,7 +61,8 @@ class Metrics:
 class RunningAgent:
     def __init__(self, *args: str, port: int | None = None):
         self.port = port or free_port()
-        self.args = [FOVEA, "agent", "--standalone", "--port", str(self.port), "--interval", "1", *args]
+        mode = [] if "--kubeconfig" in args else ["--standalone"]
+        self.args = [FOVEA, "agent", *mode, "--port", str(self.port), "--interval", "1", *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
