@@ -59,9 +59,24 @@ class Endpoints:
         return found
 
     def _netns_path(self, ipr: IPRoute, nsid: int) -> str:
-        if nsid not in self._paths:
+        # The kernel reuses namespace ids: check that a remembered path still has this one.
+        path = self._paths.get(nsid)
+        if path is None or self._nsid_of(ipr, path) != nsid:
             self._paths = self._all_nsids(ipr)
         return self._paths.get(nsid, "")
+
+    @staticmethod
+    def _nsid_of(ipr: IPRoute, path: str) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None  # the namespace is gone
+        try:
+            return ipr.get_netnsid(fd=fd).get("nsid")
+        except (NetlinkError, AttributeError):
+            return None
+        finally:
+            os.close(fd)
 
     def _all_nsids(self, ipr: IPRoute) -> dict[int, str]:
         """nsid -> a path of that namespace, for every namespace we can see."""
@@ -72,19 +87,13 @@ class Endpoints:
         for path in candidates:
             try:
                 inode = os.stat(path).st_ino
-                if inode in seen_inodes:
-                    continue
-                seen_inodes.add(inode)
-                fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue  # a process that exited
-            try:
-                nsid = ipr.get_netnsid(fd=fd).get("nsid")
-            except (NetlinkError, AttributeError):
-                nsid = None
-            finally:
-                os.close(fd)
-            if nsid is not None and nsid >= 0:
+            if inode in seen_inodes:
+                continue
+            seen_inodes.add(inode)
+            nsid = self._nsid_of(ipr, str(path))
+            if nsid is not None and 0 <= nsid < 0xFFFFFFFF:  # -1 (as u32): no id assigned
                 out.setdefault(nsid, str(path))
         return out
 

@@ -98,6 +98,8 @@ class NodeLab:
     def add_pod(self, name: str, subnet: int) -> Endpoint:
         """One more pod after up(): namespace <prefix>-<name>, host link <prefix><name>."""
         ep = self._endpoint(f"{self.prefix}-{name}", f"{self.prefix}{name}", subnet)
+        if ep.netns in netns.listnetns():  # left by a killed run
+            netns.remove(ep.netns)
         self.pods.append(ep)
         with IPRoute() as ipr:
             self._add_endpoint(ipr, ep)

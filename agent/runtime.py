@@ -70,6 +70,7 @@ class Agent:
         self.pod_source = None
         self.server: MetricsServer | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._heartbeat = time.monotonic()
         self._ready = False
         self._refresh_errors: dict[str, float] = {}
@@ -101,7 +102,7 @@ class Agent:
         self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
         resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
-        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.lock)
+        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake)
         for name in cfg.plugins:
             plugin = REGISTRY[name]()
             why = plugin.check(tracefs)
@@ -149,15 +150,30 @@ class Agent:
         return running
 
     def run(self) -> None:
-        while not self._stop.wait(self.config.interval):
+        """The read loop: map reads every interval; housekeeping (interfaces that
+        came or went) every interval and as soon as a plugin asks for it. All
+        netlink and tc work happens on this thread."""
+        next_read = time.monotonic() + self.config.interval
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_read - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             with self.lock:
                 for plugin in self.plugins.values():
                     plugin.reconcile()
-                self.refresh_all()
+                if time.monotonic() >= next_read:
+                    self.refresh_all()
+                    next_read = time.monotonic() + self.config.interval
             self._heartbeat = time.monotonic()
+
+    def wake(self) -> None:
+        """Ask the read loop for housekeeping now (from any thread)."""
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def health(self) -> tuple[bool, str]:
         # Liveness depends only on the agent's own loop, never on the API server.

@@ -66,8 +66,6 @@ class TcAttacher:
     def __init__(self, priority: int = 1, instance: str = "node"):
         self.priority = priority
         self.instance = instance
-        # One handle per instance: filters of one priority need distinct handles.
-        self.handle = 0xF0EA0000 | (zlib.crc32(instance.encode()) & 0xFFFF)
         self._ipr = IPRoute()
         self.attached: dict[int, Attachment] = {}
 
@@ -90,10 +88,12 @@ class TcAttacher:
         for hook, fn in programs.items():
             parent = HOOKS[hook]
             name = f"{NAME_PREFIX}{self.instance}-{fn.name.decode()}"
+            # Filters of one priority need distinct handles: one per name.
+            handle = 0xF0EA0000 | (zlib.crc32(name.encode()) & 0xFFFF)
             self._remove_named(ifindex, parent, name, stale=True)
             try:
                 self._ipr.tc(
-                    "add-filter", "bpf", ifindex, self.handle,
+                    "add-filter", "bpf", ifindex, handle,
                     fd=fn.fd, name=name, parent=parent, prio=self.priority,
                     classid=1, direct_action=True,
                 )

@@ -62,7 +62,9 @@ class RunningAgent:
     def __init__(self, *args: str, port: int | None = None):
         self.port = port or free_port()
         mode = [] if "--kubeconfig" in args else ["--standalone"]
-        self.args = [FOVEA, "agent", *mode, "--port", str(self.port), "--interval", "1", *args]
+        # A node name of its own keeps its tc filters apart from any other agent on this host.
+        node = [] if "--node-name" in args else ["--node-name", f"test-{self.port}"]
+        self.args = [FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-import threading
 
 from prometheus_client.core import Metric
 
@@ -21,11 +20,11 @@ class PluginContext:
     """What the agent hands each plugin when it starts."""
 
     def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, tc: TcAttacher,
-                 uplinks: list[str], resolver: Resolver, lock: threading.Lock):
+                 uplinks: list[str], resolver: Resolver, wake: Callable[[], None]):
         self.config = config
         self.uplinks = uplinks
         self.resolver = resolver  # names addresses: pods, services, nodes
-        self.lock = lock  # held while plugins are read; events from threads take it too
+        self.wake = wake  # asks the read loop to call reconcile() soon (from any thread)
         self.headers = headers
         self.tracefs = tracefs
         self.tc = tc

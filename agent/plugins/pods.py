@@ -56,7 +56,7 @@ class PodsPlugin(Plugin):
         self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
         self._endpoints = Endpoints(exclude=set(ctx.uplinks))
         self.reconcile()
-        self._endpoints.watch(self._on_link_change)
+        self._endpoints.watch(ctx.wake)
 
     def _decode_flow(self, k) -> tuple:
         return (_address(k.family, bytes(k.saddr)), _address(k.family, bytes(k.daddr)),
@@ -64,10 +64,6 @@ class PodsPlugin(Plugin):
 
     def _wanted(self, iface: PodInterface) -> bool:
         return any(fnmatch.fnmatchcase(iface.ifname, p) for p in self._ctx.config.pods.interfaces)
-
-    def _on_link_change(self) -> None:
-        with self._ctx.lock:
-            self.reconcile()
 
     def reconcile(self) -> None:
         """Attach to new pod interfaces, settle the counts of vanished ones."""

@@ -98,10 +98,11 @@ def test_clean_exit_removes_what_it_created(lab):
 
 def test_restart_after_kill_replaces_stale_filters(lab):
     up = lab.uplink
-    first = RunningAgent("--uplink", up)
+    node = ["--node-name", "restart-test"]  # a restart: the same node
+    first = RunningAgent("--uplink", up, *node)
     first.stop("KILL")
     assert fovea_filter_count(up) == 2  # killed: left behind
-    second = RunningAgent("--uplink", up)
+    second = RunningAgent("--uplink", up, *node)
     try:
         assert fovea_filter_count(up) == 2  # replaced, not stacked
         e0 = second.settled("fovea_forward_packets_total", direction="egress")
