@@ -23,12 +23,18 @@ class FoveaCollector:
         return []  # families depend on the plugins running; collect() at register time is avoided
 
     def collect(self):
+        # Families are built under the lock and written out after it is released:
+        # formatting a large scrape must not hold up the read loop.
+        return self._families()
+
+    def _families(self) -> list:
         agent = self.agent
         start = time.monotonic()
+        families = []
         with agent.lock:
             running = agent.refresh_all()
             for plugin in running:
-                yield from plugin.metrics()
+                families.extend(plugin.metrics())
 
             up = GaugeMetricFamily("fovea_agent_plugin_up", "1 if the plugin is loaded and attached", labels=["plugin"])
             fill = GaugeMetricFamily("fovea_agent_map_fill_ratio", "Entries in a BPF map over its size", labels=["map"])
@@ -60,7 +66,8 @@ class FoveaCollector:
         info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
         info.add_metric([], {"version": __version__, "kernel": os.uname().release})
         duration = GaugeMetricFamily(
-            "fovea_agent_scrape_collect_seconds", "Time the last scrape spent reading kernel maps"
+            "fovea_agent_scrape_collect_seconds",
+            "Time this scrape spent reading kernel maps and building metric families (not writing them)",
         )
         duration.add_metric([], time.monotonic() - start)
-        yield from (up, fill, lost, series, overflow, cache, info, duration)
+        return families + [up, fill, lost, series, overflow, cache, info, duration]

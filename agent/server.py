@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,9 @@ class _Handler(BaseHTTPRequestHandler):
             body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
         self.send_response(code)
         self.send_header("Content-Type", ctype)
+        if len(body) > 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body, compresslevel=1)  # Prometheus asks for it; 8x smaller
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
