@@ -8,6 +8,7 @@ simulated nodes over one lab: each agent owns the pods the API puts on its node.
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -149,3 +150,26 @@ def test_api_outage_keeps_node_metrics_and_health_then_catches_up(lab3, cluster)
     ping(lab3, new, lab3.world.ipv4, 7)
     assert pod_packets(a, labels, "egress")[0] - before == 7
     assert a.proc.poll() is None
+
+
+def test_cluster_ip_seen_before_dnat_names_the_service(lab3, cluster):
+    """The pod's interface sees the ClusterIP (kube-proxy's DNAT happens later, in
+    the host): the flow goes to the Service. The DNAT rule is the test's own,
+    matched on the lab's interface, and removed afterwards."""
+    from tests.k8s_emulator import make_service
+
+    api, agents = cluster
+    web, db, _ = lab3.pods
+    cluster_ip = f"10.{lab3.octet}.200.10"
+    api.create(make_service("db-svc", "shop", cluster_ip, selector={"app": "db"}))
+    rule = ["PREROUTING", "-i", web.host_if, "-d", cluster_ip, "-j", "DNAT", "--to-destination", db.ipv4]
+    subprocess.run(["iptables", "-t", "nat", "-A", *rule], check=True)
+    try:
+        time.sleep(1.5)  # the watch delivers the Service
+        svc = {"namespace": "shop", "workload_name": "db-svc"}
+        f0 = flows(agents, WEB, svc)
+        n = 6
+        ping(lab3, web, cluster_ip, n)
+        assert [x - y for x, y in zip(flows(agents, WEB, svc), f0)] == [n, 0]
+    finally:
+        subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False)
