@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -119,14 +120,22 @@ class RunningAgent:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def lab(root):
+@contextlib.contextmanager
+def node_lab(pods: int = 2, ipv6: bool = True):
+    """A NodeLab with a unique prefix and subnet, removed afterwards whatever happens."""
     from agent.netlab import NodeLab
 
-    lab = NodeLab(unique_prefix(), pods=2, ipv6=True, octet=random.randrange(100, 200))
-    lab.up()
-    yield lab
-    lab.down()
+    lab = NodeLab(unique_prefix(), pods=pods, ipv6=ipv6, octet=random.randrange(100, 200))
+    try:
+        yield lab.up()
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab(root):
+    with node_lab(pods=2) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")

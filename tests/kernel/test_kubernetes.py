@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import RunningAgent, unique_prefix
+from tests.conftest import RunningAgent, node_lab
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
 
 pytestmark = pytest.mark.kernel
@@ -54,14 +54,8 @@ def cluster(lab3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lab3(root):
-    import random
-
-    from agent.netlab import NodeLab
-
-    lab = NodeLab(unique_prefix(), pods=3, ipv6=True, octet=random.randrange(100, 200))
-    lab.up()
-    yield lab
-    lab.down()
+    with node_lab(pods=3) as lab:
+        yield lab
 
 
 def pod_packets(agent, labels, direction) -> tuple[float, float]:
