@@ -11,18 +11,30 @@ with the agent off and on, interleaved round by round:
 * TCP: one iperf3 stream, `end.sum_received.bits_per_second`.
 * UDP: iperf3 `-u -b 0 -l 64` (64-byte payloads, unlimited send rate);
   packets per second received by the server: (packets - lost_packets) /
-  seconds of `end.sum_received`.
+  seconds of `end.sum_received`; and packets per second sent. On veths the
+  sender's CPU runs the whole forwarding path (pod veth, routing, uplink) up
+  to the receiver's socket, so the sent rate is the datapath's own rate.
+* The iperf3 client and server are pinned to CPUs 0 and 1 (--cpus): unpinned,
+  results on a 2-CPU VM jump between two modes with where the scheduler puts them.
 * Agent: CPU time (utime+stime from /proc/<pid>/stat) over each measured run,
-  as % of one core; peak RSS (VmHWM from /proc/<pid>/status, which includes
-  the start-up compile); time and CPU spent until /readyz.
-* Sanity line: the agent's egress packet counter
+  as % of one core (the eBPF programs run in the packets' softirq context and
+  are not in it: their cost is what the throughput ratios show); peak RSS
+  (VmHWM from /proc/<pid>/status, which includes the start-up compile); time
+  and CPU spent until /readyz.
+* Sanity lines: the agent's egress packet counter
   (fovea_forward_packets_total{direction="egress"}) over each UDP run, beside
-  the packets iperf3 sent and the uplink's own tx counter.
+  the packets iperf3 sent and the uplink's own tx counter; its UDP drop
+  counter beside the datagrams iperf3 lost.
+* Other activity: Fovea agents (tests, demos) running on the same host attach
+  their pods programs to every veth with a peer in another namespace, this
+  lab's too, and test runs compete for the CPUs. Before each run the script
+  waits for such processes to end (--max-wait), flags runs they overlap, and
+  leaves flagged runs out of the medians when enough clean runs remain.
 
 Progress goes to stderr; the markdown report to stdout (and --output).
 Needs root. Everything is created in the lab's namespaces and removed at the end.
 
-    .venv/bin/python bench/datapath.py --rounds 5 --seconds 5
+    .venv/bin/python bench/datapath.py --rounds 10 --seconds 5 --commit HEAD
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -54,6 +67,9 @@ UDP_GOAL = 0.95
 IPERF_PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 EGRESS_RE = re.compile(r'^fovea_forward_packets_total\{direction="egress"\}\s+(\S+)', re.M)
+# UDP only: every TCP connection close on the host (the scrapes themselves, too) counts
+# as one tcp QUEUE_PURGE drop, so the all-protocol total never settles.
+DROPS_RE = re.compile(r'^fovea_drop_packets_total\{[^}]*protocol="udp"[^}]*\}\s+(\S+)', re.M)
 
 
 def progress(msg: str) -> None:
@@ -102,20 +118,30 @@ def link_stat(ifname: str, name: str) -> int:
 class Agent:
     """`fovea agent --standalone` on the lab uplink, as a subprocess."""
 
-    def __init__(self, uplink: str, interval: float = 1.0, ready_timeout: float = 180):
+    def __init__(self, uplink: str, interval: float = 1.0, ready_timeout: float = 180,
+                 config: str | None = None, tree: str | None = None):
         self.port = free_port()
         self.interval = interval
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="fovea-bench-agent-", suffix=".log", delete=False)
-        argv = [fovea_cli(), "agent", "--standalone", "--uplink", uplink,
+        # From a source tree (an exported commit): `python -m agent` run there imports
+        # that tree's packages and compiles its bpf/ (the editable install comes later on
+        # the import path); otherwise the venv's `fovea` on the working tree.
+        cli = [sys.executable, "-m", "agent"] if tree else [fovea_cli()]
+        argv = [*cli, "agent", "--standalone", "--uplink", uplink,
                 "--port", str(self.port), "--interval", str(interval)]
+        if config:
+            argv += ["--config", config]
+        env = dict(os.environ, FOVEA_BPF_DIR=str(Path(tree, "bpf"))) if tree else None
         started = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=tree, env=env)
         self.pid = self.proc.pid
         deadline = started + ready_timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
+                out = self.output()
+                self.close()
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{out}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if r.status == 200:
@@ -123,8 +149,9 @@ class Agent:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"agent not ready after {ready_timeout:.0f}s:\n{self.output()}")
+                out = self.output()
+                self.close()
+                raise RuntimeError(f"agent not ready after {ready_timeout:.0f}s:\n{out}")
             time.sleep(0.1)
         self.ready_seconds = time.monotonic() - started
         self.ready_cpu = cpu_seconds(self.pid)
@@ -133,21 +160,22 @@ class Agent:
         self.log.flush()
         return Path(self.log.name).read_text()
 
-    def egress_packets(self) -> float:
+    def counters(self) -> tuple[float, float]:
+        """(forward egress packets, dropped UDP packets) from /metrics."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
         m = EGRESS_RE.search(text)
-        if m is None:
-            raise RuntimeError("no fovea_forward_packets_total{direction=\"egress\"} in /metrics")
-        return float(m.group(1))
+        egress = float(m.group(1)) if m else -1.0  # -1: the forward plugin is not running
+        drops = sum(float(v) for v in DROPS_RE.findall(text))
+        return egress, drops
 
-    def settled_egress(self) -> float:
-        """The counter once the agent has read its maps after the traffic stopped."""
+    def settled_counters(self) -> tuple[float, float]:
+        """The counters once the agent has read its maps after the traffic stopped."""
         time.sleep(2.5 * self.interval)
-        last = self.egress_packets()
+        last = self.counters()
         for _ in range(10):
             time.sleep(1.2 * self.interval)
-            now = self.egress_packets()
+            now = self.counters()
             if now == last:
                 return now
             last = now
@@ -166,35 +194,47 @@ class Agent:
 
     def close(self) -> None:
         self.stop()
-        self.log.close()
-        os.unlink(self.log.name)
+        if not self.log.closed:
+            self.log.close()
+            os.unlink(self.log.name)
 
 
 # -- iperf3 ---------------------------------------------------------------------
 
 
+CPUS: tuple[int, int] | None = None  # (client, server) iperf3 affinity; set by --cpus
+
+
 def iperf(lab: NodeLab, seconds: float, udp: bool) -> dict:
     """One iperf3 test from the pod to the world; returns the client's JSON."""
     world, pod = lab.world, lab.pods[0]
+    server_argv = ["iperf3", "-s", "-1", "-B", world.ipv4, "-p", str(IPERF_PORT), "-J"]
+    client = ["iperf3", "-c", world.ipv4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    if CPUS is not None:
+        client += ["-A", str(CPUS[0])]
+        server_argv += ["-A", str(CPUS[1])]
     server = subprocess.Popen(
-        ["ip", "netns", "exec", world.netns, "iperf3", "-s", "-1", "-B", world.ipv4,
-         "-p", str(IPERF_PORT), "-J"],
+        ["ip", "netns", "exec", world.netns, *server_argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    client = ["iperf3", "-c", world.ipv4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     if udp:
         client += ["-u", "-b", "0", "-l", "64"]
+    client += ["--connect-timeout", "5000"]
     try:
         for attempt in range(50):  # until the server listens
             time.sleep(0.1)
-            r = lab.run(pod.netns, *client, timeout=seconds + 60, check=False)
+            r = lab.run(pod.netns, *client, timeout=seconds + 30, check=False)
             if r.returncode == 0:
                 result = json.loads(r.stdout)
                 server.communicate(timeout=30)
                 return result
             if server.poll() is not None or "refused" not in r.stdout + r.stderr:
                 break
-        raise RuntimeError(f"iperf3 client failed ({r.returncode}): {r.stdout[-800:]} {r.stderr[-800:]}")
+        raise RuntimeError(f"iperf3 client failed ({r.returncode}): {r.stdout[-300:]} {r.stderr[-300:]}")
+    except subprocess.TimeoutExpired as e:
+        filters = lab_filters(lab)
+        raise RuntimeError(f"iperf3 timed out ({e.cmd[-1] if e.cmd else ''}); fovea filters on the lab: "
+                           f"{', '.join(filters) or 'none'}") from None
     finally:
         if server.poll() is None:
             server.kill()
@@ -206,7 +246,7 @@ def measure(lab: NodeLab, seconds: float, udp: bool, agent: Agent | None) -> dic
     uplink = lab.uplink
     out: dict = {}
     if agent is not None and udp:
-        out["egress_before"] = agent.settled_egress()
+        out["egress_before"], out["drops_before"] = agent.settled_counters()
     tx0 = link_stat(uplink, "tx_packets")
     txd0 = link_stat(uplink, "tx_dropped")
     cpu0 = cpu_seconds(agent.pid) if agent else 0.0
@@ -222,12 +262,15 @@ def measure(lab: NodeLab, seconds: float, udp: bool, agent: Agent | None) -> dic
         out["sent_packets"] = snt["packets"]
         out["sent_pps"] = snt["packets"] / snt["seconds"]
         out["lost_pct"] = rcv["lost_percent"]
+        out["lost_packets"] = rcv["lost_packets"]
         out["cpu_sender"] = end["cpu_utilization_percent"]["host_total"]
         out["cpu_receiver"] = end["cpu_utilization_percent"]["remote_total"]
         # Read after the agent's egress count has settled, so both cover the same packets.
         if agent is not None:
-            out["egress_after"] = agent.settled_egress()
-            out["egress_delta"] = out["egress_after"] - out["egress_before"]
+            out["egress_after"], out["drops_after"] = agent.settled_counters()
+            out["egress_delta"] = (out["egress_after"] - out["egress_before"]
+                                   if out["egress_after"] >= 0 else float("nan"))
+            out["drops_delta"] = out["drops_after"] - out["drops_before"]
     else:
         out["value"] = end["sum_received"]["bits_per_second"]
         out["retransmits"] = end["sum_sent"].get("retransmits", 0)
@@ -236,14 +279,53 @@ def measure(lab: NodeLab, seconds: float, udp: bool, agent: Agent | None) -> dic
     return out
 
 
-def leftover_filters(ifname: str) -> str:
-    """Any fovea tc filter still on the uplink (there should be none after SIGTERM)."""
+def lab_filters(lab: NodeLab) -> list[str]:
+    """Fovea tc filters on the lab's host-side interfaces, as "ifname hook name"."""
     found = []
-    for hook in ("ingress", "egress"):
-        r = subprocess.run(["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True)
-        if "fovea-" in r.stdout:
-            found.append(hook)
-    return ", ".join(found)
+    for ifname in [ep.host_if for ep in lab.endpoints]:
+        for hook in ("ingress", "egress"):
+            r = subprocess.run(["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True)
+            found += [f"{ifname} {hook} {m}" for m in re.findall(r"\b(fovea-\S+)", r.stdout)]
+    return found
+
+
+def foreign_processes(ours: set[int]) -> list[str]:
+    """Other Fovea agents or demos, test runs and iperf3s on this host: they attach to the lab's
+    veths (the pods plugin takes every veth with a peer in another namespace) or compete for CPU."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(d.name)
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if pid in ours or pid == os.getpid():
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        names = {Path(a).name for a in args}
+        module = args[args.index("-m") + 1] if "-m" in args[:-1] else ""
+        if "fovea" in names or module == "agent" or "pytest" in names or module == "pytest" or "iperf3" in names:
+            found.append(f"{pid} {' '.join(args)[:80]}")
+    return found
+
+
+def foreign_activity(lab: NodeLab, agent: "Agent | None") -> list[str]:
+    out = foreign_processes({agent.pid} if agent else set())
+    if agent is None:  # with our agent running, its filters are expected
+        out += [f"filter {f}" for f in lab_filters(lab)]
+    return out
+
+
+def wait_quiet(lab: NodeLab, agent: "Agent | None", max_wait: float) -> list[str]:
+    """Wait (up to max_wait s) until no foreign activity is seen; return what is still seen."""
+    deadline = time.monotonic() + max_wait
+    seen = foreign_activity(lab, agent)
+    if seen:
+        progress(f"waiting for other activity to end: {'; '.join(seen[:3])}")
+    while seen and time.monotonic() < deadline:
+        time.sleep(2)
+        seen = foreign_activity(lab, agent)
+    return seen
 
 
 # -- report ---------------------------------------------------------------------
@@ -254,7 +336,7 @@ def med(xs: list[float]) -> float:
 
 
 def spread(xs: list[float]) -> str:
-    return f"{min(xs):.3f}–{max(xs):.3f}" if xs else "n/a"
+    return f"median {med(xs):.3f}, range {min(xs):.3f}–{max(xs):.3f}" if xs else "n/a"
 
 
 def verdict(ratio: float, goal: float) -> str:
@@ -262,22 +344,34 @@ def verdict(ratio: float, goal: float) -> str:
 
 
 def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
-    def vals(cond: str, kind: str, key: str = "value") -> list[float]:
-        return [r[key] for r in runs if r["cond"] == cond and r["kind"] == kind and key in r]
+    measured = [r for r in runs if r["kind"] in ("tcp", "udp")]
+    flagged = [r for r in measured if "foreign" in r]
 
-    tcp_off, tcp_on = vals("off", "tcp"), vals("on", "tcp")
-    udp_off, udp_on = vals("off", "udp"), vals("on", "udp")
-    tcp_ratio = med(tcp_on) / med(tcp_off)
-    udp_ratio = med(udp_on) / med(udp_off)
+    def vals(cond: str, kind: str, key: str = "value", clean: bool = True) -> list[float]:
+        return [r[key] for r in runs if r["cond"] == cond and r["kind"] == kind and key in r
+                and not (clean and "foreign" in r)]
+
+    # Runs that other activity on the host overlapped are left out of the medians, as long as
+    # at least 3 clean runs remain in every cell; otherwise all runs are used, and it is said.
+    clean = not args.include_flagged and all(
+        len(vals(c, k)) >= 3 for c in ("off", "on") for k in ("tcp", "udp"))
+
+    def ratio(kind: str, key: str = "value", only_clean: bool = clean) -> float:
+        return med(vals("on", kind, key, only_clean)) / med(vals("off", kind, key, only_clean))
+
+    tcp_off, tcp_on = vals("off", "tcp", clean=clean), vals("on", "tcp", clean=clean)
+    udp_off, udp_on = vals("off", "udp", clean=clean), vals("on", "udp", clean=clean)
+    tcp_ratio, udp_ratio = ratio("tcp"), ratio("udp")
+    udp_sent_off, udp_sent_on = vals("off", "udp", "sent_pps", clean), vals("on", "udp", "sent_pps", clean)
+    udp_sent_ratio = ratio("udp", "sent_pps")
     rounds = sorted({r["round"] for r in runs})
 
-    def per_round_ratios(kind: str) -> list[float]:
+    def per_round_ratios(kind: str, key: str = "value") -> list[float]:
         out = []
         for i in rounds:
-            on = [r["value"] for r in runs if r["round"] == i and r["kind"] == kind and r["cond"] == "on"]
-            off = [r["value"] for r in runs if r["round"] == i and r["kind"] == kind and r["cond"] == "off"]
-            if on and off:
-                out.append(on[0] / off[0])
+            pair = {r["cond"]: r for r in measured if r["round"] == i and r["kind"] == kind}
+            if len(pair) == 2 and not (clean and any("foreign" in r for r in pair.values())):
+                out.append(pair["on"][key] / pair["off"][key])
         return out
 
     starts = [r for r in runs if r["kind"] == "start"]
@@ -290,6 +384,8 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         f"| {tcp_ratio:.3f} | {verdict(tcp_ratio, TCP_GOAL)} |",
         f"| UDP 64-byte payloads, packets/s received, kpps | {med(udp_off) / 1e3:.1f} | {med(udp_on) / 1e3:.1f} "
         f"| {udp_ratio:.3f} | {verdict(udp_ratio, UDP_GOAL)} |",
+        f"| UDP 64-byte payloads, packets/s sent, kpps | {med(udp_sent_off) / 1e3:.1f} | {med(udp_sent_on) / 1e3:.1f} "
+        f"| {udp_sent_ratio:.3f} | – |",
         f"| agent CPU during TCP runs, % of one core | – | {med(cpu_tcp):.1f} | | |",
         f"| agent CPU during UDP runs, % of one core | – | {med(cpu_udp):.1f} | | |",
         f"| agent peak RSS (VmHWM, max over {len(rss)} starts), MiB | – | {max(rss) / 1024:.1f} | | |"
@@ -297,32 +393,51 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         f"| agent start-up to /readyz: wall s / CPU s | – | {med([s['ready_s'] for s in starts]):.1f} / "
         f"{med([s['ready_cpu'] for s in starts]):.1f} | | |",
     ]
+    if not flagged:
+        basis = f"Medians over all {len(measured)} runs (no other activity seen on the host)."
+    elif clean:
+        basis = (f"Medians over the {len(measured) - len(flagged)} of {len(measured)} runs that no other "
+                 f"activity on the host overlapped (see the last column below). Over all runs the ratios are "
+                 f"TCP {ratio('tcp', only_clean=False):.3f}, UDP received {ratio('udp', only_clean=False):.3f}, "
+                 f"UDP sent {ratio('udp', 'sent_pps', only_clean=False):.3f}.")
+    else:
+        basis = (f"Medians over all {len(measured)} runs, {len(flagged)} of which other activity on the host "
+                 f"overlapped (see the last column below)" +
+                 ("." if args.include_flagged else ": too few clean runs to leave them out."))
     lines += [
         "",
-        f"Per-round ratios on/off (min–max over {len(rounds)} rounds): "
-        f"TCP {spread(per_round_ratios('tcp'))}, UDP {spread(per_round_ratios('udp'))}.",
-        f"UDP sender rate (iperf3 sent, median): off {med(vals('off', 'udp', 'sent_pps')) / 1e3:.1f} kpps, "
-        f"on {med(vals('on', 'udp', 'sent_pps')) / 1e3:.1f} kpps; receiver loss (median): "
+        basis,
+        "",
+        f"Ratios on/off within each round ({'rounds whose two runs were both clean' if clean else 'all rounds'}): "
+        f"TCP {spread(per_round_ratios('tcp'))}; UDP received {spread(per_round_ratios('udp'))}; "
+        f"UDP sent {spread(per_round_ratios('udp', 'sent_pps'))}.",
+        f"UDP receiver loss (iperf3, median): "
         f"off {med(vals('off', 'udp', 'lost_pct')):.1f} %, on {med(vals('on', 'udp', 'lost_pct')):.1f} %.",
         "",
         "Sanity check, UDP runs with the agent on (packets over each run): the agent's "
         "`fovea_forward_packets_total{direction=\"egress\"}` delta, the uplink's own tx_packets "
-        "delta, and what iperf3 sent (data only; the control connection adds a few packets):",
+        "delta, and what iperf3 sent (data only; the control connection adds a few packets); "
+        "the agent's `fovea_drop_packets_total{protocol=\"udp\"}` delta (all reasons) beside the datagrams "
+        "iperf3 counted as lost:",
         "",
-        "| round | agent egress | uplink tx_packets | iperf3 sent | agent − uplink |",
-        "|---:|---:|---:|---:|---:|",
+        "| round | agent egress | uplink tx_packets | iperf3 sent | agent drops | iperf3 lost |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         if r["cond"] == "on" and r["kind"] == "udp" and "egress_delta" in r:
             lines.append(f"| {r['round']} | {r['egress_delta']:.0f} | {r['uplink_tx']} | {r['sent_packets']} "
-                         f"| {r['egress_delta'] - r['uplink_tx']:+.0f} |")
+                         f"| {r['drops_delta']:.0f} | {r['lost_packets']} |")
     lines += [
         "",
-        "All runs (TCP in Gbit/s, UDP in kpps received; agent CPU in % of one core):",
+        "All runs (TCP in Gbit/s; UDP in kpps received, and sent; agent CPU in % of one core):",
         "",
-        "| round | TCP off | TCP on | UDP off | UDP on | agent CPU TCP | agent CPU UDP |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | TCP off | TCP on | UDP off | UDP on | UDP sent off | UDP sent on | agent CPU TCP | agent CPU UDP "
+        "| other activity seen |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    def flags_of(i: int) -> str:
+        return ", ".join(f"{r['kind'].upper()} {r['cond']}" for r in runs if r["round"] == i and "foreign" in r) or "–"
+
     for i in rounds:
         def get(cond, kind, key="value", scale=1.0, fmt="{:.2f}"):
             xs = [r[key] for r in runs if r["round"] == i and r["cond"] == cond and r["kind"] == kind and key in r]
@@ -330,14 +445,18 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         lines.append(
             f"| {i} | {get('off', 'tcp', scale=1e9)} | {get('on', 'tcp', scale=1e9)} "
             f"| {get('off', 'udp', scale=1e3, fmt='{:.1f}')} | {get('on', 'udp', scale=1e3, fmt='{:.1f}')} "
-            f"| {get('on', 'tcp', 'cpu_pct', fmt='{:.1f}')} | {get('on', 'udp', 'cpu_pct', fmt='{:.1f}')} |"
+            f"| {get('off', 'udp', 'sent_pps', 1e3, '{:.1f}')} | {get('on', 'udp', 'sent_pps', 1e3, '{:.1f}')} "
+            f"| {get('on', 'tcp', 'cpu_pct', fmt='{:.1f}')} | {get('on', 'udp', 'cpu_pct', fmt='{:.1f}')} "
+            f"| {flags_of(i)} |"
         )
     if problems:
         lines += ["", "Problems seen during the run:", ""] + [f"- {p}" for p in problems]
     lines += [
         "",
-        f"Kernel {platform.release()}, {os.cpu_count()} CPUs, {args.rounds} rounds × {args.seconds:g} s per run, "
-        f"agent `--interval 1`, lab prefix {lab.prefix}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Agent: {args.agent_version}, plugins {args.plugins or 'default'}, `--interval 1`. "
+        f"Kernel {platform.release()}, {os.cpu_count()} CPUs. {args.rounds} rounds × {args.seconds:g} s per run, "
+        f"iperf3 client/server on CPUs {args.cpus}. Lab {lab.prefix}, "
+        f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -345,11 +464,34 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
 # -- main -----------------------------------------------------------------------
 
 
+def git(*argv: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def describe_tree() -> str:
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "agent", "bpf")
+    except (OSError, subprocess.CalledProcessError):
+        return "working tree (not a git checkout)"
+    return f"working tree at {head}" + (" with uncommitted changes in agent/ or bpf/" if dirty else "")
+
+
+def export_commit(rev: str) -> tuple[str, str]:
+    """`git archive` of agent/ and bpf/ at rev into a temporary directory."""
+    commit = git("rev-parse", "--verify", rev + "^{commit}")
+    tree = tempfile.mkdtemp(prefix="fovea-bench-src-")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "agent", "bpf"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree, f"commit {commit[:12]}"
+
+
 def run_condition(lab: NodeLab, args, cond: str, rnd: int, runs: list[dict], problems: list[str]) -> None:
     agent = None
     try:
         if cond == "on":
-            agent = Agent(lab.uplink)
+            agent = Agent(lab.uplink, config=args.agent_config, tree=args.tree)
             start = {"round": rnd, "cond": "on", "kind": "start",
                      "ready_s": agent.ready_seconds, "ready_cpu": agent.ready_cpu}
             runs.append(start)
@@ -357,8 +499,25 @@ def run_condition(lab: NodeLab, args, cond: str, rnd: int, runs: list[dict], pro
                      f"({agent.ready_cpu:.1f} CPU s)")
             time.sleep(1.0)  # let the first map reads pass
         for kind in ("tcp", "udp"):
-            r = measure(lab, args.seconds, kind == "udp", agent)
+            for attempt in range(1, 4):
+                before = wait_quiet(lab, agent, args.max_wait)
+                try:
+                    r = measure(lab, args.seconds, kind == "udp", agent)
+                    break
+                except RuntimeError as e:
+                    seen = foreign_activity(lab, agent)
+                    msg = (f"round {rnd} agent {cond} {kind.upper()}, attempt {attempt}: {e}"
+                           + (f" (other activity: {'; '.join(seen[:3])})" if seen else ""))
+                    progress(msg)
+                    problems.append(msg)
+                    if attempt == 3:
+                        raise
             r.update(round=rnd, cond=cond, kind=kind)
+            after = foreign_activity(lab, agent)
+            if before or after:
+                r["foreign"] = sorted(set(before + after))
+                problems.append(f"round {rnd} agent {cond} {kind.upper()}: other activity on the host during "
+                                f"the run: {'; '.join(r['foreign'][:4])}")
             runs.append(r)
             if kind == "tcp":
                 msg = f"{r['value'] / 1e9:.2f} Gbit/s, {r['retransmits']} retransmits"
@@ -366,9 +525,12 @@ def run_condition(lab: NodeLab, args, cond: str, rnd: int, runs: list[dict], pro
                 msg = (f"{r['value'] / 1e3:.1f} kpps received of {r['sent_pps'] / 1e3:.1f} kpps sent "
                        f"({r['lost_pct']:.1f}% lost)")
                 if "egress_delta" in r:
-                    msg += f"; agent egress {r['egress_delta']:.0f} vs uplink tx {r['uplink_tx']}"
+                    msg += (f"; agent egress {r['egress_delta']:.0f} vs uplink tx {r['uplink_tx']}, "
+                            f"agent drops {r['drops_delta']:.0f} vs iperf3 lost {r['lost_packets']}")
             if "cpu_pct" in r:
                 msg += f"; agent CPU {r['cpu_pct']:.1f}%"
+            if "foreign" in r:
+                msg += " [other activity seen]"
             progress(f"round {rnd}: agent {cond:3} {kind.upper()}: {msg}")
         if agent is not None:
             start["vm_hwm_kib"] = vm_hwm_kib(agent.pid)
@@ -377,9 +539,12 @@ def run_condition(lab: NodeLab, args, cond: str, rnd: int, runs: list[dict], pro
             rc = agent.stop()
             if rc != 0:
                 problems.append(f"round {rnd}: agent exited with {rc} on SIGTERM:\n{agent.output()[-2000:]}")
-            left = leftover_filters(lab.uplink)
+            left = lab_filters(lab)
             if left:
-                problems.append(f"round {rnd}: fovea tc filters left on {lab.uplink} ({left}) after SIGTERM")
+                others = foreign_processes(set())
+                problems.append(f"round {rnd}: fovea tc filters on the lab after our agent's SIGTERM: "
+                                f"{', '.join(left)}" + (f" (other agents running: {'; '.join(others[:3])})"
+                                                        if others else " (no other agent running)"))
             errors = [ln for ln in agent.output().splitlines() if " ERROR " in ln or "Traceback" in ln]
             if errors:
                 problems.append(f"round {rnd}: agent log: " + " | ".join(errors[:5]))
@@ -394,11 +559,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="off/on rounds (default 5)")
     p.add_argument("--seconds", type=float, default=5, help="seconds per iperf3 run (default 5)")
     p.add_argument("--output", metavar="FILE", help="also write the markdown report to FILE")
+    p.add_argument("--raw", metavar="FILE", help="also write every run's numbers as JSON to FILE")
+    p.add_argument("--plugins", metavar="LIST",
+                   help="agent plugins to run, comma-separated (default: the agent's default set)")
+    p.add_argument("--commit", metavar="REV",
+                   help="run the agent of this git revision (exported to a temporary directory) "
+                   "instead of the working tree")
+    p.add_argument("--max-wait", type=float, default=300, metavar="SECONDS",
+                   help="before each run, wait up to this long for other Fovea agents, test runs and "
+                   "iperf3s on the host to end (default 300); runs they overlap are flagged")
+    p.add_argument("--include-flagged", action="store_true",
+                   help="keep runs that other activity overlapped in the medians (default: leave them out "
+                   "when at least 3 clean runs remain per cell)")
+    p.add_argument("--cpus", default="0,1", metavar="CLIENT,SERVER",
+                   help="pin the iperf3 client and server to these CPUs (default 0,1; 'none': no pinning)")
     args = p.parse_args(argv)
+    global CPUS
+    if args.cpus != "none":
+        try:
+            client_cpu, server_cpu = (int(c) for c in args.cpus.split(","))
+        except ValueError:
+            p.error("--cpus takes CLIENT,SERVER (two CPU numbers) or 'none'")
+        CPUS = (client_cpu, server_cpu)
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds must be >= 1 and --seconds > 0")
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, eBPF)")
+
+    args.agent_config = None
+    if args.plugins:
+        cfg = tempfile.NamedTemporaryFile("w", prefix="fovea-bench-", suffix=".yaml", delete=False)
+        cfg.write("plugins: [%s]\n" % ", ".join(x for x in args.plugins.split(",") if x))
+        cfg.close()
+        args.agent_config = cfg.name
+    args.tree = None
+    args.agent_version = describe_tree()
+    if args.commit:
+        args.tree, args.agent_version = export_commit(args.commit)
 
     lab = NodeLab("fvb%04x" % random.randrange(16**4), pods=1, ipv6=False, octet=random.randrange(100, 200))
     runs: list[dict] = []
@@ -407,15 +604,25 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"building lab {lab.prefix} (10.{lab.octet}.0.0/16), uplink {lab.uplink}")
         lab.up()
         progress("warm-up (not counted)")
-        iperf(lab, 1, udp=False)
-        iperf(lab, 1, udp=True)
+        wait_quiet(lab, None, args.max_wait)
+        for udp in (False, True):
+            try:
+                iperf(lab, 1, udp=udp)
+            except RuntimeError as e:
+                progress(f"warm-up: {e}")
         for rnd in range(1, args.rounds + 1):
             for cond in ("off", "on"):
                 run_condition(lab, args, cond, rnd, runs, problems)
     finally:
         progress(f"removing lab {lab.prefix}")
         lab.down()
+        if args.agent_config:
+            os.unlink(args.agent_config)
+        if args.tree:
+            shutil.rmtree(args.tree, ignore_errors=True)
 
+    if args.raw:
+        Path(args.raw).write_text(json.dumps({"args": vars(args), "runs": runs, "problems": problems}, indent=1))
     text = report(args, runs, lab, problems)
     sys.stdout.write(text)
     if args.output:
