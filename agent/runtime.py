@@ -115,6 +115,9 @@ class Agent:
                     continue
                 except FoveaError as e:
                     why = str(e)
+                except Exception as e:  # one plugin failing never takes the agent down
+                    log.exception("plugin %s failed to start", name)
+                    why = f"{type(e).__name__}: {e}"
             plugin.close()
             self.failed[name] = why
             log.error("plugin %s is down: %s", name, why)

@@ -32,6 +32,7 @@ class PodsPlugin(Plugin):
     def __init__(self):
         self._bpf = None
         self._ctx: PluginContext | None = None
+        self._endpoints: Endpoints | None = None
         self._interfaces: dict[int, PodInterface] = {}
         self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
 
@@ -161,8 +162,9 @@ class PodsPlugin(Plugin):
         )
 
     def close(self) -> None:
-        if self._ctx is not None:
+        if self._endpoints is not None:
             self._endpoints.close()
+        if self._ctx is not None:
             for ifindex in list(self._interfaces):
                 self._ctx.tc.detach(ifindex)
             self._interfaces.clear()
