@@ -170,3 +170,20 @@ def test_cluster_ip_seen_before_dnat_names_the_service(lab3, cluster):
         assert [x - y for x, y in zip(flows(agents, WEB, svc), f0)] == [n, 0]
     finally:
         subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False)
+
+
+def test_every_api_request_is_allowed_by_the_manifests_cluster_role(cluster):
+    """What the agents asked the API for (the emulator logged it) is exactly what
+    deploy/daemonset.yaml's ClusterRole allows, no more: least privilege holds."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    api, _ = cluster
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "daemonset.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    allowed = {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    used = api.permissions_used()
+    assert used <= allowed, used - allowed
+    assert {resource for _, _, resource in used} == {resource for _, _, resource in allowed}
