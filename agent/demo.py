@@ -145,21 +145,25 @@ def _scrape(port: int) -> dict[tuple, float]:
     return out
 
 
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """Names left-aligned, numbers (packets, bytes and their rates) right-aligned."""
+    table = Table(title=title, expand=True)
+    for col in columns:
+        table.add_column(col, justify="right" if col.startswith(("packets", "bytes")) else "left")
+    return table
+
+
 def _summary(port: int, now: dict, prev: dict, dt: float, started: float, until: str) -> Group:
     def rate(key):
         return (now.get(key, 0) - prev.get(key, now.get(key, 0))) / dt if dt > 0 else 0.0
 
-    fwd = Table(title="Forward traffic on the demo uplink", expand=True)
-    for col in ("direction", "packets", "packets/s", "bytes", "bytes/s"):
-        fwd.add_column(col, justify="right" if col != "direction" else "left")
+    fwd = _table("Forward traffic on the demo uplink", ("direction", "packets", "packets/s", "bytes", "bytes/s"))
     for d in ("ingress", "egress"):
         pk = ("fovea_forward_packets_total", (("direction", d),))
         bk = ("fovea_forward_bytes_total", (("direction", d),))
         fwd.add_row(d, f"{now.get(pk, 0):,.0f}", f"{rate(pk):,.1f}", f"{now.get(bk, 0):,.0f}", f"{rate(bk):,.0f}")
 
-    drops = Table(title="Drops by the kernel's reason (whole node)", expand=True)
-    for col in ("reason", "protocol", "packets", "packets/s"):
-        drops.add_column(col, justify="right" if col.startswith("packets") else "left")
+    drops = _table("Drops by the kernel's reason (whole node)", ("reason", "protocol", "packets", "packets/s"))
     rows = sorted(
         ((dict(labels), v, rate((name, labels))) for (name, labels), v in now.items()
          if name == "fovea_drop_packets_total"),
@@ -168,18 +172,14 @@ def _summary(port: int, now: dict, prev: dict, dt: float, started: float, until:
     for labels, v, r in rows[:12]:
         drops.add_row(labels["reason"], labels["protocol"], f"{v:,.0f}", f"{r:,.1f}")
 
-    pods = Table(title="Pods (fovea_pod_packets_total)", expand=True)
-    for col in ("namespace/pod", "workload", "direction", "packets", "packets/s"):
-        pods.add_column(col, justify="right" if col.startswith("packets") else "left")
+    pods = _table("Pods (fovea_pod_packets_total)", ("namespace/pod", "workload", "direction", "packets", "packets/s"))
     for (name, labels), v in sorted(now.items()):
         if name == "fovea_pod_packets_total":
             lab = dict(labels)
             pods.add_row(f"{lab['namespace']}/{lab['pod']}", f"{lab['workload_kind']}/{lab['workload_name']}",
                          lab["direction"], f"{v:,.0f}", f"{rate((name, labels)):,.1f}")
 
-    flows = Table(title="Traffic map (fovea_workload_flow_packets_total)", expand=True)
-    for col in ("from", "to", "protocol", "packets", "packets/s"):
-        flows.add_column(col, justify="right" if col.startswith("packets") else "left")
+    flows = _table("Traffic map (fovea_workload_flow_packets_total)", ("from", "to", "protocol", "packets", "packets/s"))
     for (name, labels), v in sorted(now.items()):
         if name == "fovea_workload_flow_packets_total":
             lab = dict(labels)

@@ -44,6 +44,10 @@ class Resolver:
     def pod_labels(pod) -> tuple[str, str, str, str]:
         return (pod.namespace, pod.name, pod.workload_kind, pod.workload_name)
 
+    def local_pod_labels(self) -> set[tuple[str, str, str, str]]:
+        """pod_labels() of every pod on this node now: their series are alive."""
+        return {self.pod_labels(p) for p in self.source.local_pods()}
+
     def peer(self, ip: str) -> Peer:
         pod = self.source.pod_by_ip(ip)
         if pod is not None and not pod.host_network:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 
+from prometheus_client.core import CounterMetricFamily
+
 OVERFLOW = "_overflow"
 
 
@@ -89,3 +91,12 @@ class SeriesStore:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def families(self, name: str, what: str) -> list[CounterMetricFamily]:
+        """The `<name>_packets_total` and `<name>_bytes_total` counter families."""
+        packets = CounterMetricFamily(f"{name}_packets", f"IP packets {what}", labels=self.label_names)
+        nbytes = CounterMetricFamily(f"{name}_bytes", f"IP bytes {what}", labels=self.label_names)
+        for labels, (p, b) in sorted(self.values.items()):
+            packets.add_metric(labels, p)
+            nbytes.add_metric(labels, b)
+        return [packets, nbytes]

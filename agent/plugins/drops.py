@@ -132,7 +132,7 @@ class DropsPlugin(Plugin):
             return True
 
         self._pending.drain(attribute)
-        present = {self.resolver.pod_labels(p) for p in self.resolver.source.local_pods()}
+        present = self.resolver.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
 
     def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -158,14 +158,7 @@ class DropsPlugin(Plugin):
         for (reason, proto), (p, b) in sorted(self.totals().items()):
             packets.add_metric([reason, proto], p)
             nbytes.add_metric([reason, proto], b)
-        pp = CounterMetricFamily("fovea_pod_drop_packets", "IP packets of observed pods the kernel dropped",
-                                 labels=list(POD_DROP_LABELS))
-        pb = CounterMetricFamily("fovea_pod_drop_bytes", "IP bytes of observed pods the kernel dropped",
-                                 labels=list(POD_DROP_LABELS))
-        for labels, (p, b) in sorted(self.pod_series.values.items()):
-            pp.add_metric(labels, p)
-            pb.add_metric(labels, b)
-        return [packets, nbytes, pp, pb]
+        return [packets, nbytes, *self.pod_series.families("fovea_pod_drop", "of observed pods the kernel dropped")]
 
     def health(self) -> PluginHealth:
         fill = self._counts.fill_ratio if self._counts else 0.0

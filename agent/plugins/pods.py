@@ -6,8 +6,6 @@ import fnmatch
 import ipaddress
 import logging
 
-from prometheus_client.core import CounterMetricFamily
-
 from agent.compiler import compile_program
 from agent.endpoints import Endpoints, PodInterface
 from agent.maps import CounterHash, read_percpu_array
@@ -106,7 +104,7 @@ class PodsPlugin(Plugin):
         self._flow_pending.drain(self._attribute_flow)
         overflow = read_percpu_array(self._bpf["overflow"])
         self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
-        present = {self.resolver.pod_labels(p) for p in self.resolver.source.local_pods()}
+        present = self.resolver.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
 
@@ -136,20 +134,8 @@ class PodsPlugin(Plugin):
         return True
 
     def metrics(self):
-        names = POD_LABELS + ("direction",)
-        packets = CounterMetricFamily("fovea_pod_packets", "IP packets of observed pods", labels=names)
-        nbytes = CounterMetricFamily("fovea_pod_bytes", "IP bytes of observed pods", labels=names)
-        for labels, (p, b) in sorted(self.pod_series.values.items()):
-            packets.add_metric(labels, p)
-            nbytes.add_metric(labels, b)
-        fp = CounterMetricFamily("fovea_workload_flow_packets", "IP packets between workloads, once per cluster",
-                                 labels=FLOW_LABELS)
-        fb = CounterMetricFamily("fovea_workload_flow_bytes", "IP bytes between workloads, once per cluster",
-                                 labels=FLOW_LABELS)
-        for labels, (p, b) in sorted(self.flow_series.values.items()):
-            fp.add_metric(labels, p)
-            fb.add_metric(labels, b)
-        return [packets, nbytes, fp, fb]
+        return (self.pod_series.families("fovea_pod", "of observed pods")
+                + self.flow_series.families("fovea_workload_flow", "between workloads, once per cluster"))
 
     def health(self) -> PluginHealth:
         return PluginHealth(

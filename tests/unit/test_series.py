@@ -97,3 +97,16 @@ def test_pending_discard():
     seen = []
     p.drain(lambda key, a, b: seen.append(key) or True)
     assert seen == [(2, 0)]
+
+
+def test_families_export_packets_and_bytes_in_label_order():
+    s = store()
+    s.add(("b", "p2", "ingress"), 2, 20)
+    s.add(("a", "p1", "egress"), 1, 10)
+    packets, nbytes = s.families("fovea_pod", "of observed pods")
+    assert (packets.name, nbytes.name) == ("fovea_pod_packets", "fovea_pod_bytes")
+    assert [(x.name, x.labels, x.value) for x in packets.samples] == [
+        ("fovea_pod_packets_total", {"namespace": "a", "pod": "p1", "direction": "egress"}, 1),
+        ("fovea_pod_packets_total", {"namespace": "b", "pod": "p2", "direction": "ingress"}, 2),
+    ]
+    assert [x.value for x in nbytes.samples] == [10, 20]
