@@ -45,6 +45,18 @@ def unique_prefix() -> str:
     return "fv%05x" % random.randrange(16**5)
 
 
+def free_octet() -> int:
+    """A second octet whose 10.<o>.0.0/16 no route on this host uses yet (labs of
+    other test runs on the same host stay apart)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        used = {route.get_attr("RTA_DST") for route in ipr.get_routes(family=socket.AF_INET)}
+    used_octets = {int(dst.split(".")[1]) for dst in used if dst and dst.startswith("10.")}
+    free = [o for o in range(100, 200) if o not in used_octets]
+    return random.choice(free)
+
+
 class Metrics:
     """Samples of one scrape: {(name, frozenset(labels)): value}."""
 
@@ -125,7 +137,7 @@ def node_lab(pods: int = 2, ipv6: bool = True):
     """A NodeLab with a unique prefix and subnet, removed afterwards whatever happens."""
     from agent.netlab import NodeLab
 
-    lab = NodeLab(unique_prefix(), pods=pods, ipv6=ipv6, octet=random.randrange(100, 200))
+    lab = NodeLab(unique_prefix(), pods=pods, ipv6=ipv6, octet=free_octet())
     try:
         yield lab.up()
     finally:

@@ -5,7 +5,6 @@ baseline."""
 
 from __future__ import annotations
 
-import random
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningAgent, tc_filters, unique_prefix
+from tests.conftest import RunningAgent, free_octet, tc_filters, unique_prefix
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod
 
 pytestmark = pytest.mark.kernel
@@ -46,7 +45,7 @@ def series_of(agent, prefix: str) -> dict[str, float]:
 def test_churn_of_200_pods(root, tmp_path):
     from agent.netlab import NodeLab
 
-    lab = NodeLab(unique_prefix(), pods=2, ipv6=False, octet=random.randrange(100, 200))
+    lab = NodeLab(unique_prefix(), pods=2, ipv6=False, octet=free_octet())
     api = K8sEmulator().start()
     stop = threading.Event()
     agent = None
