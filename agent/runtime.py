@@ -14,6 +14,7 @@ from pyroute2 import IPRoute
 from agent.config import Config
 from agent.enrich import Resolver
 from agent.errors import FoveaError
+from agent.events import EventHub
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs
 from agent.metrics import FoveaCollector
@@ -66,6 +67,7 @@ class Agent:
         self.lock = threading.Lock()  # plugins are read by the loop and by scrapes
         self.plugins: dict[str, Plugin] = {}
         self.failed: dict[str, str] = {}
+        self.events = EventHub()
         self.tc: TcAttacher | None = None
         self.pod_source = None
         self.server: MetricsServer | None = None
@@ -102,7 +104,7 @@ class Agent:
         self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
         resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
-        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake)
+        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake, self.events)
         for name in cfg.plugins:
             plugin = REGISTRY[name]()
             why = plugin.check(tracefs)

@@ -10,6 +10,7 @@ from prometheus_client.core import Metric
 
 from agent.config import Config
 from agent.enrich import Resolver
+from agent.events import EventHub
 from agent.kernel.btf import BTF
 from agent.kernel.headers import Headers
 from agent.kernel.tracefs import Tracefs
@@ -20,8 +21,9 @@ class PluginContext:
     """What the agent hands each plugin when it starts."""
 
     def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, tc: TcAttacher,
-                 uplinks: list[str], resolver: Resolver, wake: Callable[[], None]):
+                 uplinks: list[str], resolver: Resolver, wake: Callable[[], None], events: EventHub):
         self.config = config
+        self.events = events  # records for the OTLP exporter and the flow stream
         self.uplinks = uplinks
         self.resolver = resolver  # names addresses: pods, services, nodes
         self.wake = wake  # asks the read loop to call reconcile() soon (from any thread)

@@ -1,0 +1,77 @@
+"""Typed records that leave the kernel one by one, and the hub that hands them on.
+
+Plugins publish records (a finished DNS transaction, a flow report, a drop);
+consumers (the OTLP exporter, the `fovea observe` stream) subscribe with a
+bounded queue each. Publishing never blocks: a full queue drops the record and
+counts it for that subscriber, so a slow consumer costs data, never the readers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DnsTransaction:
+    """One DNS query and its response (or the lack of one), seen once per node."""
+
+    start: float  # wall-clock seconds of the query
+    duration: float | None  # query -> response; None when unanswered within the timeout
+    client: str
+    client_port: int
+    server: str
+    server_port: int
+    transport: str  # "udp" | "tcp"
+    id: int
+    qtype: str  # closed set (A, AAAA, ...) or OTHER
+    rcode: str | None  # closed set (NOERROR, NXDOMAIN, ...) or OTHER; None when unanswered
+    observer: str  # "source" | "destination": which end this node saw
+    ifindex: int = 0
+    name: str | None = None  # decoded in user space, when the message was sampled and parsed
+    answers: tuple[str, ...] = ()
+
+
+class Subscription:
+    def __init__(self, name: str, maxsize: int):
+        self.name = name
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.dropped = 0
+
+    def get(self, timeout: float | None = None):
+        """The next record, or None after `timeout` seconds."""
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+@dataclass
+class EventHub:
+    subscriptions: list[Subscription] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def subscribe(self, name: str, maxsize: int = 10_000) -> Subscription:
+        sub = Subscription(name, maxsize)
+        with self.lock:
+            self.subscriptions.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            self.subscriptions.remove(sub)
+
+    def publish(self, record) -> None:
+        with self.lock:
+            subs = list(self.subscriptions)
+        for sub in subs:
+            try:
+                sub.queue.put_nowait(record)
+            except queue.Full:
+                sub.dropped += 1
+
+    def dropped(self) -> dict[str, int]:
+        """Records each subscriber lost to a full queue (fovea_agent_lost_events_total)."""
+        with self.lock:
+            return {sub.name: sub.dropped for sub in self.subscriptions}

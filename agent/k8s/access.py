@@ -1,0 +1,36 @@
+"""Every Kubernetes API call the agent makes, declared once.
+
+The ClusterRole in the manifests is exactly this declaration (a test keeps them
+equal), and end-to-end tests check that every request the agent made is covered
+by it. Add a line here when the agent starts calling something new; never `*`,
+and Secrets only with `get` (credentials are read by name, never listed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Access:
+    group: str  # "" is the core API group
+    resource: str  # plural, with "/subresource" where one is used
+    verbs: tuple[str, ...]
+    why: str
+
+
+AGENT_ACCESS: tuple[Access, ...] = (
+    Access("", "pods", ("get", "list", "watch"), "name pod traffic; find pods on this node"),
+    Access("", "namespaces", ("get", "list", "watch"), "namespace opt-in annotation"),
+    Access("", "services", ("get", "list", "watch"), "name ClusterIPs as Services"),
+    Access("", "nodes", ("get", "list", "watch"), "name node addresses"),
+)
+
+
+def cluster_role_rules(access: tuple[Access, ...] = AGENT_ACCESS) -> list[dict]:
+    """PolicyRules for the ClusterRole: one rule per API group and verb set, in declaration order."""
+    rules: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for a in access:
+        rules.setdefault((a.group, a.verbs), []).append(a.resource)
+    return [{"apiGroups": [group], "resources": resources, "verbs": list(verbs)}
+            for (group, verbs), resources in rules.items()]
