@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def source_dir() -> Path:
     raise FoveaError("the eBPF sources (bpf/*.c) are missing", "reinstall fovea or set FOVEA_BPF_DIR")
 
 
+INCLUDE_FRAGMENT = re.compile(r'^#include "([\w-]+\.inc)"$', re.M)
+
+
+def program_text(src: Path, name: str) -> str:
+    """bpf/<name>.c with its `#include "x.inc"` fragments pasted in: bcc rewrites
+    map calls (table.lookup...) only in the main file, not in included headers."""
+    text = (src / f"{name}.c").read_text()
+    return INCLUDE_FRAGMENT.sub(lambda m: (src / m.group(1)).read_text(), text)
+
+
 def compile_program(name: str, cflags: list[str], headers: Headers):
     """Compile bpf/<name>.c and return the loaded bcc.BPF object."""
     from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests run without it
@@ -40,7 +51,7 @@ def compile_program(name: str, cflags: list[str], headers: Headers):
     try:
         # bcc prints clang's diagnostics on fd 2 itself; keep Python's noise out of it.
         with contextlib.redirect_stderr(err):
-            return BPF(src_file=str(src / f"{name}.c").encode(), cflags=flags)
+            return BPF(text=program_text(src, name).encode(), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
         raise FoveaError(
             f"could not compile or load bpf/{name}.c: {e}",

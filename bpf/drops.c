@@ -8,6 +8,8 @@
  *   SKB_{HEAD,DATA,LEN,NETWORK_HEADER,END}_OFF    struct sk_buff, from BTF
  *   SHINFO_GSO_{SEGS}_OFF                         struct skb_shared_info, from BTF
  *   DROP_MAP_SIZE, DROP_REASON_MAX
+ *   DROP_EVENTS_PER_SEC  drop events with ports (spans, the flow stream), per
+ *                        CPU and second; past it they are counted, not sent
  */
 #include "fovea.h"
 
@@ -24,6 +26,29 @@ struct drop_key {
 
 BPF_PERCPU_HASH(drop_counts, struct drop_key, struct fovea_counter, DROP_MAP_SIZE);
 BPF_PERCPU_ARRAY(drop_overflow, struct fovea_counter, DROP_REASON_MAX * PROTO_CLASSES);
+
+/* One drop in detail, with ports: for span events and `fovea observe`. */
+struct drop_event {
+    struct drop_key key;
+    u64 packets;
+    u64 bytes;
+    u64 time_ns; /* bpf_ktime_get_ns */
+    u16 sport;  /* host order */
+    u16 dport;
+    u32 pad;
+};
+
+struct event_budget {
+    u64 second; /* the second this budget is for */
+    u64 sent;
+    u64 skipped; /* over the rate: counted, not sent */
+    u64 lost;    /* ring buffer full */
+};
+
+#if DROP_EVENTS_PER_SEC > 0
+BPF_RINGBUF_OUTPUT(drop_events, 16);
+BPF_PERCPU_ARRAY(drop_event_budget, struct event_budget, 1);
+#endif
 
 #define FOVEA_READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
 
@@ -63,6 +88,7 @@ int on_kfree_skb(void *ctx)
     u64 bytes = len;
     u32 hdrs = 0;
 
+    u16 sport = 0, dport = 0;
     if (nh != (u16)~0U) {
         unsigned char *ip = head + nh;
         u8 doff = 0;
@@ -87,6 +113,12 @@ int on_kfree_skb(void *ctx)
         }
         if (key.l4proto == IPPROTO_TCP)
             FOVEA_READ(doff, ip, hdrs + 12);
+        if (key.l4proto == IPPROTO_TCP || key.l4proto == IPPROTO_UDP) {
+            u16 ports[2] = {};
+            FOVEA_READ(ports, ip, hdrs);
+            sport = bpf_ntohs(ports[0]);
+            dport = bpf_ntohs(ports[1]);
+        }
         hdrs += fovea_l4_header_len(key.l4proto, doff);
     }
     bytes += (packets - 1) * hdrs;
@@ -106,5 +138,34 @@ int on_kfree_skb(void *ctx)
         c->packets += packets;
         c->bytes += bytes;
     }
+#if DROP_EVENTS_PER_SEC > 0
+    int zero = 0;
+    struct event_budget *budget = drop_event_budget.lookup(&zero);
+    if (!budget)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    if (budget->second != now / 1000000000ULL) {
+        budget->second = now / 1000000000ULL;
+        budget->sent = 0;
+    }
+    if (budget->sent >= DROP_EVENTS_PER_SEC) {
+        budget->skipped += 1;
+        return 0;
+    }
+    struct drop_event *e = drop_events.ringbuf_reserve(sizeof(struct drop_event));
+    if (!e) {
+        budget->lost += 1;
+        return 0;
+    }
+    budget->sent += 1;
+    __builtin_memcpy(&e->key, &key, sizeof(key));
+    e->packets = packets;
+    e->bytes = bytes;
+    e->time_ns = now;
+    e->sport = sport;
+    e->dport = dport;
+    e->pad = 0;
+    drop_events.ringbuf_submit(e, 0);
+#endif
     return 0;
 }

@@ -40,6 +40,7 @@ struct fovea_packet {
     u8 l4proto;
     u8 saddr[16]; /* IPv4 in the first 4 bytes */
     u8 daddr[16];
+    u16 l4_off; /* offset of the L4 header in the skb; 0: none to read (a later fragment) */
 };
 
 /* Parse an skb on an Ethernet device, where the packet starts with the MAC
@@ -54,6 +55,8 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
             return 0;
         ip_len = bpf_ntohs(iph.tot_len);
         l3_hdr = iph.ihl * 4;
+        if (!(iph.frag_off & bpf_htons(0x1FFF))) /* the first fragment holds the ports */
+            pkt->l4_off = l3 + l3_hdr;
         pkt->family = 4;
         pkt->l4proto = iph.protocol;
         __builtin_memcpy(pkt->saddr, &iph.saddr, 4);
@@ -64,6 +67,7 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
             return 0;
         ip_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
         l3_hdr = sizeof(ip6);
+        pkt->l4_off = l3 + l3_hdr; /* extension headers: nexthdr is not L4, ports are not read */
         pkt->family = 6;
         pkt->l4proto = ip6.nexthdr;
         __builtin_memcpy(pkt->saddr, &ip6.saddr, 16);

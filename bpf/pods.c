@@ -7,9 +7,13 @@
  * The flow table (source, destination, L4 protocol) feeds the workload
  * traffic map; `from_pod` says at which end the node saw the packet.
  *
- * Set from user space (-D): POD_MAP_SIZE, FLOW_MAP_SIZE.
+ * Set from user space (-D): POD_MAP_SIZE, FLOW_MAP_SIZE; FOVEA_FLOWS (and
+ * flows.inc's sizes) to keep the flow table too.
  */
 #include "fovea.h"
+#ifdef FOVEA_FLOWS
+#include "flows.inc"
+#endif
 
 #define FROM_POD 0 /* pod egress */
 #define TO_POD 1   /* pod ingress */
@@ -56,6 +60,9 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     __builtin_memcpy(fk.saddr, pkt.saddr, 16);
     __builtin_memcpy(fk.daddr, pkt.daddr, 16);
     add_or_overflow(flow_counts.lookup_or_try_init(&fk, &zero), OVERFLOW_FLOWS, &pkt);
+#ifdef FOVEA_FLOWS
+    fovea_flow(skb, &pkt, direction == FROM_POD ? FLOW_POD_SENT : FLOW_POD_RECEIVED);
+#endif
     return TC_ACT_UNSPEC;
 }
 

@@ -30,6 +30,7 @@ class PluginContext:
         self.headers = headers
         self.tracefs = tracefs
         self.tc = tc
+        self.pod_addresses: set[str] = set()  # addresses of the pod interfaces (pods plugin keeps it)
 
     @cached_property
     def btf(self) -> BTF:
@@ -44,6 +45,7 @@ class PluginHealth:
     lost: dict[str, int] = field(default_factory=dict)  # source -> events not kept in detail
     series: dict[str, int] = field(default_factory=dict)  # metric -> series exported
     overflowed: dict[str, int] = field(default_factory=dict)  # metric -> increments sent to overflow
+    records: dict[str, int] = field(default_factory=dict)  # kind -> records published (flows, drops...)
 
 
 class Plugin:
