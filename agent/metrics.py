@@ -58,6 +58,8 @@ class FoveaCollector:
                     fill.add_metric([m], v)
                 for s, v in health.lost.items():
                     lost.add_metric([s], v)
+            for subscriber, n in sorted(agent.events.dropped().items()):
+                lost.add_metric([f"records_{subscriber}_queue_full"], n)
                 for m, v in health.series.items():
                     series.add_metric([m], v)
                 for m, v in health.overflowed.items():

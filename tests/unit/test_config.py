@@ -39,7 +39,12 @@ def test_defaults():
         "staticPods": "",
         "logLevel": "info",
         "tc": {"priority": 1},
-        "drops": {"mapSize": 16384},
+        "drops": {"mapSize": 16384, "eventsPerSecond": 200},
+        "flows": {"enabled": True, "mapSize": 65536, "ringBufferSize": 1 << 20, "idleTimeout": 30.0,
+                  "reportInterval": 60.0},
+        "otlp": {"enabled": False, "protocol": "", "endpoint": "", "sampleRatio": 1.0, "maxSpansPerSecond": 1000,
+                 "queueSize": 4096, "batchSize": 512},
+        "observe": {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 10000},
         "pods": {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)},
         "podLevel": {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000},
         "kernel": {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"},
@@ -79,11 +84,12 @@ kernel:
 
 
 @pytest.mark.parametrize("text, key, known", [
-    ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "mapSize"),
+    ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "eventsPerSecond, mapSize"),
     ("tc:\n  prio: 1\n", "tc.prio", "priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
-    ("prot: 1\n", "prot", "bindAddress, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
-                          "nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, uplinks"),
+    ("prot: 1\n", "prot", "bindAddress, drops, flows, idleReads, interval, kernel, kubeconfig, logLevel, "
+                          "nodeName, observe, otlp, plugins, podLevel, pods, port, standalone, staticPods, tc, "
+                          "uplinks"),
 ])
 def test_unknown_key_is_named(tmp_path, text, key, known):
     with pytest.raises(FoveaError) as exc:
