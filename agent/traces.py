@@ -284,7 +284,7 @@ class SpanBuilder:
             span.set_status(Status(StatusCode.ERROR, "unanswered"))
         elif t.rcode in ERROR_RCODES:
             span.set_status(Status(StatusCode.ERROR, t.rcode))
-        span.end(end_time=_ns(t.start + (t.duration or 0.0)))
+        span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))  # exact: seconds since 1970 lose ns
 
 
 class TraceExporter:
