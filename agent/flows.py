@@ -35,6 +35,7 @@ POD_SENT, POD_RECEIVED, UPLINK_IN, UPLINK_OUT = range(4)  # observation points, 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SYN_ONLY = 0x100
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
 
 
 class FlowId(ct.Structure):
@@ -119,8 +120,7 @@ class Flow:
     id: int
     source: tuple[str, int]
     destination: tuple[str, int]
-    key: Key  # the first key seen (protocol, family)
-    observer: str
+    key: Key  # the opener's key (protocol, family)
     keys: dict[bytes, Key] = field(default_factory=dict)  # raw kernel key -> decoded
     totals: dict[bytes, Stats] = field(default_factory=dict)  # cumulative per raw key
     reported: tuple[int, int, int, int] = (0, 0, 0, 0)  # fwd packets, bytes, reverse packets, bytes
@@ -155,6 +155,15 @@ class Flow:
     @property
     def last_ns(self) -> int:
         return max((s.last_ns for s in self.totals.values()), default=0)
+
+    @property
+    def observer(self) -> str:
+        """`source` when the node holds the opening end: it saw that end send
+        (pod interface or uplink egress) or receive the replies."""
+        for raw, key in self.keys.items():
+            if local_sender(key) == self.forward(key):
+                return "source"
+        return "destination"
 
     def closing(self) -> str | None:
         if self.key.l4proto != 6:
@@ -212,7 +221,7 @@ class FlowTracker:
         self.ring_records += 1
         got = self._ring.get(raw)
         if got is None:
-            if len(self._ring) >= self.max_entries:  # memory here is bounded too
+            if len(self._ring) >= MAX_RING_FLOWS:  # memory here is bounded too
                 self.ring_lost[0] += e.stats.packets
                 self.ring_lost[1] += 1 if e.stats.flags & SYN_ONLY else 0
                 return
@@ -292,10 +301,7 @@ class FlowTracker:
         opener = next((p for p in parts if p[2].flags & SYN_ONLY), None)
         opener = opener or min(parts, key=lambda p: p[2].first_ns or 1 << 63)
         _, okey, _ = opener
-        first = parts[0][1]
-        forward = (first.src, first.sport) == (okey.src, okey.sport)
-        observer = "source" if local_sender(first) == forward else "destination"
-        flow = Flow(next(self._ids), (okey.src, okey.sport), (okey.dst, okey.dport), okey, observer)
+        flow = Flow(next(self._ids), (okey.src, okey.sport), (okey.dst, okey.dport), okey)
         for raw, key, stats in parts:
             flow.keys[raw] = key
             flow.totals[raw] = stats

@@ -155,7 +155,7 @@ class Agent:
             failed.add_metric([], c["failed"])
             dropped = CounterMetricFamily("fovea_agent_spans_dropped", "Spans never sent, by why",
                                           labels=["reason"])
-            for reason in ("queue_full", "rate_limit", "hub_full"):
+            for reason in ("queue_full", "rate_limit"):
                 dropped.add_metric([reason], c[reason])
             sampled = CounterMetricFamily("fovea_agent_spans_sampled_out", "Records left out by otlp.sampleRatio")
             sampled.add_metric([], c["sampled_out"])

@@ -37,6 +37,7 @@ WORKLOAD_ATTRIBUTES = {  # owner kind -> semantic-convention attribute of its na
 }
 MAX_DROP_KEYS = 10_000  # flows with drop events waiting for their span
 MAX_DROPS_PER_FLOW = 16
+RECORD_QUEUE = 10_000  # a full one loses records (fovea_agent_lost_events_total{source="records_otlp_queue_full"})
 MAX_OPEN_FLOWS = 100_000  # span contexts of long flows, for the next window's link
 
 
@@ -305,7 +306,7 @@ class TraceExporter:
         self.rate_limited = 0
         self.errors = 0
         self.hub = hub
-        self.sub = hub.subscribe("otlp", maxsize=cfg.otlp.queueSize)
+        self.sub = hub.subscribe("otlp", maxsize=RECORD_QUEUE)  # records waiting to become spans
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
         self.thread.start()
@@ -349,7 +350,7 @@ class TraceExporter:
     def counts(self) -> dict[str, int]:
         p = self.processor
         return {"exported": p.exported, "failed": p.failed, "queue_full": p.dropped,
-                "rate_limit": self.rate_limited, "hub_full": self.sub.dropped,
+                "rate_limit": self.rate_limited, "records_lost": self.sub.dropped,
                 "sampled_out": self.sampled_out, "queued": len(p.queue)}
 
     def close(self) -> None:

@@ -9,7 +9,9 @@
  *   SHINFO_GSO_{SEGS}_OFF                         struct skb_shared_info, from BTF
  *   DROP_MAP_SIZE, DROP_REASON_MAX
  *   DROP_EVENTS_PER_SEC  drop events with ports (spans, the flow stream), per
- *                        CPU and second; past it they are counted, not sent
+ *                        CPU and second; past it they are counted, not sent,
+ *                        except the first DROP_EVENTS_PER_FLOW of each flow
+ *                        bucket: a flood on one flow never hides another's drops
  */
 #include "fovea.h"
 
@@ -45,9 +47,25 @@ struct event_budget {
     u64 lost;    /* ring buffer full */
 };
 
+#define FLOW_BUCKETS 1024
+#define DROP_EVENTS_PER_FLOW 4
+
 #if DROP_EVENTS_PER_SEC > 0
-BPF_RINGBUF_OUTPUT(drop_events, 16);
-BPF_PERCPU_ARRAY(drop_event_budget, struct event_budget, 1);
+BPF_RINGBUF_OUTPUT(drop_events, 128);
+BPF_PERCPU_ARRAY(drop_event_budget, struct event_budget, 1); /* the whole CPU */
+BPF_PERCPU_ARRAY(drop_flow_budget, struct event_budget, FLOW_BUCKETS); /* per hash of the 5-tuple */
+
+static __always_inline int take(struct event_budget *b, u64 second, u64 limit)
+{
+    if (b->second != second) {
+        b->second = second;
+        b->sent = 0;
+    }
+    if (b->sent >= limit)
+        return 0;
+    b->sent += 1;
+    return 1;
+}
 #endif
 
 #define FOVEA_READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
@@ -141,14 +159,17 @@ int on_kfree_skb(void *ctx)
 #if DROP_EVENTS_PER_SEC > 0
     int zero = 0;
     struct event_budget *budget = drop_event_budget.lookup(&zero);
-    if (!budget)
+    u32 a = 0, b = 0;
+    __builtin_memcpy(&a, key.saddr, 4);
+    __builtin_memcpy(&b, key.daddr, 4);
+    u32 bucket = (a ^ b ^ ((u32)sport << 16 | dport) ^ key.l4proto) % FLOW_BUCKETS;
+    struct event_budget *flow_budget = drop_flow_budget.lookup(&bucket);
+    if (!budget || !flow_budget)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    if (budget->second != now / 1000000000ULL) {
-        budget->second = now / 1000000000ULL;
-        budget->sent = 0;
-    }
-    if (budget->sent >= DROP_EVENTS_PER_SEC) {
+    u64 second = now / 1000000000ULL;
+    int own = take(flow_budget, second, DROP_EVENTS_PER_FLOW);
+    if (!take(budget, second, DROP_EVENTS_PER_SEC) && !own) {
         budget->skipped += 1;
         return 0;
     }
@@ -157,7 +178,6 @@ int on_kfree_skb(void *ctx)
         budget->lost += 1;
         return 0;
     }
-    budget->sent += 1;
     __builtin_memcpy(&e->key, &key, sizeof(key));
     e->packets = packets;
     e->bytes = bytes;
