@@ -453,7 +453,7 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         lines += ["", "Problems seen during the run:", ""] + [f"- {p}" for p in problems]
     lines += [
         "",
-        f"Agent: {args.agent_version}, plugins {args.plugins or 'default'}, `--interval 1`. "
+        f"Agent: {args.agent_version}, plugins {args.plugins or "default"}, config {args.config or "default"}, `--interval 1`. "
         f"Kernel {platform.release()}, {os.cpu_count()} CPUs. {args.rounds} rounds × {args.seconds:g} s per run, "
         f"iperf3 client/server on CPUs {args.cpus}. Lab {lab.prefix}, "
         f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", metavar="FILE", help="also write every run's numbers as JSON to FILE")
     p.add_argument("--plugins", metavar="LIST",
                    help="agent plugins to run, comma-separated (default: the agent's default set)")
+    p.add_argument("--config", metavar="FILE",
+                   help="agent config file (e.g. 'flows: {enabled: false}' to compare without the flow table)")
     p.add_argument("--commit", metavar="REV",
                    help="run the agent of this git revision (exported to a temporary directory) "
                    "instead of the working tree")
@@ -587,11 +589,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs root (network namespaces, eBPF)")
 
     args.agent_config = None
+    if args.plugins and args.config:
+        p.error("--plugins and --config: put the plugins in the config file")
     if args.plugins:
         cfg = tempfile.NamedTemporaryFile("w", prefix="fovea-bench-", suffix=".yaml", delete=False)
         cfg.write("plugins: [%s]\n" % ", ".join(x for x in args.plugins.split(",") if x))
         cfg.close()
         args.agent_config = cfg.name
+    if args.config:
+        args.agent_config = str(Path(args.config).resolve())
     args.tree = None
     args.agent_version = describe_tree()
     if args.commit:
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         progress(f"removing lab {lab.prefix}")
         lab.down()
-        if args.agent_config:
+        if args.agent_config and not args.config:
             os.unlink(args.agent_config)
         if args.tree:
             shutil.rmtree(args.tree, ignore_errors=True)
