@@ -453,7 +453,7 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         lines += ["", "Problems seen during the run:", ""] + [f"- {p}" for p in problems]
     lines += [
         "",
-        f"Agent: {args.agent_version}, plugins {args.plugins or "default"}, config {args.config or "default"}, `--interval 1`. "
+        f"Agent: {args.agent_version}, plugins {args.plugins or 'default'}, config {args.config or 'default'}, `--interval 1`. "
         f"Kernel {platform.release()}, {os.cpu_count()} CPUs. {args.rounds} rounds × {args.seconds:g} s per run, "
         f"iperf3 client/server on CPUs {args.cpus}. Lab {lab.prefix}, "
         f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
