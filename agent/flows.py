@@ -19,10 +19,10 @@ lookup-and-delete, so whatever arrived until the delete is in the record.
 from __future__ import annotations
 
 import ctypes as ct
-import ipaddress
 import itertools
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,7 +112,7 @@ class Key:
 
 
 def _address(family: int, raw: bytes) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+    return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else socket.inet_ntop(socket.AF_INET6, raw)
 
 
 @dataclass
@@ -190,33 +190,72 @@ def local_sender(key: Key) -> bool:
     return key.point in (POD_SENT, UPLINK_OUT)
 
 
+class KernelFlowTable:
+    """The bcc objects of one program's flow table, behind the few calls the tracker makes
+    (tests hand the tracker a fake with the same methods)."""
+
+    def __init__(self, bpf):
+        self.bpf = bpf
+        self.table = bpf["flows"]
+        self.max_entries = self.table.max_entries
+
+    def listen(self, callback: Callable[[FlowEvent], None]) -> None:
+        self.bpf["flow_events"].open_ring_buffer(
+            lambda _ctx, data, _size: callback(ct.cast(data, ct.POINTER(FlowEvent)).contents))
+
+    def consume(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def items(self) -> list:
+        """[(raw key bytes, per-CPU FlowStats)]"""
+        try:
+            items = list(self.table.items_lookup_batch())
+        except Exception:
+            items = list(self.table.items())
+        return [(bytes(k), leaf) for k, leaf in items]
+
+    def pop(self, raw: bytes):
+        """Lookup-and-delete: the per-CPU FlowStats the key held, or None if it was gone."""
+        from bcc import libbcc
+
+        kbuf = FlowId.from_buffer_copy(raw)
+        leaf = self.table.Leaf()
+        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) == 0:
+            return leaf
+        return None
+
+    def lost(self) -> tuple[int, int, int]:
+        """(packets, bytes, SYNs) the kernel could keep neither in the table nor the ring buffer."""
+        counters = self.bpf["flow_lost"][ct.c_int(0)]
+        return (sum(c.packets for c in counters), sum(c.bytes for c in counters), sum(c.syns for c in counters))
+
+
 class FlowTracker:
     """Reads one program's flow table and ring buffer; hands out FlowRecords."""
 
-    def __init__(self, bpf, cfg, publish: Callable[[FlowRecord], None],
+    def __init__(self, table: KernelFlowTable, cfg, publish: Callable[[FlowRecord], None],
                  pod_addresses: Callable[[], set[str]], clock: Callable[[], int] = time.monotonic_ns):
-        self.bpf = bpf
+        self.kernel = table
         self.cfg = cfg
         self.publish = publish
         self.pod_addresses = pod_addresses
         self.clock = clock
-        self.table = bpf["flows"]
-        self.max_entries = self.table.max_entries
+        self.max_entries = table.max_entries
         self.entries = 0
         self._ring: dict[bytes, tuple[FlowId, Stats]] = {}  # packets that found the table full
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
+        self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
         self.ring_lost = [0, 0]  # packets, connections the user-space overflow bound refused
         self.late_packets = 0
         self.records = 0
-        bpf["flow_events"].open_ring_buffer(self._on_event)
+        table.listen(self._on_event)
 
     # -- input ------------------------------------------------------------------
 
-    def _on_event(self, _ctx, data, _size) -> None:
-        e = ct.cast(data, ct.POINTER(FlowEvent)).contents
+    def _on_event(self, e: FlowEvent) -> None:
         raw = bytes(e.id)
         self.ring_records += 1
         got = self._ring.get(raw)
@@ -230,15 +269,12 @@ class FlowTracker:
 
     def _snapshot(self) -> dict[bytes, tuple[object, Stats]]:
         """Cumulative stats of every key: kernel table plus ring-buffer records."""
-        self.bpf.ring_buffer_consume()
-        try:
-            items = list(self.table.items_lookup_batch())
-        except Exception:
-            items = list(self.table.items())
+        self.kernel.consume()
+        items = self.kernel.items()
         self.entries = len(items)
         out: dict[bytes, tuple[object, Stats]] = {}
-        for k, leaf in items:
-            out[bytes(k)] = (k, merge_percpu(leaf))
+        for raw, leaf in items:
+            out[raw] = (FlowId.from_buffer_copy(raw), merge_percpu(leaf))
         for raw, (k, s) in self._ring.items():
             if raw in out:
                 merged = Stats()
@@ -251,10 +287,7 @@ class FlowTracker:
 
     def lost(self) -> tuple[int, int]:
         """(packets, connections) that neither the table nor the ring buffer could keep."""
-        packets = syns = 0
-        for c in self.bpf["flow_lost"][ct.c_int(0)]:
-            packets += c.packets
-            syns += c.syns
+        packets, _, syns = self.kernel.lost()
         return packets + self.ring_lost[0], syns + self.ring_lost[1]
 
     # -- the read ---------------------------------------------------------------
@@ -264,8 +297,9 @@ class FlowTracker:
         snapshot = self._snapshot()
         pods = self.pod_addresses()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
+        decoded = {}
         for raw, (k, stats) in snapshot.items():
-            key = Key.decode(k)
+            key = decoded[raw] = self._decoded.get(raw) or Key.decode(k)
             until = self._closed.get(raw)
             if until is not None and not stats.flags & SYN_ONLY:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow
@@ -279,6 +313,7 @@ class FlowTracker:
                 flow.totals[raw] = stats
             else:
                 fresh.setdefault(key.flow, []).append((raw, key, stats))
+        self._decoded = decoded
         for fkey, parts in fresh.items():
             self._flows[fkey] = self._new_flow(parts)
         self._closed = {raw: until for raw, until in self._closed.items() if until > now}
@@ -311,12 +346,9 @@ class FlowTracker:
 
     def _delete(self, raw: bytes) -> Stats:
         """Lookup-and-delete one kernel key; what it held (ring-buffer part included)."""
-        from bcc import libbcc
-
         out = Stats()
-        kbuf = FlowId.from_buffer_copy(raw)
-        leaf = self.table.Leaf()
-        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) == 0:
+        leaf = self.kernel.pop(raw)
+        if leaf is not None:
             out.merge(merge_percpu(leaf))
         ring = self._ring.pop(raw, None)
         if ring is not None:

@@ -9,7 +9,7 @@ from pyroute2 import IPRoute
 
 from agent.compiler import compile_program
 from agent.errors import FoveaError
-from agent.flows import FlowTracker, flow_cflags, flow_fill, flow_lost, flow_records
+from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 
@@ -42,7 +42,8 @@ class ForwardPlugin(Plugin):
                     raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
         self._bpf = compile_program("forward", flow_cflags(ctx.config.flows), ctx.headers)
         if ctx.config.flows.enabled:
-            self.flows = FlowTracker(self._bpf, ctx.config.flows, ctx.events.publish, lambda: ctx.pod_addresses)
+            self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
+                                     lambda: ctx.pod_addresses)
         self._programs = {
             "ingress": self._bpf.load_func(b"forward_ingress", self._bpf.SCHED_CLS),
             "egress": self._bpf.load_func(b"forward_egress", self._bpf.SCHED_CLS),

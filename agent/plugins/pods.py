@@ -8,7 +8,7 @@ import logging
 
 from agent.compiler import compile_program
 from agent.endpoints import Endpoints, PodInterface
-from agent.flows import FlowTracker, flow_cflags, flow_fill, flow_lost, flow_records
+from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
@@ -51,7 +51,8 @@ class PodsPlugin(Plugin):
             *flow_cflags(cfg.flows),
         ], ctx.headers)
         if cfg.flows.enabled:
-            self.flows = FlowTracker(self._bpf, cfg.flows, ctx.events.publish, lambda: ctx.pod_addresses)
+            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, ctx.events.publish,
+                                     lambda: ctx.pod_addresses)
         self._programs = {
             "ingress": self._bpf.load_func(b"pod_from_pod", self._bpf.SCHED_CLS),
             "egress": self._bpf.load_func(b"pod_to_pod", self._bpf.SCHED_CLS),
