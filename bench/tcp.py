@@ -143,12 +143,13 @@ def main() -> int:
             return sample(after, name, labels) - sample(before, name, labels)
 
         counted = delta("fovea_tcp_connect_duration_seconds_count")
+        sent = delta("fovea_tcp_resets_total", '{direction="sent"}')
+        received = delta("fovea_tcp_resets_total", '{direction="received"}')
         rows = [
             ("connects made (failed)", f"{made} ({failed})"),
             ("rate achieved, connects/s", f"{made / took:.0f}"),
             ("fovea_tcp_connect_duration_seconds_count over the run", f"{counted:.0f} ({'exact' if counted == made else 'NOT exact'})"),
-            ("resets sent / received over the run", f"{delta('fovea_tcp_resets_total', '{direction=\"sent\"}'):.0f} / "
-                                                   f"{delta('fovea_tcp_resets_total', '{direction=\"received\"}'):.0f}"),
+            ("resets sent / received over the run", f"{sent:.0f} / {received:.0f}"),
             ("retransmits over the run", f"{delta('fovea_tcp_retransmits_total'):.0f}"),
             ("TCP lost events (all tcp_* sources)", f"{lost_tcp(after) - lost_tcp(before):.0f}"),
             ("agent CPU over the run, % of one core", f"{100 * (cpu1 - cpu0) / (t1 - t0):.1f}"),
