@@ -246,6 +246,7 @@ class FlowTracker:
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
         self.ring_lost = [0, 0]  # packets, connections the user-space overflow bound refused
@@ -294,6 +295,7 @@ class FlowTracker:
 
     def read(self) -> None:
         now = self.clock()
+        self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         snapshot = self._snapshot()
         pods = self.pod_addresses()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
@@ -371,7 +373,7 @@ class FlowTracker:
         fp, fb, rp, rb = counts = flow.counts()
         pp, pb, prp, prb = flow.reported
         last = flow.last_ns
-        offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        offset = self._wall_offset
         record = FlowRecord(
             flow_id=flow.id, window=flow.window,
             start=(flow.window_start_ns + offset) / 1e9, end=(last + offset) / 1e9,
