@@ -58,14 +58,14 @@ class FoveaCollector:
                     fill.add_metric([m], v)
                 for s, v in health.lost.items():
                     lost.add_metric([s], v)
-            for subscriber, n in sorted(agent.events.dropped().items()):
-                lost.add_metric([f"records_{subscriber}_queue_full"], n)
                 for m, v in health.series.items():
                     series.add_metric([m], v)
                 for m, v in health.overflowed.items():
                     overflow.add_metric([m], v)
                 for k, v in health.records.items():
                     records.add_metric([k], v)
+            for subscriber, n in sorted(agent.events.dropped().items()):
+                lost.add_metric([f"records_{subscriber}_queue_full"], n)
             cache = GaugeMetricFamily("fovea_agent_cache_objects", "Objects in the pod source, per kind",
                                       labels=["kind"])
             if agent.pod_source is not None:
