@@ -5,8 +5,9 @@ Builds a NodeLab with two pods, runs `fovea agent --standalone` with flows on
 and OTLP to a gRPC receiver in this process (tests/otlp_receiver.py), then:
 
 1. collector up: `--rate` new UDP flows per second from pod 0 to pod 1 (one
-   datagram each, to a new destination port; each flow ends by the idle
-   timeout and becomes one span) for `--seconds`; measured: spans received
+   datagram each, from a new source port to a socket that reads them, so no
+   drops; each flow ends by the idle timeout and becomes one span) for
+   `--seconds`; measured: spans received
    per second, the agent's CPU (utime+stime of /proc/<pid>/stat over the
    phase, % of one core), its RSS;
 2. collector down (the receiver stopped): the same rate for `--down-seconds`;
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,7 +37,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no fork() notices from the r
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.netlab import NodeLab  # noqa: E402
+from agent.netlab import NodeLab, in_netns  # noqa: E402
 from bench.datapath import cpu_seconds, fovea_cli, free_port, progress  # noqa: E402
 from tests.otlp_receiver import GrpcReceiver  # noqa: E402
 
@@ -60,21 +62,39 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def send_flows(lab: NodeLab, rate: int, seconds: float, first_port: int) -> int:
-    """`rate` one-datagram UDP flows per second, paced in 10 ms steps; returns how many."""
+SINK_PORT = 9999
+
+
+def sink(lab: NodeLab) -> socket.socket:
+    """A UDP socket in pod 1 that reads and discards: flows to it cause no drops."""
+    s = lab.socket(lab.pods[1].netns, socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((lab.pods[1].ipv4, SINK_PORT))
+
+    def drain():
+        while True:
+            try:
+                s.recv(65536)
+            except OSError:
+                return
+
+    threading.Thread(target=drain, daemon=True).start()
+    return s
+
+
+def send_flows(lab: NodeLab, rate: int, seconds: float) -> int:
+    """`rate` one-datagram UDP flows per second (each from a new ephemeral source
+    port, to the sink), paced in 10 ms steps; returns how many."""
     src, dst = lab.pods
-    s = lab.socket(src.netns, socket.AF_INET, socket.SOCK_DGRAM)
     sent = 0
     start = time.monotonic()
-    try:
+    with in_netns(src.netns):
         while (now := time.monotonic()) - start < seconds:
             due = int((now - start) * rate)
             while sent < due:
-                s.sendto(b"x" * 32, (dst.ipv4, 10000 + (first_port + sent) % 50000))
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.sendto(b"x" * 32, (dst.ipv4, SINK_PORT))
                 sent += 1
             time.sleep(0.01)
-    finally:
-        s.close()
     return sent
 
 
@@ -95,9 +115,10 @@ def main() -> int:
               f"otlp: {{enabled: true, protocol: grpc, endpoint: '{receiver.endpoint}', maxSpansPerSecond: 100000}}\n")
     cfg.close()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    agent = None
+    agent = sink_socket = None
     try:
         lab.up()
+        sink_socket = sink(lab)
         agent = subprocess.Popen([fovea_cli(), "agent", "--standalone", "--uplink", lab.uplink, "--port", str(port),
                                   "--node-name", f"bench-{port}", "--observe-port", "0", "--observe-socket", "",
                                   "--config", cfg.name], stdout=log, stderr=subprocess.STDOUT)
@@ -115,7 +136,7 @@ def main() -> int:
 
         progress(f"collector up: {args.rate} flows/s for {args.seconds:.0f}s")
         spans0, cpu0, t0 = len(receiver.spans), cpu_seconds(agent.pid), time.monotonic()
-        sent = send_flows(lab, args.rate, args.seconds, 0)
+        sent = send_flows(lab, args.rate, args.seconds)
         time.sleep(IDLE + 3)  # the last flows end and go out
         wall = time.monotonic() - t0
         up_cpu = 100 * (cpu_seconds(agent.pid) - cpu0) / wall
@@ -131,7 +152,7 @@ def main() -> int:
         cpu1 = cpu_seconds(agent.pid)
         down_sent = 0
         while (elapsed := time.monotonic() - t1) < args.down_seconds:
-            down_sent += send_flows(lab, args.rate, min(10, args.down_seconds - elapsed), sent + down_sent)
+            down_sent += send_flows(lab, args.rate, min(10, args.down_seconds - elapsed))
             rss.append((time.monotonic() - t1, rss_kib(agent.pid)))
             progress(f"  {rss[-1][0]:.0f}s: RSS {rss[-1][1] / 1024:.1f} MiB")
         down_cpu = 100 * (cpu_seconds(agent.pid) - cpu1) / (time.monotonic() - t1)
@@ -139,6 +160,8 @@ def main() -> int:
         down = scrape(port)
         healthy = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
     finally:
+        if sink_socket is not None:
+            sink_socket.close()
         if agent is not None:
             agent.terminate()
             agent.wait(timeout=60)

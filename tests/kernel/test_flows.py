@@ -48,6 +48,37 @@ def agent_config(lab, d: Path, name: str, **sections) -> str:
     return str(d / name)
 
 
+class UdpSink:
+    """A UDP socket in a lab namespace that reads and discards (no NO_SOCKET drops
+    host-wide, which other tests on the host count)."""
+
+    def __init__(self, lab, ep, port: int):
+        self.sock = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((ep.ipv4, port))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        while True:
+            try:
+                self.sock.recv(65536)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
+def udp_flows(lab, ep, dst: str, dport: int, sports) -> None:
+    """One datagram per source port: a UDP flow each."""
+    for sport in sports:
+        s = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((ep.ipv4, sport))
+            s.sendto(b"z" * 10, (dst, dport))
+        finally:
+            s.close()
+
+
 class Server:
     """A TCP server in a lab namespace: reads to EOF, answers `reply` bytes, closes."""
 
@@ -259,11 +290,9 @@ def test_collector_down_then_up(lab, tmp_path):
                              "queueSize": 32, "batchSize": 8})
     agent = RunningAgent("--uplink", lab.uplink, "--config", cfg)
     receiver = None
+    sink = UdpSink(lab, db, 7104)
     try:
-        sender = lab.socket(web.netns, socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(300):  # 300 UDP flows
-            sender.sendto(b"z" * 10, (db.ipv4, 20000 + i))
-        sender.close()
+        udp_flows(lab, web, db.ipv4, 7104, range(20000, 20300))  # 300 UDP flows
         time.sleep(IDLE + 3)
         rss_before = rss_kib(agent.proc.pid)
         m = agent.scrape()
@@ -278,10 +307,8 @@ def test_collector_down_then_up(lab, tmp_path):
         while agent.scrape().get("fovea_agent_spans_exported_total") == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert agent.scrape().get("fovea_agent_spans_exported_total") > 0
-        sender = lab.socket(web.netns, socket.AF_INET, socket.SOCK_DGRAM)
-        sender.sendto(b"after", (db.ipv4, 29999))
-        sender.close()
-        got = receiver.wait(lambda s: s.attributes.get("destination.port") == 29999, timeout=60)
+        udp_flows(lab, web, db.ipv4, 7104, [29999])
+        got = receiver.wait(lambda s: s.attributes.get("source.port") == 29999, timeout=60)
         assert len(got) == 1
         m = agent.scrape()
         records = m.get("fovea_agent_records_total", kind="flows_pods")
@@ -293,6 +320,7 @@ def test_collector_down_then_up(lab, tmp_path):
         assert records == accounted >= 301  # every flow: a span exported, failed, queued or dropped
         assert rss_kib(agent.proc.pid) - rss_before < 20_000  # the queue is 32 spans: no growth worth the name
     finally:
+        sink.close()
         if receiver:
             receiver.stop()
         assert agent.stop() == 0, agent.output()
