@@ -35,6 +35,7 @@ POD_SENT, POD_RECEIVED, UPLINK_IN, UPLINK_OUT = range(4)  # observation points, 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SYN_ONLY = 0x100
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
 MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
 
 
@@ -224,6 +225,23 @@ class KernelFlowTable:
             return leaf
         return None
 
+    def set_pod_addresses(self, add: set[str], remove: set[str]) -> None:
+        """The addresses of local pods, so the kernel keeps each packet at one point only."""
+        table = self.bpf["flow_pod_addrs"]
+        for address, present in [(a, True) for a in add] + [(a, False) for a in remove]:
+            key = table.Key()
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            key.family = 6 if family == socket.AF_INET6 else 4
+            packed = socket.inet_pton(family, address)
+            ct.memmove(ct.addressof(key.addr), packed, len(packed))
+            try:
+                if present:
+                    table[key] = ct.c_uint8(1)
+                else:
+                    del table[key]
+            except (KeyError, Exception) as e:  # a full table only costs a double count, filtered below
+                log.debug("flow_pod_addrs %s %s: %s", "add" if present else "remove", address, e)
+
     def lost(self) -> tuple[int, int, int]:
         """(packets, bytes, SYNs) the kernel could keep neither in the table nor the ring buffer."""
         counters = self.bpf["flow_lost"][ct.c_int(0)]
@@ -246,6 +264,7 @@ class FlowTracker:
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
+        self._pods_in_kernel: set[str] = set()
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
@@ -296,8 +315,11 @@ class FlowTracker:
     def read(self) -> None:
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        snapshot = self._snapshot()
         pods = self.pod_addresses()
+        if pods != self._pods_in_kernel:
+            self.kernel.set_pod_addresses(pods - self._pods_in_kernel, self._pods_in_kernel - pods)
+            self._pods_in_kernel = set(pods)
+        snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
         decoded = {}
         for raw, (k, stats) in snapshot.items():
@@ -406,7 +428,8 @@ def flow_cflags(cfg) -> list[str]:
     """-D flags that build the flow table into a tc program (empty when flows are off)."""
     if not cfg.enabled:
         return []
-    return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}"]
+    return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
+            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}"]
 
 
 # Self-observation of a plugin's tracker (fovea_agent_*), keyed by the plugin's name.

@@ -58,6 +58,9 @@ class FakeTable:
     def lost(self):
         return self.lost_counts
 
+    def set_pod_addresses(self, add, remove):
+        self.pods = getattr(self, "pods", set()) | add - remove
+
 
 class Clock:
     def __init__(self):
