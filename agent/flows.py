@@ -287,22 +287,18 @@ class FlowTracker:
             got = self._ring[raw] = (FlowId.from_buffer_copy(raw), Stats())
         got[1].merge(e.stats)
 
-    def _snapshot(self) -> dict[bytes, tuple[object, Stats]]:
+    def _snapshot(self) -> dict[bytes, Stats]:
         """Cumulative stats of every key: kernel table plus ring-buffer records."""
         self.kernel.consume()
         items = self.kernel.items()
         self.entries = len(items)
-        out: dict[bytes, tuple[object, Stats]] = {}
-        for raw, leaf in items:
-            out[raw] = (FlowId.from_buffer_copy(raw), merge_percpu(leaf))
-        for raw, (k, s) in self._ring.items():
+        out = {raw: merge_percpu(leaf) for raw, leaf in items}
+        for raw, (_, s) in self._ring.items():
+            merged = Stats()
             if raw in out:
-                merged = Stats()
-                merged.merge(out[raw][1])
-                merged.merge(s)
-                out[raw] = (out[raw][0], merged)
-            else:
-                out[raw] = (k, s)
+                merged.merge(out[raw])
+            merged.merge(s)
+            out[raw] = merged
         return out
 
     def lost(self) -> tuple[int, int]:
@@ -322,8 +318,8 @@ class FlowTracker:
         snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
         decoded = {}
-        for raw, (k, stats) in snapshot.items():
-            key = decoded[raw] = self._decoded.get(raw) or Key.decode(k)
+        for raw, stats in snapshot.items():
+            key = decoded[raw] = self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw))
             until = self._closed.get(raw)
             if until is not None and not stats.flags & SYN_ONLY:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow

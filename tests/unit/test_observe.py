@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from agent import cli
 from agent.config import Config, ObserveConfig
 from agent.enrich import Resolver
-from agent.events import DnsTransaction, DropEvent, EventHub
+from agent.events import DropEvent, EventHub
 from agent.k8s.static import StaticPods
 from agent.observe import ObserveServer, connect, format_human, matches, stream
 from tests.unit.test_traces import dns, flow
