@@ -324,3 +324,45 @@ def test_collector_down_then_up(lab, tmp_path):
         if receiver:
             receiver.stop()
         assert agent.stop() == 0, agent.output()
+
+
+def test_a_long_connection_is_reported_per_interval_in_linked_spans(lab, receiver, tmp_path):
+    web, db = lab.pods
+    port = 7105
+    cfg = agent_config(lab, tmp_path, "long.yaml", flows={"reportInterval": 1.0},
+                       otlp={"enabled": True, "protocol": "grpc", "endpoint": receiver.endpoint})
+    agent = RunningAgent("--uplink", lab.uplink, "--config", cfg)
+    try:
+        server = Server(lab, db, port, 500)
+        s = lab.socket(web.netns, socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.connect((db.ipv4, port))
+            sport = s.getsockname()[1]
+            for _ in range(4):  # 4 s of a connection, some data each second
+                s.sendall(b"x" * 1000)
+                time.sleep(1.0)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        finally:
+            s.close()
+            server.close()
+        node = f"test-{agent.port}"
+        spans = receiver.wait(lambda sp: sp.attributes.get("source.port") == sport
+                              and sp.resource["k8s.node.name"] == node, timeout=IDLE * 5 + 20)
+        spans.sort(key=lambda sp: sp.attributes["fovea.flow.window"])
+        assert len(spans) >= 3  # ~4 s at one report per second
+        assert [sp.attributes["fovea.flow.window"] for sp in spans] == list(range(len(spans)))
+        assert len({sp.attributes["fovea.flow.id"] for sp in spans}) == 1
+        for before, after in zip(spans, spans[1:]):  # each window links the one before
+            assert after.links == [(before.trace_id, before.span_id)]
+        assert spans[0].links == []
+        assert [sp.attributes["fovea.flow.end_reason"] for sp in spans[:-1]] == ["interval"] * (len(spans) - 1)
+        assert spans[-1].attributes["fovea.flow.end_reason"] == "fin"
+        # The windows add up to the whole connection, exactly.
+        packets = sum(sp.attributes["fovea.flow.packets"] for sp in spans)
+        assert sum(sp.attributes["fovea.flow.bytes"] for sp in spans) == 4000 + SYN_HEADERS + HEADERS * (packets - 1)
+        replies = sum(sp.attributes["fovea.flow.reply_packets"] for sp in spans)
+        assert sum(sp.attributes["fovea.flow.reply_bytes"] for sp in spans) == 500 + SYN_HEADERS + HEADERS * (replies - 1)
+    finally:
+        assert agent.stop() == 0, agent.output()
