@@ -5,8 +5,8 @@ Builds a NodeLab with two pods, runs `fovea agent --standalone` with flows on
 and OTLP to a gRPC receiver in this process (tests/otlp_receiver.py), then:
 
 1. collector up: `--rate` new UDP flows per second from pod 0 to pod 1 (one
-   datagram each, from a new source port to a socket that reads them, so no
-   drops; each flow ends by the idle timeout and becomes one span) for
+   datagram each, from source ports taken in turn, to a socket that reads
+   them, so no drops; each flow ends by the idle timeout and becomes one span) for
    `--seconds`; measured: spans received
    per second, the agent's CPU (utime+stime of /proc/<pid>/stat over the
    phase, % of one core), its RSS;
@@ -81,9 +81,12 @@ def sink(lab: NodeLab) -> socket.socket:
     return s
 
 
-def send_flows(lab: NodeLab, rate: int, seconds: float) -> int:
-    """`rate` one-datagram UDP flows per second (each from a new ephemeral source
-    port, to the sink), paced in 10 ms steps; returns how many."""
+FIRST_PORT, PORTS = 10000, 50000  # source ports in turn: one is reused after 50 s, long after its flow ended
+
+
+def send_flows(lab: NodeLab, rate: int, seconds: float, first: int) -> int:
+    """`rate` one-datagram UDP flows per second (each from its own source port, to
+    the sink), paced in 10 ms steps; returns how many."""
     src, dst = lab.pods
     sent = 0
     start = time.monotonic()
@@ -92,6 +95,8 @@ def send_flows(lab: NodeLab, rate: int, seconds: float) -> int:
             due = int((now - start) * rate)
             while sent < due:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((src.ipv4, FIRST_PORT + (first + sent) % PORTS))
                     s.sendto(b"x" * 32, (dst.ipv4, SINK_PORT))
                 sent += 1
             time.sleep(0.01)
@@ -136,7 +141,7 @@ def main() -> int:
 
         progress(f"collector up: {args.rate} flows/s for {args.seconds:.0f}s")
         spans0, cpu0, t0 = len(receiver.spans), cpu_seconds(agent.pid), time.monotonic()
-        sent = send_flows(lab, args.rate, args.seconds)
+        sent = send_flows(lab, args.rate, args.seconds, 0)
         time.sleep(IDLE + 3)  # the last flows end and go out
         wall = time.monotonic() - t0
         up_cpu = 100 * (cpu_seconds(agent.pid) - cpu0) / wall
@@ -152,7 +157,7 @@ def main() -> int:
         cpu1 = cpu_seconds(agent.pid)
         down_sent = 0
         while (elapsed := time.monotonic() - t1) < args.down_seconds:
-            down_sent += send_flows(lab, args.rate, min(10, args.down_seconds - elapsed))
+            down_sent += send_flows(lab, args.rate, min(10, args.down_seconds - elapsed), sent + down_sent)
             rss.append((time.monotonic() - t1, rss_kib(agent.pid)))
             progress(f"  {rss[-1][0]:.0f}s: RSS {rss[-1][1] / 1024:.1f} MiB")
         down_cpu = 100 * (cpu_seconds(agent.pid) - cpu1) / (time.monotonic() - t1)
