@@ -43,6 +43,8 @@ def test_defaults():
         "pods": {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)},
         "podLevel": {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000},
         "kernel": {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"},
+        "captures": {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
+                     "gracePeriod": 60.0, "namespace": ""},
     }
     assert cfg.validate(REGISTRY) is cfg
 
@@ -82,7 +84,7 @@ kernel:
     ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "mapSize"),
     ("tc:\n  prio: 1\n", "tc.prio", "priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
-    ("prot: 1\n", "prot", "bindAddress, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
+    ("prot: 1\n", "prot", "bindAddress, captures, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
                           "nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, uplinks"),
 ])
 def test_unknown_key_is_named(tmp_path, text, key, known):
