@@ -148,8 +148,8 @@ class Agent:
         c = cfg.captures
         self.captures = CaptureController(
             make_api_client(cfg.kubeconfig or None), cfg.node, c.baseDir, cfg.agent_namespace, c.gracePeriod,
-            run_job=lambda job, target, secret, directory: node.run_job(job, target, secret, directory, cfg.node,
-                                                                         c.uploadAllowlist),
+            run_job=lambda job, target, secret, directory, started: node.run_job(
+                job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
             local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
             check_filter=check_filter)
         self.captures.start()

@@ -75,7 +75,8 @@ class CaptureController:
     def __init__(self, api_client: k8s_client.ApiClient, node: str, base_dir: str, agent_namespace: str,
                  grace: float, run_job: Callable, local_target: Callable, check_filter=None,
                  tick: float = 1.0):
-        """run_job(job, target, secret) -> the node report (dict); local_target(pods, spec) -> LocalTarget.
+        """run_job(job, target, secret, directory, started) -> the node report (dict), calling
+        started() once capturing; local_target(pods, spec) -> LocalTarget.;
         Both come from capture/node.py; tests may pass their own."""
         self.api = k8s_client.CustomObjectsApi(api_client)
         self.core = k8s_client.CoreV1Api(api_client)
@@ -246,6 +247,10 @@ class CaptureController:
                 self._deleted((obj.get("metadata") or {}).get("uid"))
             else:
                 self._seen(plural, obj)
+        elif msg[0] == "running":  # the engine has every interface open
+            job = msg[1]
+            if self.jobs.get(job.uid) is job and not job.deleted:
+                self._report(job, {"phase": st.RUNNING, "startTime": st.now()})
         elif msg[0] == "done":
             _, job, report = msg
             self.jobs.pop(job.uid, None)
@@ -334,7 +339,7 @@ class CaptureController:
         mine = (status.get("nodes") or {}).get(self.node) or {}
         if uid in self.jobs or mine.get("phase") in st.NODE_DONE:
             return
-        if mine.get("phase") == st.RUNNING:
+        if mine.get("phase") in (st.PENDING, st.RUNNING):
             # Ours, running, but no job here: this agent restarted during the capture.
             self._report(Job(uid, plural, meta.get("namespace", ""), meta["name"], spec), {
                 "phase": st.FAILED, "completionTime": st.now(),
@@ -356,7 +361,7 @@ class CaptureController:
             log.warning("capture %s: cannot list its pods: API error %s", _ref_of(plural, obj), e.status)
             return  # the next event or relist tries again
         self.jobs[job.uid] = job
-        updated = self._report(job, {"phase": st.RUNNING, "startTime": st.now()})
+        updated = self._report(job, {"phase": st.PENDING})
         if updated is None or (updated.get("status") or {}).get("phase") != st.RUNNING:
             self.jobs.pop(job.uid, None)
             return
@@ -367,7 +372,8 @@ class CaptureController:
     def _run(self, job: Job, target: LocalTarget) -> None:
         try:
             secret = self._secret(job) if job.spec.output.secret else {}
-            report = self.run_job(job, target, secret, self.base / job.uid)
+            report = self.run_job(job, target, secret, self.base / job.uid,
+                                  lambda: self._queue.put(("running", job)))
         except SpecError as e:
             report = {"phase": st.FAILED, "message": str(e)}
         except ApiException as e:

@@ -65,7 +65,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, node: str,
+def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, started, node: str,
             allowlist: tuple[str, ...]) -> dict:
     """Capture, bundle, deliver; returns the node report. A stopped job (resource deleted,
     agent stopping) leaves its files for the controller to remove."""
@@ -84,14 +84,15 @@ def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, node: 
     pcap = directory / f"{base}.pcapng"
     run = CaptureRun([Interface(name, comment) for name, comment in target.interfaces], spec.filter,
                      Limits(spec.duration, spec.max_bytes, spec.max_packets or None, spec.snap_length), pcap)
-    started = st.now()
+    start_time = st.now()
     run.start()
+    started()
     while (result := run.wait(0.2)) is None:
         if job.stop.is_set():
             run.stop()
     if job.stop.is_set():
         return {"phase": st.FAILED, "message": "stopped before the end"}
-    report = {"phase": st.SUCCEEDED, "startTime": started, "packets": result.packets, "bytes": result.bytes,
+    report = {"phase": st.SUCCEEDED, "startTime": start_time, "packets": result.packets, "bytes": result.bytes,
               "droppedPackets": result.dropped_packets,
               "message": f"stopped by {result.stop_reason}" + (f": {result.message}" if result.message else "")}
     if result.stop_reason == "error":

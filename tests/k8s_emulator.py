@@ -480,6 +480,16 @@ class K8sEmulator:
         self._add_type(rt)
         return rt
 
+    def register_crd(self, crd: dict, validate: Callable[[dict], list[str]] | None = None) -> ResourceType:
+        """A type from a CustomResourceDefinition (the served version); validate(obj) stands in
+        for the server's schema and CEL checks, which this emulator does not evaluate itself."""
+        spec = crd["spec"]
+        names, version = spec["names"], next(v for v in spec["versions"] if v.get("served", True))
+        return self.register(spec["group"], version["name"], names["plural"], names["kind"],
+                             spec["scope"] == "Namespaced", singular=names.get("singular", ""),
+                             short_names=tuple(names.get("shortNames") or ()),
+                             status="status" in (version.get("subresources") or {}), validate=validate)
+
     def _add_type(self, rt: ResourceType) -> None:
         with self._cond:
             self._types[(rt.group, rt.version, rt.plural)] = rt
