@@ -392,7 +392,8 @@ def _from_s3(api: Api, s3: dict, ns: str, location: str):
     import boto3
 
     creds = _secret(api, s3["secretRef"]["name"], ns)
-    bucket, _, key = location[len("s3://"):].partition("/")
+    # The location is <endpoint>/<bucket>/<key> (path-style)
+    bucket, _, key = location[len(s3["endpoint"].rstrip("/")) + 1:].partition("/")
     client = boto3.client("s3", endpoint_url=s3["endpoint"], region_name=s3.get("region") or "us-east-1",
                           aws_access_key_id=creds.get("accessKeyId"), aws_secret_access_key=creds.get("secretAccessKey"))
     return client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20)

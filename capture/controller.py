@@ -53,7 +53,7 @@ class LocalTarget:
     """What this node captures for one capture."""
 
     interfaces: list[tuple[str, str]]  # (host interface, comment)
-    pods: list[tuple[str, str, str]]  # (namespace, name, netns path) for the metadata bundle
+    pods: list[tuple[str, str, str, tuple[str, ...]]]  # (namespace, name, netns path, IPs) for the bundle
     node_wide: bool  # the node's own state goes in the bundle (ClusterCapture only)
 
 

@@ -48,7 +48,7 @@ def local_target(pods: list[dict], spec: CaptureSpec, scan, uplinks: list[str]) 
             continue
         if iface.ifname not in [i for i, _ in interfaces]:
             interfaces.append((iface.ifname, f"pod {ref}"))
-        bundle_pods.append((meta.get("namespace", ""), meta["name"], iface.netns))
+        bundle_pods.append((meta.get("namespace", ""), meta["name"], iface.netns, tuple(i for i in ips if i)))
     if missing and not interfaces:
         raise SpecError(f"no interface found on this node for pod(s) {', '.join(missing)}",
                         "the pod may not have started yet")
@@ -77,6 +77,10 @@ def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, starte
         from capture.outputs import check_endpoint
 
         check_endpoint(endpoint, list(allowlist))  # before anything is captured: nothing is sent
+    from capture.outputs import host_path
+
+    # Only the capture's uid names the directory, and host_path refuses anything that would leave the base.
+    directory = host_path(directory.parent, directory.name)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     clean_partials(directory)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -99,14 +103,15 @@ def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, starte
         report["phase"] = st.FAILED
     artifact = pcap
     if spec.include_metadata:
+        from agent import __version__
         from capture.metadata import PodNetns, collect_bundle
 
         artifact = collect_bundle(
-            directory / f"{base}.tar.gz", pcap,
-            pods=[PodNetns(ns, name, path) for ns, name, path in target.pods],
-            node_wide=target.node_wide, spec=_spec_dict(spec), counts=report)
+            directory / f"{base}.tar.gz", pcap, _spec_dict(spec), result,
+            [PodNetns(ns, name, path, ips) for ns, name, path, ips in target.pods],
+            target.node_wide, {"fovea": __version__})
         pcap.unlink(missing_ok=True)
-    report["artifact"] = _deliver(job, artifact, node, secret)
+    report["artifact"] = _deliver(job, artifact, node, secret, allowlist)
     return report
 
 
@@ -121,7 +126,7 @@ def _endpoint(spec: CaptureSpec, secret: dict) -> str:
     return ""
 
 
-def _deliver(job: Job, path: Path, node: str, secret: dict) -> dict:
+def _deliver(job: Job, path: Path, node: str, secret: dict, allowlist: tuple[str, ...]) -> dict:
     spec = job.spec
     if spec.output.kind == "hostPath":
         # Served by the agent (/captures/) only to a request with this token.
@@ -134,10 +139,12 @@ def _deliver(job: Job, path: Path, node: str, secret: dict) -> dict:
         for key in ("accessKeyId", "secretAccessKey"):
             if not secret.get(key):
                 raise SpecError(f"Secret {spec.output.secret} has no {key}", "see docs/captures.md")
-        art = outputs.upload_s3(path, s3.endpoint, s3.bucket, s3.prefix + path.name, s3.region,
-                                secret["accessKeyId"], secret["secretAccessKey"])
+        art = outputs.upload_s3(path, endpoint=s3.endpoint, bucket=s3.bucket, key=s3.prefix + path.name,
+                                region=s3.region, access_key=secret["accessKeyId"],
+                                secret_key=secret["secretAccessKey"], allowlist=list(allowlist))
     else:
-        art = outputs.upload_azure_blob(path, secret["sasUrl"], path.name)
+        art = outputs.upload_azure_blob(path, sas_url=secret["sasUrl"], blob_name=path.name,
+                                        allowlist=list(allowlist))
     shutil.rmtree(path.parent, ignore_errors=True)  # uploaded: nothing stays on the node
     return {"location": art.location, "size": art.size, "sha256": art.sha256}
 
