@@ -359,9 +359,25 @@ def _progress(name: str, total: int):
 def _unpack(archive: Path, out: Path) -> list[Path]:
     """The bundle's files beside it (the archive is checked to hold plain files only)."""
     dest = out / archive.name[: -len(".tar.gz")]
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")  # refuses links out, absolute paths and '..'
+    safe_extract(archive, dest)
     return sorted(p for p in dest.rglob("*") if p.suffix in (".pcap", ".pcapng"))
+
+
+def safe_extract(archive: Path, dest: Path) -> list[str]:
+    """Regular files and directories only, each inside dest (no links, devices, absolute
+    paths or '..'): the archive is untrusted input."""
+    names = []
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts or not parts:
+                raise FoveaError(f"{archive.name}: member {m.name!r} is not a plain file inside the archive",
+                                 "the file was not made by Fovea; it was not unpacked")
+        for m in tar.getmembers():
+            m.mode = 0o700 if m.isdir() else 0o600
+            tar.extract(m, dest, set_attrs=False)
+            names.append(m.name)
+    return names
 
 
 def _from_agent(api: Api, agent_ns: str, node: str, location: str, token: str):

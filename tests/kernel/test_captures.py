@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -153,9 +152,9 @@ def converse(lab, pod, port: int, rounds: int = 10) -> int:
 
 
 def unpack(artifact: Path, into: Path) -> tuple[Path, list[str]]:
-    with tarfile.open(artifact) as tar:
-        names = tar.getnames()
-        tar.extractall(into, filter="data")
+    from capture.cli import safe_extract
+
+    names = safe_extract(artifact, into)
     pcap = next(into.rglob("*.pcapng"))
     return pcap, names
 
