@@ -46,7 +46,10 @@ class Api:
         except (config.ConfigException, StopIteration) as e:
             raise FoveaError(f"cannot use kubeconfig {path}: {e or 'no such context'}", "check --context") from None
         cfg.retries = 1
+        from agent import __version__
+
         self.client = client.ApiClient(cfg)
+        self.client.user_agent = f"kubectl-fovea/{__version__}"
         self.custom = client.CustomObjectsApi(self.client)
         self.core = client.CoreV1Api(self.client)
         self.namespace = namespace or (active.get("context") or {}).get("namespace") or "default"

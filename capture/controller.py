@@ -199,7 +199,10 @@ class CaptureController:
                 if e.status == 410:
                     rv = None
                     continue
-                self._backoff(plural, f"API error {e.status}: {e.reason}", delay)
+                why = f"API error {e.status}: {e.reason}"
+                if e.status == 404:
+                    why = f"the {plural}.{GROUP} CRD is not installed (kubectl apply -f deploy/crds/)"
+                self._backoff(plural, why, delay)
                 delay = min(delay * 2, 30)
             except Exception as e:  # noqa: BLE001 (an API outage: back off and try again, never die)
                 if self._stop.is_set():

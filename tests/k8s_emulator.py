@@ -343,6 +343,7 @@ class Request:
     namespace: str
     name: str
     code: int
+    user_agent: str = ""  # who asked (the agent, kubectl, the plugin...)
 
 
 @dataclass(frozen=True)
@@ -574,10 +575,12 @@ class K8sEmulator:
         with self._cond:
             self._requests.clear()
 
-    def permissions_used(self) -> set[tuple[str, str, str]]:
-        """(verb, group, resource[/subresource]) of every resource request seen: what RBAC must allow."""
+    def permissions_used(self, user_agent: str | None = None) -> set[tuple[str, str, str]]:
+        """(verb, group, resource[/subresource]) of every resource request seen (from clients whose
+        User-Agent starts with `user_agent`, if given): what RBAC must allow."""
         return {(r.verb, r.group, r.resource + (f"/{r.subresource}" if r.subresource else ""))
-                for r in self.requests if r.resource}
+                for r in self.requests if r.resource
+                and (user_agent is None or r.user_agent.startswith(user_agent))}
 
     def set_rbac(self, rules: list[dict] | None, namespace_rules: dict[str, list[dict]] | None = None) -> None:
         """Allow only these PolicyRules (a ClusterRole's, plus Roles' per namespace); None: allow all.
@@ -1038,7 +1041,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         path = url.path
-        req = Request(method, path, query, method.lower(), "", "", "", "", "", 0)
+        req = Request(method, path, query, method.lower(), "", "", "", "", "", 0, self.headers.get("User-Agent", ""))
         self._req, self._logged = req, False
         code = 500
         # read the body first: an error answered before reading it would break keep-alive
@@ -1050,7 +1053,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 code = self._nonresource(path)
                 return
-            req = self._req = self._request(method, path, query, route)
+            req = self._req = self._request(method, path, query, route, req.user_agent)
             if not api._allowed(req):
                 scope = f'in the namespace "{req.namespace}"' if req.namespace else "at the cluster scope"
                 res = req.resource + (f"/{req.subresource}" if req.subresource else "")
@@ -1104,7 +1107,7 @@ class _Handler(BaseHTTPRequestHandler):
         return _Route(rt, namespace, name, sub, rest[3:], watch_path)
 
     @staticmethod
-    def _request(method: str, path: str, query: dict, route: _Route) -> Request:
+    def _request(method: str, path: str, query: dict, route: _Route, user_agent: str = "") -> Request:
         watch = route.watch_path or _truthy(query.get("watch"))
         if route.subresource == "proxy":
             verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
@@ -1115,7 +1118,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
         return Request(method, path, query, verb, route.rtype.group, route.rtype.plural, route.subresource,
-                       route.namespace or "", route.name, 0)
+                       route.namespace or "", route.name, 0, user_agent)
 
     # --- non-resource URLs: discovery, version, health
 

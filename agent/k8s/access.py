@@ -27,8 +27,8 @@ AGENT_ACCESS: tuple[Access, ...] = (
     Access("", "secrets", ("get",), "object-storage credentials a capture names (by name, never listed)"),
     Access("fovea.dev", "captures", ("get", "list", "watch"), "run the part of each Capture on this node"),
     Access("fovea.dev", "clustercaptures", ("get", "list", "watch"), "the same for ClusterCaptures"),
-    Access("fovea.dev", "captures/status", ("get", "update"), "report this node's part; fix expectedNodes"),
-    Access("fovea.dev", "clustercaptures/status", ("get", "update"), "the same for ClusterCaptures"),
+    Access("fovea.dev", "captures/status", ("update",), "report this node's part; fix expectedNodes"),
+    Access("fovea.dev", "clustercaptures/status", ("update",), "the same for ClusterCaptures"),
 )
 
 

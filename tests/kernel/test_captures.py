@@ -208,6 +208,21 @@ def test_capture_of_a_pod_holds_exactly_its_filtered_packets(cluster, tmp_path):
     assert any(r.resource == "pods" and r.subresource == "proxy" for r in cluster.api.requests)
 
 
+def test_cluster_capture_of_a_node_captures_its_uplink_and_the_node_state(cluster, tmp_path):
+    lab = cluster.lab
+    cluster.capture("node-a-uplink", kind="ClusterCapture", target={"nodeNames": ["node-a"]},
+                    filter=f"tcp port {P + 1}", duration="3s")
+    cluster.wait("node-a-uplink", lambda s: (s.get("nodes") or {}).get("node-a", {}).get("phase") == "Running",
+                 kind="ClusterCapture")
+    segments = converse(lab, lab.pods[1], P + 1)  # other/cli-1: any namespace's traffic crosses the uplink
+    s = cluster.done("node-a-uplink", kind="ClusterCapture")
+    assert s["phase"] == "Succeeded" and s["expectedNodes"] == ["node-a"], s
+    assert s["nodes"]["node-a"]["packets"] == segments
+    path = cluster.base("node-a") / s["nodes"]["node-a"]["artifact"]["location"].removeprefix("hostpath://node-a/")
+    _, names = unpack(path, tmp_path)
+    assert any("/node/" in n for n in names), "a node target bundles the node's state"
+
+
 def test_namespaced_capture_cannot_reach_another_namespace_or_a_host_network_pod(cluster):
     before = set(cluster.base("node-a").rglob("*"))
     cluster.capture("reach-other", target={"podNames": ["cli-1"]})
@@ -266,7 +281,7 @@ def test_many_agents_writing_one_status_concurrently(cluster):
                                                             "startTime": st.now(), "nodes": None}}, "shop")
     from kubernetes import client
 
-    cluster.api.clear_requests()
+    seen = len(cluster.api.requests)
     spec = parse(obj)
 
     def report(i):
@@ -283,7 +298,7 @@ def test_many_agents_writing_one_status_concurrently(cluster):
     s = cluster.status("concurrent")
     assert sorted(s["nodes"]) == nodes
     assert s["phase"] == "PartiallySucceeded" and s["nodesDone"] == "10/10" and s["packets"] == sum(range(10))
-    assert any(r.code == 409 for r in cluster.api.requests), "the writers did conflict"
+    assert any(r.code == 409 for r in cluster.api.requests[seen:]), "the writers did conflict"
 
 
 def test_delete_stops_a_running_capture_and_removes_its_files(cluster):
@@ -296,6 +311,15 @@ def test_delete_stops_a_running_capture_and_removes_its_files(cluster):
     while (cluster.base("node-b") / uid).exists():
         assert time.monotonic() < deadline, cluster.agents["node-b"].output()[-2000:]
         time.sleep(0.1)
+
+
+def test_agent_stopping_mid_capture_reports_it_failed(cluster):
+    cluster.capture("stopping", target={"podNames": ["db-0"]}, duration="60s")
+    cluster.wait("stopping", lambda s: (s.get("nodes") or {}).get("node-b", {}).get("phase") == "Running")
+    assert cluster.agents["node-b"].stop() == 0
+    s = cluster.status("stopping")  # reported before the agent exited
+    assert s["phase"] == "Failed" and "stopped during the capture" in s["message"], s
+    cluster.start_agent("node-b")
 
 
 def test_agent_restart_mid_capture_fails_it_never_running_forever(cluster):
@@ -402,3 +426,20 @@ def test_azure_blob_output_and_download(cluster, tmp_path):
         assert s["phase"] == "Succeeded", s
         assert "sig=" not in s["nodes"]["node-a"]["artifact"]["location"]
         _download_verified(cluster, "to-blob", tmp_path)
+
+
+def test_the_agents_asked_only_what_their_cluster_role_allows(cluster):
+    """Run last: every request the agents made in this module (the emulator logged it, by
+    User-Agent) is allowed by deploy/daemonset.yaml's ClusterRole, and the captures' part
+    of the role was all used (get on a capture happens on a conflict only)."""
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "daemonset.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    allowed = {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    used = cluster.api.permissions_used("fovea-agent/")
+    assert used <= allowed, used - allowed
+    unused = {a for a in allowed - used if a[1] == "fovea.dev" or a[2] == "secrets"}
+    assert unused <= {("get", "fovea.dev", "clustercaptures"), ("get", "fovea.dev", "captures")}, unused
+    assert ("get", "", "secrets") in used
+    assert not any(r.resource == "secrets" and r.verb != "get" for r in cluster.api.requests
+                   if r.user_agent.startswith("fovea-agent/"))
