@@ -380,7 +380,7 @@ class CaptureController:
         except SpecError as e:
             report = {"phase": st.FAILED, "message": str(e)}
         except ApiException as e:
-            report = {"phase": st.FAILED, "message": _api_problem(e, job)}
+            report = {"phase": st.FAILED, "message": _api_problem(e, job, job.namespace or self.agent_namespace)}
         except Exception as e:  # noqa: BLE001 (reported in the status, never lost)
             log.exception("capture %s failed", _ref(job.plural, job.namespace, job.name))
             report = {"phase": st.FAILED, "message": f"{type(e).__name__}: {e}"}
@@ -410,7 +410,7 @@ class CaptureController:
             return st.aggregate(s)
 
         obj = self.objects.get(job.uid, (job.plural, None))[1] or {
-            "metadata": {"name": job.name, "namespace": job.namespace}}
+            "metadata": {"name": job.name, "namespace": job.namespace, "uid": job.uid}}
         return self._update_status(job.plural, obj, write)
 
     def _fail(self, plural: str, obj: dict, message: str) -> None:
@@ -549,10 +549,9 @@ def _ref_of(plural: str, obj: dict) -> str:
     return _ref(plural, meta.get("namespace", ""), meta.get("name", ""))
 
 
-def _api_problem(e: ApiException, job: Job) -> str:
-    ns = job.namespace or "the agent's namespace"
+def _api_problem(e: ApiException, job: Job, ns: str) -> str:
     if e.status == 404:
-        return f"Secret {job.spec.output.secret} not found in {ns}"
+        return f"Secret {job.spec.output.secret} not found in namespace {ns}"
     if e.status == 403:
-        return f"the agent may not read Secret {job.spec.output.secret} in {ns}"
+        return f"the agent may not read Secret {job.spec.output.secret} in namespace {ns}"
     return f"API error {e.status} ({e.reason})"

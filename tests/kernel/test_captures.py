@@ -223,6 +223,17 @@ def test_cluster_capture_of_a_node_captures_its_uplink_and_the_node_state(cluste
     assert any("/node/" in n for n in names), "a node target bundles the node's state"
 
 
+def test_a_limit_ends_the_capture_early(cluster):
+    lab = cluster.lab
+    cluster.capture("five", target={"podNames": ["web-1"]}, filter=f"tcp port {P + 2}", maxPackets=5,
+                    duration="60s", includeMetadata=False)
+    cluster.wait("five", lambda s: (s.get("nodes") or {}).get("node-a", {}).get("phase") == "Running")
+    assert converse(lab, lab.pods[0], P + 2) > 5
+    s = cluster.done("five", timeout=30)  # long before the 60 s
+    assert s["phase"] == "Succeeded" and s["nodes"]["node-a"]["packets"] == 5, s
+    assert s["nodes"]["node-a"]["message"] == "stopped by maxPackets"
+
+
 def test_namespaced_capture_cannot_reach_another_namespace_or_a_host_network_pod(cluster):
     before = set(cluster.base("node-a").rglob("*"))
     cluster.capture("reach-other", target={"podNames": ["cli-1"]})
@@ -397,7 +408,25 @@ def test_s3_output_and_download(cluster, tmp_path):
         assert s["phase"] == "Succeeded", s
         assert s["nodes"]["node-a"]["artifact"]["location"].startswith(f"{endpoint}/caps/shop/to-s3-node-a-")
         _download_verified(cluster, "to-s3", tmp_path)
-    assert not any(cluster.base("node-a").rglob("to-s3-*")), "uploaded: nothing stays on the node"
+        assert not any(cluster.base("node-a").rglob("to-s3-*")), "uploaded: nothing stays on the node"
+
+        # A ClusterCapture reads its Secret in the agent's namespace, never in another one.
+        def cluster_s3(name):
+            cluster.capture(name, kind="ClusterCapture", target={"namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": "shop"}}, "podSelector": {
+                "matchLabels": {"app": "web"}}}, includeMetadata=False, output={"s3": {
+                    "endpoint": endpoint, "bucket": "caps", "secretRef": {"name": "moto-creds"}}})
+            return cluster.done(name, kind="ClusterCapture")
+
+        s = cluster_s3("cluster-s3-no-secret")
+        assert s["phase"] == "Failed" and s["message"] == "Secret moto-creds not found in namespace fovea-system", s
+        cluster.api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "moto-creds", "namespace": "fovea-system"}, "data": {"accessKeyId": "aw==",
+                                                                         "secretAccessKey": "cw=="}})
+        assert cluster_s3("cluster-s3")["phase"] == "Succeeded"
+    reads = [r for r in cluster.api.requests if r.resource == "secrets" and r.name == "moto-creds"]
+    assert {(r.verb, r.namespace, r.name) for r in reads} == {
+        ("get", "shop", "moto-creds"), ("get", "fovea-system", "moto-creds")}
 
 
 def test_azure_blob_output_and_download(cluster, tmp_path):
