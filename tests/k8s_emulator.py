@@ -94,6 +94,8 @@ class ResourceType:
     field_labels: tuple[str, ...] = ()
     # validate(obj) -> list of messages; a non-empty list answers 422 Invalid
     validate: Callable[[dict], list[str]] | None = field(default=None, compare=False, hash=False)
+    # a CRD's additionalPrinterColumns: what `kubectl get` shows (Name, then these)
+    columns: tuple[dict, ...] = field(default=(), compare=False, hash=False)
 
     @property
     def api_version(self) -> str:
@@ -474,10 +476,11 @@ class K8sEmulator:
 
     def register(self, group: str, version: str, plural: str, kind: str, namespaced: bool, *,
                  singular: str = "", short_names: tuple[str, ...] = (), status: bool = True,
-                 validate: Callable[[dict], list[str]] | None = None) -> ResourceType:
+                 validate: Callable[[dict], list[str]] | None = None,
+                 columns: tuple[dict, ...] = ()) -> ResourceType:
         """A custom resource type, e.g. register("fovea.dev", "v1alpha1", "captures", "Capture", True)."""
         rt = ResourceType(group, version, plural, kind, namespaced, singular or kind.lower(), tuple(short_names),
-                          ("status",) if status else (), (), validate)
+                          ("status",) if status else (), (), validate, tuple(columns))
         self._add_type(rt)
         return rt
 
@@ -489,7 +492,8 @@ class K8sEmulator:
         return self.register(spec["group"], version["name"], names["plural"], names["kind"],
                              spec["scope"] == "Namespaced", singular=names.get("singular", ""),
                              short_names=tuple(names.get("shortNames") or ()),
-                             status="status" in (version.get("subresources") or {}), validate=validate)
+                             status="status" in (version.get("subresources") or {}), validate=validate,
+                             columns=tuple(version.get("additionalPrinterColumns") or ()))
 
     def _add_type(self, rt: ResourceType) -> None:
         with self._cond:
@@ -1383,11 +1387,22 @@ def _age(timestamp: str | None) -> str:
     return f"{s}s"
 
 
+def _json_path(obj: dict, path: str):
+    """A printer column's value: only the `.a.b.c` paths Kubernetes allows there; missing is None."""
+    node = obj
+    for part in path.strip(".").split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _table(rt: ResourceType, items: list[dict], meta: dict) -> dict:
     cols = [("Name", "string", "name", 0)]
     if rt.kind == "Pod":
         cols += [("Ready", "string", "", 0), ("Status", "string", "", 0), ("Restarts", "string", "", 0),
                  ("Age", "string", "", 0), ("IP", "string", "", 1), ("Node", "string", "", 1)]
+    elif rt.columns:  # a CRD's printer columns (simple .a.b jsonPaths; a date column shows as an age)
+        cols += [(c["name"], "string" if c.get("type") == "date" else c.get("type", "string"), c.get("format", ""),
+                  c.get("priority", 0)) for c in rt.columns]
     else:
         cols += [("Age", "string", "", 0)]
     rows = []
@@ -1400,6 +1415,11 @@ def _table(rt: ResourceType, items: list[dict], meta: dict) -> dict:
             cells = [m.get("name"), f"{sum(1 for s in statuses if s.get('ready'))}/{len(containers)}", phase,
                      str(sum(s.get("restartCount", 0) for s in statuses)), _age(m.get("creationTimestamp")),
                      (o.get("status") or {}).get("podIP", "<none>"), (o.get("spec") or {}).get("nodeName", "<none>")]
+        elif rt.columns:
+            cells = [m.get("name")]
+            for c in rt.columns:
+                value = _json_path(o, c["jsonPath"])
+                cells.append(_age(value) if c.get("type") == "date" else value)
         else:
             cells = [m.get("name"), _age(m.get("creationTimestamp"))]
         rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",

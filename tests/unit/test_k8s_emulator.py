@@ -551,3 +551,34 @@ def test_builders_round_trip(api):
     assert "namespace" not in node["metadata"]
     svc = api.create(make_service("web", "shop", cluster_ip="10.96.0.10"))
     assert svc["spec"]["clusterIPs"] == ["10.96.0.10"]
+
+
+def test_registered_crd_validates_and_prints_its_columns(tmp_path):
+    """register_crd: the CRD's names, scope and status subresource; its printer columns in
+    `kubectl get`; requests carry the client's User-Agent."""
+    from tests.crd_schema import api_errors, crd
+
+    from tests.conftest import require
+
+    require(shutil.which("kubectl") is not None, "kubectl (Debian kubernetes-client)")
+    api = K8sEmulator().start()
+    try:
+        rt = api.register_crd(crd("captures"), validate=api_errors)
+        assert (rt.kind, rt.namespaced, rt.subresources, rt.short_names) == ("Capture", True, ("status",), ("fcap",))
+        api.create(make_namespace("shop"))
+        api.create({"apiVersion": "fovea.dev/v1alpha1", "kind": "Capture", "metadata": {"name": "c", "namespace": "shop"},
+                    "spec": {"target": {"podNames": ["a"]}, "duration": "5s"},
+                    "status": {"phase": "Running", "nodesDone": "0/2", "packets": 7}})
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace="shop")
+        out = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "fcap"], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[0].split() == ["NAME", "PHASE", "NODES", "PACKETS", "AGE"]
+        assert out.stdout.split("\n")[1].split()[:4] == ["c", "Running", "0/2", "7"]
+        assert any(r.user_agent.startswith("kubectl/") for r in api.requests)
+        bad = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "create", "-f", "-"], input=(
+            "apiVersion: fovea.dev/v1alpha1\nkind: Capture\nmetadata: {name: bad}\n"
+            "spec: {target: {podNames: [a]}, duration: 2h}\n"), capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "duration must be more than 0 and at most 1h" in bad.stderr, bad.stderr
+    finally:
+        api.stop()
