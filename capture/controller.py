@@ -97,6 +97,7 @@ class CaptureController:
         self._threads: list[threading.Thread] = []
         self._responses: dict[str, object] = {}
         self._warned: dict[str, float] = {}
+        self._ticks = 0
 
     # --- lifecycle
 
@@ -121,11 +122,21 @@ class CaptureController:
         self._queue.put(("stop",))
         for t in self._threads:
             t.join(timeout)
-        for job in list(self.jobs.values()):
+        cut = [job for job in self.jobs.values() if job.thread is None or job.thread.is_alive()]
+        for job in cut:
             job.stop.set()
             job.deleted = True  # its file is not kept: the report below says it failed
+        for job in cut:
             if job.thread:
                 job.thread.join(timeout)
+        while True:  # jobs that finished before the stop still report their result
+            try:
+                msg = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "done" and not msg[1].deleted:
+                self._handle(msg)
+        for job in cut:
             self._report(job, {"phase": st.FAILED, "completionTime": st.now(),
                                "message": f"the agent on node {self.node} stopped during the capture"})
             shutil.rmtree(self.base / job.uid, ignore_errors=True)
@@ -284,8 +295,15 @@ class CaptureController:
             shutil.rmtree(self.base / uid, ignore_errors=True)
 
     def _tick(self) -> None:
-        """Finalize captures whose nodes did not all report in time (any agent may)."""
+        """Finalize captures whose nodes did not all report in time (any agent may); every
+        few ticks, handle again the captures still open (a step that failed on an API error
+        is retried, not left until the next event)."""
         now = time.time()
+        self._ticks += 1
+        if self._ticks % 5 == 0:
+            for uid, (plural, obj) in list(self.objects.items()):
+                if uid not in self.jobs and (obj.get("status") or {}).get("phase") not in st.TERMINAL:
+                    self._reconcile(plural, obj)
         for uid, (plural, obj) in list(self.objects.items()):
             status = obj.get("status") or {}
             if status.get("phase") != st.RUNNING or not status.get("startTime") or uid in self.jobs:
