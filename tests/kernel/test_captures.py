@@ -164,11 +164,12 @@ def test_capture_of_a_pod_holds_exactly_its_filtered_packets(cluster, tmp_path):
     require(shutil.which("tshark") is not None, "tshark (Debian tshark) reads the capture back")
     lab = cluster.lab
     cluster.capture("web-debug", target={"podSelector": {"matchLabels": {"app": "web"}}}, filter=f"tcp port {P}",
-                    duration="3s")
+                    duration="8s")
     s = cluster.wait("web-debug", lambda s: (s.get("nodes") or {}).get("node-a", {}).get("phase") == "Running")
     assert s["expectedNodes"] == ["node-a"]  # cli-1 (app=web too) is in another namespace
     segments = converse(lab, lab.pods[0], P)
     converse(lab, lab.pods[0], Q)
+    assert cluster.status("web-debug")["phase"] == "Running", "the machine is too slow for this test's duration"
     s = cluster.done("web-debug")
     assert s["phase"] == "Succeeded", s
     node = s["nodes"]["node-a"]
@@ -211,10 +212,11 @@ def test_capture_of_a_pod_holds_exactly_its_filtered_packets(cluster, tmp_path):
 def test_cluster_capture_of_a_node_captures_its_uplink_and_the_node_state(cluster, tmp_path):
     lab = cluster.lab
     cluster.capture("node-a-uplink", kind="ClusterCapture", target={"nodeNames": ["node-a"]},
-                    filter=f"tcp port {P + 1}", duration="3s")
+                    filter=f"tcp port {P + 1}", duration="6s")
     cluster.wait("node-a-uplink", lambda s: (s.get("nodes") or {}).get("node-a", {}).get("phase") == "Running",
                  kind="ClusterCapture")
     segments = converse(lab, lab.pods[1], P + 1)  # other/cli-1: any namespace's traffic crosses the uplink
+    assert cluster.status("node-a-uplink", "ClusterCapture")["phase"] == "Running", "too slow for the duration"
     s = cluster.done("node-a-uplink", kind="ClusterCapture")
     assert s["phase"] == "Succeeded" and s["expectedNodes"] == ["node-a"], s
     assert s["nodes"]["node-a"]["packets"] == segments
@@ -351,10 +353,18 @@ def run_kubectl(cluster, *args: str, check: bool = True) -> subprocess.Completed
 
 
 def test_kubectl_runs_the_plugin(cluster):
+    """The real kubectl finds kubectl-fovea on the PATH: create --wait, download, list, get, delete."""
     require(shutil.which("kubectl") is not None, "kubectl (Debian kubernetes-client)")
+    require(shutil.which("tshark") is not None, "tshark (Debian tshark) reads the capture back")
     r = run_kubectl(cluster, "fovea", "capture", "create", "from-kubectl", "--pod-selector", "app=web",
                     "--duration", "2s", "--filter", "tcp port 80", "--wait")
     assert "node-a: Succeeded" in r.stdout and "from-kubectl: Succeeded" in r.stdout, r.stdout
+    r = run_kubectl(cluster, "fovea", "capture", "download", "from-kubectl", "-n", "shop", "-o",
+                    str(cluster.tmp / "from-kubectl"))
+    pcap = next(line.split(": ", 1)[1].split(" (open it with Wireshark)")[0] for line in r.stdout.splitlines()
+                if "open it with Wireshark" in line)
+    read = subprocess.run(["tshark", "-r", pcap], capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr
     r = run_kubectl(cluster, "fovea", "capture", "list")
     assert "from-kubectl" in r.stdout and "Succeeded" in r.stdout
     r = run_kubectl(cluster, "fovea", "capture", "get", "from-kubectl")

@@ -131,3 +131,12 @@ def test_kubeconfig_context(api, capsys, tmp_path):
     assert code == 1 and "cannot use kubeconfig" in err
     code, _, err = kubectl_main(["capture", "list", "--kubeconfig", str(tmp_path / "none")]), None, None
     assert code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_fovea_capture_is_the_same_command(api, capsys):
+    from agent.cli import main
+
+    assert main(["capture", "create", "same", "--kubeconfig", api.kubeconfig, "--pod", "web-1"]) == 0
+    assert api.get("captures", "same", "shop")["spec"]["target"] == {"podNames": ["web-1"]}
+    assert main(["capture", "get", "nope", "--kubeconfig", api.kubeconfig]) == 1
+    assert "not found" in capsys.readouterr().err
