@@ -148,7 +148,11 @@ class CaptureRun:
                     except ValueError as e:  # valid for Ethernet, not for this link type
                         raise _filter_error(self.filter_expr, f"{e} (on {iface.name})") from None
             for handle, raw in zip(self._handles, self._raw):
-                handle.dump_to(str(raw))
+                try:
+                    handle.dump_to(str(raw))
+                except OSError as e:
+                    raise FoveaError(f"cannot write {raw}: {e.strerror}",
+                                     "check the capture directory (exists, writable, no leftovers)") from None
         except BaseException:
             self._close_handles()
             self._remove_raw()

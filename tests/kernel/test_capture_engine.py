@@ -156,6 +156,26 @@ def test_max_packets_stops_at_exactly_that_many(lab, tools, tmp_path):
     check_file(result, tmp_path)
 
 
+def test_snap_length_cuts_packets_but_bytes_are_wire_bytes(lab, tools, tmp_path):
+    a, b = lab.pods[0], lab.pods[1]
+    path = tmp_path / "s.pcap"
+    run = CaptureRun([Interface(a.host_if)], "udp", Limits(duration=60, max_packets=10, snap_length=96), path)
+    run.start()
+    udp_burst(lab, a, b, 10, size=300)
+    result = run.wait(30)
+    frame = 14 + 20 + 8 + 300
+    assert result.packets == 10 and result.bytes == 10 * frame
+    rows = tshark_fields(path, "frame.cap_len", "frame.len")
+    assert rows == [["96", str(frame)]] * 10
+
+
+def test_unwritable_directory_is_an_error_and_leaves_nothing(lab, tmp_path):
+    run = CaptureRun([Interface(lab.pods[0].host_if)], None, Limits(duration=5), tmp_path / "no" / "x.pcap")
+    with pytest.raises(FoveaError, match="cannot write"):
+        run.start()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_max_bytes_keeps_the_file_within_the_limit(lab, tools, tmp_path):
     a, b = lab.pods[0], lab.pods[1]
     path = tmp_path / "b.pcap"
