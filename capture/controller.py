@@ -221,6 +221,11 @@ class CaptureController:
                 self._backoff(plural, str(e) or type(e).__name__, delay)
                 delay = min(delay * 2, 30)
 
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned[key] = time.monotonic()
+            log.warning(msg, *args)
+
     def _backoff(self, what: str, why: str, delay: float) -> None:
         now = time.monotonic()
         if now - self._warned.get(what, -1e9) > 60:  # rate-limited
@@ -470,6 +475,11 @@ class CaptureController:
                     continue
                 if e.status == 404:
                     return None
+                if e.status == 422:  # an API server that refuses the object as it stands: say so, once
+                    self._warn_once(f"invalid:{current['metadata'].get('uid')}",
+                                    "capture %s: the API server refuses its status update: %s",
+                                    _ref(plural, ns, name), _api_message(e))
+                    return None
                 raise
             uid = written["metadata"]["uid"]
             if uid in self.objects and _rv(self.objects[uid][1]) < _rv(written):
@@ -565,6 +575,13 @@ def _ref(plural: str, ns: str, name: str) -> str:
 def _ref_of(plural: str, obj: dict) -> str:
     meta = obj.get("metadata") or {}
     return _ref(plural, meta.get("namespace", ""), meta.get("name", ""))
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or e.reason
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
 
 
 def _api_problem(e: ApiException, job: Job, ns: str) -> str:

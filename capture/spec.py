@@ -178,7 +178,7 @@ def _only(obj: dict, allowed: set[str], where: str) -> None:
     unknown = set(obj) - allowed
     if unknown:
         raise SpecError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}",
-                        f"allowed here: {', '.join(sorted(allowed))}")
+                        f"allowed here: {', '.join(sorted(allowed))}" if allowed else "it takes no fields")
 
 
 def _names(value, where: str, cap: int) -> tuple[str, ...]:

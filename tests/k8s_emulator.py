@@ -34,8 +34,9 @@ Simplifications (each chosen because no Fovea code path depends on more):
 - the pod proxy forwards to 127.0.0.1:<port> (tests run agents on loopback),
   not to the pod IP;
 - no admission, defaulting or schema validation beyond names and a
-  `validate` hook per registered type; protobuf is never spoken (clients
-  fall back to JSON).
+  `validate` hook per registered type (updates ratchet: only errors the
+  stored object did not have are refused); protobuf is never spoken
+  (clients fall back to JSON).
 """
 
 from __future__ import annotations
@@ -750,7 +751,10 @@ class K8sEmulator:
                     if k in _meta(new):
                         meta[k] = _meta(new)[k]
             obj["metadata"] = meta
-            causes = self._validate(rt, obj)
+            # Validation ratcheting (on by default since Kubernetes 1.30): an update is refused
+            # only for errors the stored object did not already have.
+            old_causes = self._validate(rt, copy.deepcopy(old))
+            causes = [c for c in self._validate(rt, obj) if c not in old_causes]
             if causes:
                 raise _invalid(rt, name, causes)
             if obj == old:

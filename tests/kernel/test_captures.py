@@ -248,6 +248,34 @@ def test_namespaced_capture_cannot_reach_another_namespace_or_a_host_network_pod
     assert set(cluster.base("node-a").rglob("*")) == before, "nothing captured"
 
 
+def test_with_the_api_servers_validation_off_the_agent_still_refuses(cluster):
+    """An API server without (or with an older) schema lets anything in: the agent's own
+    validation fails each capture with the reason, and nothing is captured or written."""
+    before = set(cluster.base("node-a").rglob("*"))
+    cluster.api.register_crd(crd("captures"))  # the same type, no validation
+    try:
+        bad = {
+            "escape": dict(target={"podNames": ["web-1"]}, output={"hostPath": {"path": "../../../etc"}}),
+            "too-long": dict(target={"podNames": ["web-1"]}, duration="2h"),
+            "two-targets": dict(target={"podNames": ["web-1"], "podSelector": {}}),
+            "other-namespace": dict(target={"namespaceSelector": {}}),
+        }
+        for name, spec in bad.items():
+            cluster.capture(name, **spec)
+    finally:
+        cluster.api.register_crd(crd("captures"), validate=api_errors)
+    said = {name: cluster.done(name)["message"] for name in bad}
+    assert said == {
+        "escape": "spec.output.hostPath has unknown field(s) path: it takes no fields",
+        "too-long": "spec.duration 2h is out of range: it must be more than 0 and at most 1h",
+        "two-targets": "spec.target must have exactly one of podSelector and podNames: pick pods by labels or by name",
+        "other-namespace": "spec.target.namespaceSelector needs a ClusterCapture: a namespaced Capture reaches only "
+                           "the pods of its own namespace",
+    }
+    assert all(cluster.status(name)["phase"] == "Failed" for name in bad)
+    assert set(cluster.base("node-a").rglob("*")) == before
+
+
 def test_bad_filter_and_endpoint_off_the_allowlist_fail_with_the_reason(cluster):
     cluster.capture("bad-filter", target={"podNames": ["web-1"]}, filter="tcp prot 80")
     s = cluster.done("bad-filter")

@@ -14,6 +14,7 @@ import kubernetes
 import pytest
 from conftest import require
 from k8s_emulator import (
+    ApiError,
     K8sEmulator,
     make_namespace,
     make_node,
@@ -558,8 +559,6 @@ def test_registered_crd_validates_and_prints_its_columns(tmp_path):
     `kubectl get`; requests carry the client's User-Agent."""
     from tests.crd_schema import api_errors, crd
 
-    from tests.conftest import require
-
     require(shutil.which("kubectl") is not None, "kubectl (Debian kubernetes-client)")
     api = K8sEmulator().start()
     try:
@@ -582,3 +581,24 @@ def test_registered_crd_validates_and_prints_its_columns(tmp_path):
         assert bad.returncode == 1 and "duration must be more than 0 and at most 1h" in bad.stderr, bad.stderr
     finally:
         api.stop()
+
+
+def test_updates_ratchet_validation():
+    """As Kubernetes 1.30+: an update keeps errors the stored object already had (a status
+    write to an object stored before a stricter schema), and refuses new ones."""
+    api = K8sEmulator()
+    strict = {"on": False}
+
+    def validate(obj):
+        spec = obj.get("spec") or {}
+        return [f"spec.{k}: too big" for k in ("a", "b") if strict["on"] and spec.get(k, 0) > 1]
+
+    api.register("example.com", "v1", "things", "Thing", True, validate=validate)
+    api.create(make_namespace("ns"))
+    api.create({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t", "namespace": "ns"},
+                "spec": {"a": 5}})
+    strict["on"] = True
+    api.patch("things", "t", {"status": {"seen": True}}, "ns")  # the old error ratchets
+    with pytest.raises(ApiError) as e:
+        api.patch("things", "t", {"spec": {"b": 7}}, "ns")
+    assert e.value.code == 422 and "spec.b: too big" in e.value.message and "spec.a" not in e.value.message
