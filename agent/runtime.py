@@ -92,9 +92,9 @@ class Agent:
             raise
         try:
             self._start_captures()
-        except BaseException:
-            self.close()
-            raise
+        except Exception as e:  # captures down never takes the metrics down
+            log.exception("captures are down")
+            self.failed["captures"] = str(e) or type(e).__name__
         self.server.start()
         self._ready = True
         log.info("serving /metrics on %s:%d (node %s)", cfg.bindAddress, cfg.port, cfg.node)
@@ -146,14 +146,15 @@ class Agent:
         uplinks = list(cfg.uplinks) or default_route_interfaces()
         endpoints = Endpoints(exclude=set(uplinks))
         c = cfg.captures
-        self.captures = CaptureController(
+        controller = CaptureController(
             make_api_client(cfg.kubeconfig or None), cfg.node, c.baseDir, cfg.agent_namespace, c.gracePeriod,
             run_job=lambda job, target, secret, directory, started: node.run_job(
                 job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
             local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
             check_filter=check_filter)
-        self.captures.start()
-        self.server.captures = self.captures.artifact
+        controller.start()  # creates the base directory first: a failure there starts nothing
+        self.captures = controller
+        self.server.captures = controller.artifact
 
     def _pod_source(self):
         """Who the pods are: the Kubernetes API, or a static file when standalone."""

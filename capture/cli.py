@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from agent.errors import FoveaError
 from capture import status as st
-from capture.spec import GROUP, VERSION, SpecError, parse, parse_bytes, parse_duration
+from capture.spec import GROUP, VERSION, SpecError, parse
 
 AGENT_LABEL = "app.kubernetes.io/name=fovea"
 

@@ -23,6 +23,7 @@ when it sees the capture again: nothing stays Running forever.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hmac
 import json
@@ -40,6 +41,7 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from agent.errors import FoveaError
 from capture import status as st
 from capture.spec import GROUP, KINDS, VERSION, CaptureSpec, SpecError, parse
 
@@ -102,7 +104,11 @@ class CaptureController:
     # --- lifecycle
 
     def start(self) -> None:
-        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise FoveaError(f"cannot create the capture directory {self.base}: {e.strerror}",
+                             "set captures.baseDir to a writable directory") from None
         for plural in KINDS.values():
             t = threading.Thread(target=self._watch, args=(plural,), name=f"capture-watch-{plural}", daemon=True)
             self._threads.append(t)
@@ -413,8 +419,6 @@ class CaptureController:
     def _secret(self, job: Job) -> dict[str, str]:
         """The Secret the spec names: `get` only, from the Capture's namespace (a ClusterCapture:
         the agent's). Its values are handed to the upload and never logged."""
-        import base64
-
         ns = job.namespace or self.agent_namespace
         secret = self.core.read_namespaced_secret(job.spec.output.secret, ns, _request_timeout=(5, 30))
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}

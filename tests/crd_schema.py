@@ -40,7 +40,7 @@ def to_json_schema(s: dict) -> dict:
         # metadata is the API server's to check
         out["properties"] = {k: {"type": "object"} if k == "metadata" else to_json_schema(v)
                              for k, v in s["properties"].items()}
-        if k8s_meta_free(s):
+        if not s.get("x-kubernetes-preserve-unknown-fields"):
             out["additionalProperties"] = False
     if isinstance(s.get("additionalProperties"), dict):
         out["additionalProperties"] = to_json_schema(s["additionalProperties"])
@@ -50,10 +50,6 @@ def to_json_schema(s: dict) -> dict:
             and not s.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False  # an empty object (hostPath: {}) takes no fields
     return out
-
-
-def k8s_meta_free(s: dict) -> bool:
-    return not s.get("x-kubernetes-preserve-unknown-fields")
 
 
 def apply_defaults(s: dict, value):
