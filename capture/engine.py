@@ -125,6 +125,7 @@ class CaptureRun:
         self._reason = ""
         self._ended_ns = 0
         self._message = ""
+        self._errors: list[str] = []
         self._packets = [0] * len(interfaces)
         self._positions = [24] * len(interfaces)
         self._result: CaptureResult | None = None
@@ -186,6 +187,14 @@ class CaptureRun:
                 if handle.handle:
                     handle.breakloop()
 
+    def _interface_failed(self, message: str) -> None:
+        """One interface gone (its pod was deleted): the others go on; all gone ends the run."""
+        with self._lock:
+            self._errors.append(message)
+            everything_failed = len(self._errors) == len(self._handles)
+        if everything_failed:
+            self._end("error", "; ".join(self._errors))
+
     def _pump(self, i: int) -> None:
         handle, limits = self._handles[i], self.limits
         poller = select.poll()
@@ -201,8 +210,8 @@ class CaptureRun:
             if n == libpcap.PCAP_ERROR_BREAK:
                 break
             if n < 0:
-                self._end("error", f"capture on {handle.ifname} failed: {handle.error()}")
-                break
+                self._interface_failed(f"capture on {handle.ifname} ended: {handle.error()}")
+                return
             if n == 0:
                 poller.poll(POLL_MS)
                 continue
@@ -271,7 +280,7 @@ class CaptureRun:
             partial.unlink(missing_ok=True)
             raise
         reason = merged.limit or self._reason or "duration"
-        message = self._message
+        message = self._message if reason == "error" else "; ".join(self._errors)
         if dropped:
             message = (message + "; " if message else "") + f"the kernel dropped {dropped} packets"
         return CaptureResult(self.path, merged.packets, merged.bytes, dropped, reason,

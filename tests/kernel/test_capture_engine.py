@@ -241,6 +241,48 @@ def test_missing_interface_is_an_error_and_leaves_nothing(lab, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_deleted_pod_ends_only_its_part(lab, tools, tmp_path):
+    a = lab.pods[0]
+    gone = lab.add_pod("gone", 7)
+    try:
+        run = CaptureRun([Interface(gone.host_if, "pod lab/gone"), Interface(a.host_if, "pod lab/a")], "udp",
+                         Limits(duration=60), tmp_path / "g.pcap")
+        run.start()
+        udp_burst(lab, gone, a, 10, size=100)  # crosses both interfaces: 20 packets
+        time.sleep(0.3)
+        lab.remove_pod(gone)
+        udp_burst(lab, a, lab.pods[1], 5, size=100)  # the capture goes on on a's interface
+        time.sleep(0.3)
+        run.stop()
+        result = run.wait(30)
+    finally:
+        if gone in lab.pods:
+            lab.remove_pod(gone)
+    assert result.stop_reason == "stopped"
+    assert f"capture on {gone.host_if} ended" in result.message
+    assert result.packets == 25
+    rows = tshark_fields(result.path, "frame.interface_name")
+    assert [r[0] for r in rows].count(gone.host_if) == 10
+
+
+def test_all_interfaces_gone_is_an_error_that_keeps_the_packets(lab, tools, tmp_path):
+    gone = lab.add_pod("gone2", 8)
+    try:
+        run = CaptureRun([Interface(gone.host_if)], "udp", Limits(duration=60), tmp_path / "e.pcap")
+        run.start()
+        udp_burst(lab, gone, lab.pods[0], 10, size=100)
+        time.sleep(0.3)
+        lab.remove_pod(gone)
+        result = run.wait(30)
+    finally:
+        if gone in lab.pods:
+            lab.remove_pod(gone)
+    assert result is not None and result.stop_reason == "error"
+    assert "disappeared" in result.message or "went down" in result.message
+    assert result.packets == 10
+    check_file(result, tmp_path)
+
+
 PAUSED = """
 import json, sys
 from pathlib import Path
