@@ -113,6 +113,10 @@ class CaptureRun:
             raise FoveaError("nothing to capture on", "the capture matched no interface on this node")
         if limits.duration <= 0:
             raise FoveaError(f"capture duration must be positive, not {limits.duration}")
+        for name, value in (("maxBytes", limits.max_bytes), ("maxPackets", limits.max_packets),
+                            ("snapLength", limits.snap_length)):
+            if value is not None and value <= 0:
+                raise FoveaError(f"capture {name} must be positive, not {value}")
         self.interfaces = list(interfaces)
         self.filter_expr = filter_expr or ""
         self.limits = limits
@@ -161,6 +165,11 @@ class CaptureRun:
         info = [pcapng.InterfaceInfo(i.name, i.comment, h.linktype, h.snap_length, self.filter_expr)
                 for i, h in zip(self.interfaces, self._handles)]
         self._header = pcapng.header(info, "fovea", f"Linux {platform.release()}")
+        if self.limits.max_bytes is not None and self.limits.max_bytes < len(self._header):
+            self._close_handles()
+            self._remove_raw()
+            raise FoveaError(f"capture maxBytes {self.limits.max_bytes} is smaller than the file's "
+                             f"header ({len(self._header)} bytes)", "allow at least a few KiB")
         self._started_ns = time.time_ns()
         self._deadline = time.monotonic() + self.limits.duration
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.path.name}", daemon=True)

@@ -170,6 +170,17 @@ def test_snap_length_cuts_packets_but_bytes_are_wire_bytes(lab, tools, tmp_path)
     assert rows == [["96", str(frame)]] * 10
 
 
+def test_impossible_limits_are_refused_and_leave_nothing(lab, tmp_path):
+    iface = [Interface(lab.pods[0].host_if, "pod lab/a")]
+    for limits in (Limits(duration=0), Limits(duration=5, max_packets=0), Limits(duration=5, max_bytes=-1)):
+        with pytest.raises(FoveaError, match="must be positive"):
+            CaptureRun(iface, None, limits, tmp_path / "x.pcap")
+    run = CaptureRun(iface, None, Limits(duration=5, max_bytes=64), tmp_path / "x.pcap")
+    with pytest.raises(FoveaError, match="smaller than the file's header"):
+        run.start()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_directory_is_an_error_and_leaves_nothing(lab, tmp_path):
     run = CaptureRun([Interface(lab.pods[0].host_if)], None, Limits(duration=5), tmp_path / "no" / "x.pcap")
     with pytest.raises(FoveaError, match="cannot write"):
