@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 RING_BUFFER_BYTES = 8 << 20  # per interface: absorbs bursts while the file catches up
+RING_BUDGET_BYTES = 64 << 20  # all interfaces of one capture: rings are locked kernel memory
+MIN_RING_BYTES = 1 << 20
 MAX_FILTER_LENGTH = 4096
 BLOCK_TIMEOUT_MS = 100  # the kernel hands over a partly filled ring block after this
 DRAIN_SECONDS = 2.5 * BLOCK_TIMEOUT_MS / 1000
@@ -142,10 +144,10 @@ class CaptureRun:
         nothing left behind), then capture in the background."""
         if self.filter_expr:
             check_filter(self.filter_expr)
+        ring = max(MIN_RING_BYTES, min(RING_BUFFER_BYTES, RING_BUDGET_BYTES // len(self.interfaces)))
         try:
             for iface in self.interfaces:
-                handle = libpcap.Handle(iface.name, self.limits.snap_length, RING_BUFFER_BYTES,
-                                         BLOCK_TIMEOUT_MS)
+                handle = libpcap.Handle(iface.name, self.limits.snap_length, ring, BLOCK_TIMEOUT_MS)
                 self._handles.append(handle)
                 if self.filter_expr:
                     try:
