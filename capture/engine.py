@@ -144,7 +144,7 @@ class CaptureRun:
         nothing left behind), then capture in the background."""
         if self.filter_expr:
             check_filter(self.filter_expr)
-        ring = max(MIN_RING_BYTES, min(RING_BUFFER_BYTES, RING_BUDGET_BYTES // len(self.interfaces)))
+        ring = min(RING_BUFFER_BYTES, max(MIN_RING_BYTES, RING_BUDGET_BYTES // len(self.interfaces)))
         try:
             for iface in self.interfaces:
                 handle = libpcap.Handle(iface.name, self.limits.snap_length, ring, BLOCK_TIMEOUT_MS)
