@@ -58,6 +58,7 @@ IPERF_PORT = 5201
 PAYLOAD = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RING = RING_BUFFER_BYTES  # per capture, both tools; --ring-kib
+PIN: list[str] = []  # taskset prefix for both tools; --capture-cpu
 
 ENGINE = textwrap.dedent("""
     import json, resource, sys
@@ -117,7 +118,7 @@ def iperf(lab: NodeLab, seconds: float, pps: int) -> dict:
 
 def run_engine(lab: NodeLab, seconds: float, pps: int, workdir: Path) -> dict:
     path = workdir / f"engine-{random.randrange(1 << 30)}.pcapng"
-    proc = subprocess.Popen([sys.executable, "-c", ENGINE, lab.pods[0].host_if, str(path), str(RING)], cwd=REPO,
+    proc = subprocess.Popen([*PIN, sys.executable, "-c", ENGINE, lab.pods[0].host_if, str(path), str(RING)], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -138,7 +139,7 @@ def run_engine(lab: NodeLab, seconds: float, pps: int, workdir: Path) -> dict:
 
 def run_tcpdump(lab: NodeLab, seconds: float, pps: int, workdir: Path) -> dict:
     path = workdir / f"tcpdump-{random.randrange(1 << 30)}.pcap"
-    proc = subprocess.Popen(["tcpdump", "-i", lab.pods[0].host_if, "-w", str(path), "-s", "262144", "-n",
+    proc = subprocess.Popen([*PIN, "tcpdump", "-i", lab.pods[0].host_if, "-w", str(path), "-s", "262144", "-n",
                              "-B", str(RING >> 10), "-Z", "root"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -181,10 +182,13 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of the whole ladder")
     p.add_argument("--ring-kib", type=int, default=RING_BUFFER_BYTES >> 10,
                    help="kernel ring size for both tools (default: the engine's)")
+    p.add_argument("--capture-cpu", type=int,
+                   help="pin both capturing processes to this CPU (0: the iperf3 sender's, 1: the receiver's)")
     p.add_argument("--output", type=Path)
     args = p.parse_args()
-    global RING
+    global RING, PIN
     RING = args.ring_kib << 10
+    PIN = ["taskset", "-c", str(args.capture_cpu)] if args.capture_cpu is not None else []
     rates = ([int(r) for r in args.rates.split(",") if r] + [0]) * args.repeat
 
     lab = NodeLab(f"fvb{random.randrange(16**5):05x}", pods=1, ipv6=False, octet=random.randrange(100, 200))
@@ -222,7 +226,8 @@ def render(rows: list[dict], args) -> str:
         ratio, verdict = "–", "tcpdump lost packets at every rate tried"
     lines = [
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()}, Linux {platform.release()},"
-        f" {os.cpu_count()} CPUs, ring {RING >> 10} KiB; `{' '.join(['bench/capture.py', *sys.argv[1:]])}`",
+        f" {os.cpu_count()} CPUs, ring {RING >> 10} KiB"
+        f"{f', capture pinned to CPU {PIN[-1]}' if PIN else ''}; `{' '.join(['bench/capture.py', *sys.argv[1:]])}`",
         "",
         "| | engine | tcpdump -w | ratio | goal |",
         "|---|---|---|---|---|",

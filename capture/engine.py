@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 RING_BUFFER_BYTES = 8 << 20  # per interface: absorbs bursts while the file catches up
+RING_BUDGET_BYTES = 64 << 20  # all interfaces of one capture: rings are locked kernel memory
+MIN_RING_BYTES = 1 << 20
 MAX_FILTER_LENGTH = 4096
 BLOCK_TIMEOUT_MS = 100  # the kernel hands over a partly filled ring block after this
 DRAIN_SECONDS = 2.5 * BLOCK_TIMEOUT_MS / 1000
@@ -113,6 +115,10 @@ class CaptureRun:
             raise FoveaError("nothing to capture on", "the capture matched no interface on this node")
         if limits.duration <= 0:
             raise FoveaError(f"capture duration must be positive, not {limits.duration}")
+        for name, value in (("maxBytes", limits.max_bytes), ("maxPackets", limits.max_packets),
+                            ("snapLength", limits.snap_length)):
+            if value is not None and value <= 0:
+                raise FoveaError(f"capture {name} must be positive, not {value}")
         self.interfaces = list(interfaces)
         self.filter_expr = filter_expr or ""
         self.limits = limits
@@ -125,6 +131,7 @@ class CaptureRun:
         self._reason = ""
         self._ended_ns = 0
         self._message = ""
+        self._errors: list[str] = []
         self._packets = [0] * len(interfaces)
         self._positions = [24] * len(interfaces)
         self._result: CaptureResult | None = None
@@ -137,10 +144,10 @@ class CaptureRun:
         nothing left behind), then capture in the background."""
         if self.filter_expr:
             check_filter(self.filter_expr)
+        ring = min(RING_BUFFER_BYTES, max(MIN_RING_BYTES, RING_BUDGET_BYTES // len(self.interfaces)))
         try:
             for iface in self.interfaces:
-                handle = libpcap.Handle(iface.name, self.limits.snap_length, RING_BUFFER_BYTES,
-                                         BLOCK_TIMEOUT_MS)
+                handle = libpcap.Handle(iface.name, self.limits.snap_length, ring, BLOCK_TIMEOUT_MS)
                 self._handles.append(handle)
                 if self.filter_expr:
                     try:
@@ -160,6 +167,11 @@ class CaptureRun:
         info = [pcapng.InterfaceInfo(i.name, i.comment, h.linktype, h.snap_length, self.filter_expr)
                 for i, h in zip(self.interfaces, self._handles)]
         self._header = pcapng.header(info, "fovea", f"Linux {platform.release()}")
+        if self.limits.max_bytes is not None and self.limits.max_bytes < len(self._header):
+            self._close_handles()
+            self._remove_raw()
+            raise FoveaError(f"capture maxBytes {self.limits.max_bytes} is smaller than the file's "
+                             f"header ({len(self._header)} bytes)", "allow at least a few KiB")
         self._started_ns = time.time_ns()
         self._deadline = time.monotonic() + self.limits.duration
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.path.name}", daemon=True)
@@ -186,6 +198,14 @@ class CaptureRun:
                 if handle.handle:
                     handle.breakloop()
 
+    def _interface_failed(self, message: str) -> None:
+        """One interface gone (its pod was deleted): the others go on; all gone ends the run."""
+        with self._lock:
+            self._errors.append(message)
+            everything_failed = len(self._errors) == len(self._handles)
+        if everything_failed:
+            self._end("error", "; ".join(self._errors))
+
     def _pump(self, i: int) -> None:
         handle, limits = self._handles[i], self.limits
         poller = select.poll()
@@ -201,8 +221,8 @@ class CaptureRun:
             if n == libpcap.PCAP_ERROR_BREAK:
                 break
             if n < 0:
-                self._end("error", f"capture on {handle.ifname} failed: {handle.error()}")
-                break
+                self._interface_failed(f"capture on {handle.ifname} ended: {handle.error()}")
+                return
             if n == 0:
                 poller.poll(POLL_MS)
                 continue
@@ -271,7 +291,7 @@ class CaptureRun:
             partial.unlink(missing_ok=True)
             raise
         reason = merged.limit or self._reason or "duration"
-        message = self._message
+        message = self._message if reason == "error" else "; ".join(self._errors)
         if dropped:
             message = (message + "; " if message else "") + f"the kernel dropped {dropped} packets"
         return CaptureResult(self.path, merged.packets, merged.bytes, dropped, reason,
