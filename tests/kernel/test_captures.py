@@ -236,6 +236,20 @@ def test_a_limit_ends_the_capture_early(cluster):
     assert s["nodes"]["node-a"]["message"] == "stopped by maxPackets"
 
 
+def test_cluster_capture_of_a_host_network_pod_captures_the_node_uplinks(cluster):
+    lab = cluster.lab
+    cluster.capture("hostnet", kind="ClusterCapture", target={
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+        "podSelector": {"matchLabels": {"app": "hostnet"}}}, filter=f"tcp port {P + 3}", duration="6s",
+        includeMetadata=False)
+    cluster.wait("hostnet", lambda s: (s.get("nodes") or {}).get("node-a", {}).get("phase") == "Running",
+                 kind="ClusterCapture")
+    segments = converse(lab, lab.pods[1], P + 3)
+    assert cluster.status("hostnet", "ClusterCapture")["phase"] == "Running", "too slow for the duration"
+    s = cluster.done("hostnet", kind="ClusterCapture")
+    assert s["phase"] == "Succeeded" and s["nodes"]["node-a"]["packets"] == segments, s
+
+
 def test_namespaced_capture_cannot_reach_another_namespace_or_a_host_network_pod(cluster):
     before = set(cluster.base("node-a").rglob("*"))
     cluster.capture("reach-other", target={"podNames": ["cli-1"]})
