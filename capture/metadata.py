@@ -153,7 +153,9 @@ def collect_bundle(dest: Path, pcap: Path, spec: dict, result: CaptureResult, po
     members: dict[str, bytes] = {}
     pod_ips = tuple(ip for p in pods for ip in p.ips)
     if node_wide:
-        files, errors = _collect_netns(None, pod_ips if pods else None)
+        # The agent's own namespace (the node's, with hostNetwork), named explicitly: the calling
+        # thread itself may be elsewhere.
+        files, errors = _collect_netns(f"/proc/{os.getpid()}/ns/net", pod_ips if pods else None)
         members.update({f"node/{k}": v for k, v in files.items()})
         collected["node"] = {"files": sorted(files), "errors": errors}
     for pod in pods:

@@ -78,7 +78,40 @@ def echo_conversation(lab, client, server, port: int, messages: int = 20) -> int
     return tcp_segments(lab, client.netns) - before
 
 
-def udp_burst(lab, src, dst, count: int, size: int = 200, port: int = 9) -> None:
+SINK_PORT = 9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sinks(lab):
+    """A reader on the bursts' port in each pod: datagrams are consumed, not dropped (a closed
+    port would add kernel drops that other tests on this host count)."""
+    stop = threading.Event()
+    socks, threads = [], []
+    for pod in lab.pods[:2]:
+        s = lab.socket(pod.netns, socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: bursts fit
+        s.bind((pod.ipv4, SINK_PORT))
+        s.settimeout(0.1)
+        socks.append(s)
+
+        def drain(s=s):
+            while not stop.is_set():
+                try:
+                    s.recv(65536)
+                except (TimeoutError, OSError):
+                    pass
+
+        threads.append(threading.Thread(target=drain, daemon=True))
+        threads[-1].start()
+    yield
+    stop.set()
+    for t in threads:
+        t.join()
+    for s in socks:
+        s.close()
+
+
+def udp_burst(lab, src, dst, count: int, size: int = 200, port: int = SINK_PORT) -> None:
     with lab.socket(src.netns, socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _ in range(count):
             s.sendto(b"x" * size, (dst.ipv4, port))

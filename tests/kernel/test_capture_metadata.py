@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from agent.netlab import in_netns
 from capture.engine import CaptureRun, Interface, Limits
 from capture.metadata import PodNetns, collect_bundle
 from tests.conftest import require
@@ -116,8 +117,17 @@ def test_pod_bundle_holds_the_pods_state_and_nothing_of_the_host(lab, pod_state,
 def test_node_wide_bundle_adds_the_node(lab, pod_state, capture, tmp_path):
     a = lab.pods[0]
     pod = PodNetns("lab", "a", f"/run/netns/{a.netns}", (a.ipv4,))
-    bundle = collect_bundle(tmp_path / "n.tar.gz", capture.path, SPEC, capture, [pod],
-                            node_wide=True, versions={"agent": "0.1.0"})
+    done = []
+
+    def collect():  # from a thread that is itself inside the pod's namespace
+        with in_netns(a.netns):
+            done.append(collect_bundle(tmp_path / "n.tar.gz", capture.path, SPEC, capture, [pod],
+                                       node_wide=True, versions={"agent": "0.1.0"}))
+
+    t = threading.Thread(target=collect)
+    t.start()
+    t.join()
+    bundle = done[0]
     files = read(bundle)
     assert a.host_if in files["n/node/links.json"].decode()
     assert a.gateway4 in files["n/node/addresses.json"].decode()
