@@ -44,6 +44,8 @@ def test_defaults():
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
+    assert top["captures"] == {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
+                               "gracePeriod": 60.0, "namespace": ""}
     assert cfg.validate(REGISTRY) is cfg
 
 
