@@ -53,7 +53,7 @@ class OtlpConfig:
 class ObserveConfig:
     socket: str = "/run/fovea/observe.sock"  # Unix socket of the flow stream; empty: none
     port: int = 9811  # TCP port on 127.0.0.1 only; 0: none
-    buffer: int = 10000  # recent records kept for --last
+    buffer: int = 4096  # recent records kept for --last (a few MiB of memory)
 
 
 @dataclass(frozen=True)
