@@ -35,12 +35,13 @@ def test_defaults():
         "bindAddress": "0.0.0.0",
         "interval": 5.0,
         "idleReads": 12,
-        "plugins": ("forward", "drops", "pods"),
+        "plugins": ("forward", "drops", "pods", "dns"),
         "staticPods": "",
         "logLevel": "info",
         "tc": {"priority": 1},
         "drops": {"mapSize": 16384},
         "pods": {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)},
+        "dns": {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096, "inflightMapSize": 16384},
         "podLevel": {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000},
         "kernel": {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"},
     }
@@ -82,7 +83,7 @@ kernel:
     ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "mapSize"),
     ("tc:\n  prio: 1\n", "tc.prio", "priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
-    ("prot: 1\n", "prot", "bindAddress, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
+    ("prot: 1\n", "prot", "bindAddress, dns, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
                           "nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, uplinks"),
 ])
 def test_unknown_key_is_named(tmp_path, text, key, known):
@@ -190,7 +191,7 @@ def test_validate_unknown_plugin(plugins, bad):
     with pytest.raises(FoveaError) as exc:
         Config(plugins=plugins).validate(REGISTRY)
     assert exc.value.problem == f"config key 'plugins': unknown plugin {bad!r}"
-    assert exc.value.hint == "known plugins: drops, forward, pods"
+    assert exc.value.hint == "known plugins: dns, drops, forward, pods"
 
 
 @pytest.mark.parametrize("name", ["eth 0", "a/b", "a" * 16, ""])
@@ -201,7 +202,7 @@ def test_validate_bad_uplink(name):
 
 
 def test_registry():
-    assert sorted(REGISTRY) == ["drops", "forward", "pods"]
+    assert sorted(REGISTRY) == ["dns", "drops", "forward", "pods"]
     assert all(cls.name == name for name, cls in REGISTRY.items())
 
 
@@ -215,7 +216,7 @@ def test_plugins_import_without_root_or_bcc():
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "True ['drops', 'forward', 'pods'] False\n"
+    assert result.stdout == "True ['dns', 'drops', 'forward', 'pods'] False\n"
 
 
 def test_invalid_yaml(tmp_path):
