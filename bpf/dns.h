@@ -157,7 +157,7 @@ static __always_inline void dns_sample(struct __sk_buff *skb, struct dns_flow *f
     dns_events.perf_submit_skb(skb, copy, &ev, sizeof(ev));
 }
 
-/* The qtype after the first QNAME at `off`, or a negative reject reason. */
+/* The qtype after the first QNAME at `off`, or -1 - the reject reason. */
 static __always_inline int dns_qtype(struct __sk_buff *skb, u32 off, u32 end)
 {
     u32 name_len = 0;
@@ -166,22 +166,22 @@ static __always_inline int dns_qtype(struct __sk_buff *skb, u32 off, u32 end)
     for (i = 0; i < DNS_MAX_LABELS; i++) {
         u8 len;
         if (off >= end || bpf_skb_load_bytes(skb, off, &len, 1) < 0)
-            return -DNS_REJECT_TRUNCATED;
+            return -1 - DNS_REJECT_TRUNCATED;
         off += 1;
         if (len == 0)
             break;
         if (len & 0xC0) /* a pointer (nothing earlier to point to) or a reserved type */
-            return -DNS_REJECT_NAME;
+            return -1 - DNS_REJECT_NAME;
         name_len += len + 1;
         if (name_len > DNS_MAX_NAME)
-            return -DNS_REJECT_NAME;
+            return -1 - DNS_REJECT_NAME;
         off += len;
     }
     if (i == DNS_MAX_LABELS)
-        return -DNS_REJECT_NAME;
+        return -1 - DNS_REJECT_NAME;
     u16 qtype;
     if (off + 4 > end || bpf_skb_load_bytes(skb, off, &qtype, 2) < 0) /* qtype and qclass */
-        return -DNS_REJECT_TRUNCATED;
+        return -1 - DNS_REJECT_TRUNCATED;
     return bpf_ntohs(qtype);
 }
 
@@ -283,7 +283,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
             return;
         int qtype = dns_qtype(skb, off + DNS_HEADER_LEN, end);
         if (qtype < 0) {
-            dns_stat(-qtype);
+            dns_stat(-1 - qtype);
             return;
         }
         dns_count(pkt, DNS_QUERY, qtype, 0, local, end - off);
