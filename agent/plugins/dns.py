@@ -81,13 +81,13 @@ class _Host:
     def __init__(self, program: str, bpf, idle_reads: int, on_event, on_lost):
         self.program = program
         self.bpf = bpf
-        self.counts = CounterHash(bpf["dns_counts"], self._decode_count, idle_reads)
-        self.inflight = bpf["dns_inflight"]
-        self.latency = bpf["dns_latency"]
-        self.stats = bpf["dns_stats"]
-        self.pod_ifaces = bpf["dns_pod_ifaces"] if program == "pods" else None
+        self.counts = CounterHash(bpf[b"dns_counts"], self._decode_count, idle_reads)
+        self.inflight = bpf[b"dns_inflight"]
+        self.latency = bpf[b"dns_latency"]
+        self.stats = bpf[b"dns_stats"]
+        self.pod_ifaces = bpf[b"dns_pod_ifaces"] if program == "pods" else None
         self.inflight_entries = 0
-        bpf["dns_events"].open_perf_buffer(on_event, page_cnt=64, lost_cb=on_lost)
+        bpf[b"dns_events"].open_perf_buffer(on_event, page_cnt=64, lost_cb=on_lost)
 
     @staticmethod
     def _decode_count(k) -> tuple:

@@ -285,3 +285,62 @@ def test_malformed_messages_are_rejected_and_valid_ones_stay_exact(lab, dns_agen
                for k in after.samples if k[0] == "fovea_agent_dns_rejected_total" and ("stage", "kernel") in k[1]}
     assert {r: n for r, n in counted.items() if n} == sent
     assert dns_agent.proc.poll() is None
+
+
+@pytest.fixture
+def in_process_agent(lab, tmp_path):
+    """An agent in this process, so that the test can subscribe to its event hub."""
+    import threading
+
+    from agent.config import load
+    from agent.plugins import REGISTRY
+    from agent.runtime import Agent
+    from tests.conftest import free_port
+
+    port = free_port()
+    (tmp_path / "fovea.yaml").write_text(yaml.safe_dump({
+        "standalone": True, "nodeName": f"test-{port}", "port": port, "bindAddress": "127.0.0.1",
+        "interval": 0.5, "uplinks": [lab.uplink], "plugins": ["pods", "dns"],
+        "pods": {"interfaces": [lab.prefix + "p*"]},
+        "dns": {"timeout": TIMEOUT, "sampleRatio": 1.0},
+    }))
+    agent = Agent(load(str(tmp_path / "fovea.yaml")).validate(REGISTRY))
+    agent.start()
+    loop = threading.Thread(target=agent.run, daemon=True)
+    loop.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        loop.join(timeout=10)
+        agent.close()
+
+
+def test_sampled_transactions_carry_names_and_answers(lab, servers, in_process_agent):
+    from agent.events import DnsTransaction
+
+    web, server = lab.pods
+    sub = in_process_agent.events.subscribe("test")
+    plan = [p for p in PLAN if not p[0].startswith("fail")][::3]
+    run_plan(lab, web.netns, server.ipv4, plan)
+    got: dict[str, DnsTransaction] = {}
+    deadline = time.monotonic() + 30
+    while len(got) < len(plan) and time.monotonic() < deadline:
+        record = sub.get(timeout=0.5)
+        if isinstance(record, DnsTransaction) and record.client == web.ipv4:
+            got[record.name] = record
+    assert sorted(got) == sorted(p[0] for p in plan)
+    with open(f"/sys/class/net/{web.host_if}/ifindex") as f:
+        web_ifindex = int(f.read())
+    for name, qtype, transport, rcode in plan:
+        t = got[name]
+        assert (t.qtype, t.rcode, t.transport, t.server, t.server_port) == (qtype, rcode, transport, server.ipv4, 53)
+        assert (t.observer, t.ifindex) == ("source", web_ifindex)
+        assert abs(t.start - time.time()) < 60
+        if rcode is None:
+            assert t.duration is None and t.answers == ()
+        else:
+            assert 0 < t.duration < 5
+            record = {"A": "192.0.2.7", "AAAA": "2001:db8::7", "TXT": '"fovea"', "MX": "10 mail.example."}
+            assert t.answers == ((record[qtype],) if rcode == "NOERROR" else ())
+    assert in_process_agent.events.dropped() == {"test": 0}
