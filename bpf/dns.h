@@ -47,7 +47,7 @@
 #define DNS_REJECT_NAME 4       /* a compression pointer, reserved label type or >255 bytes */
 #define DNS_REJECT_DIRECTION 5  /* QR bit disagrees with the port: a "query" from port 53 */
 /* Not rejects, but counted beside them. */
-#define DNS_UNMATCHED 6      /* a response with no query in flight */
+#define DNS_UNMATCHED 6      /* a response for a local client with no query in flight */
 #define DNS_INFLIGHT_FULL 7  /* a query not tracked: no latency, no unanswered */
 #define DNS_COUNTS_FULL 8    /* a message not counted: dns_counts is full */
 #define DNS_STATS 9
@@ -299,7 +299,10 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
 
     struct dns_query *found = dns_inflight.lookup(&f);
     if (!found) {
-        if (!seen)
+        /* Counted where it reaches its local client from outside the node: a
+         * local server's response to a client elsewhere, or one seen again
+         * at a second interface, is not counted twice. */
+        if (!local_sent && !seen)
             dns_stat(DNS_UNMATCHED);
         return;
     }

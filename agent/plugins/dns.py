@@ -240,8 +240,9 @@ class DnsPlugin(Plugin, TcExtension):
         with self._lock:
             for reason in dnswire.REASONS:
                 rejected.add_metric(["decoder", reason], self.decode_rejects[reason])
-        unmatched = CounterMetricFamily("fovea_agent_dns_unmatched_responses",
-                                        "DNS responses seen with no query in flight (late, duplicate or unsolicited)")
+        unmatched = CounterMetricFamily(
+            "fovea_agent_dns_unmatched_responses",
+            "DNS responses from outside the node for a local client with no query in flight (late, duplicate)")
         unmatched.add_metric([], stats[UNMATCHED])
         return [requests, responses, unanswered, latency, rejected, unmatched,
                 self.pod_requests.counter("fovea_pod_dns_requests", "DNS queries of observed pods"),

@@ -344,3 +344,21 @@ def test_sampled_transactions_carry_names_and_answers(lab, servers, in_process_a
             record = {"A": "192.0.2.7", "AAAA": "2001:db8::7", "TXT": '"fovea"', "MX": "10 mail.example."}
             assert t.answers == ((record[qtype],) if rcode == "NOERROR" else ())
     assert in_process_agent.events.dropped() == {"test": 0}
+
+
+def test_unsolicited_responses_from_outside_are_unmatched_not_counted(lab, dns_agent, servers):
+    web, world_server = lab.pods[0], servers[2]
+    k = 9
+    before = settle(dns_agent)
+    client = lab.socket(web.netns, socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((web.ipv4, 0))
+    try:
+        for i in range(k):  # a response from port 53 that nobody asked for
+            wire = _header(0x4000 + i, flags=0x8180) + _name([b"spoof", b"example"]) + b"\0\1\0\1"
+            world_server.udp.sendto(wire, client.getsockname())
+    finally:
+        client.close()
+    after = settle(dns_agent)
+    assert total(before, after, "fovea_dns_responses_total") == 0
+    assert total(before, after, "fovea_dns_requests_total") == 0
+    assert after.delta(before, "fovea_agent_dns_unmatched_responses_total") == k

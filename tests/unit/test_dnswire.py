@@ -160,8 +160,10 @@ def test_a_sampled_query_and_response_make_one_transaction():
     deliver(p, event(1, headers + response_wire()))
     t = sub.get(timeout=0)
     assert isinstance(t, DnsTransaction)
-    assert (t.name, t.answers, t.qtype, t.rcode, t.duration) == ("www.shop.example", ("192.0.2.7",), "A", "NOERROR", 0.002)
-    assert (t.client, t.client_port, t.server, t.server_port, t.transport, t.id) == ("10.1.1.2", 40000, "10.1.2.2", 53, "udp", 0x1234)
+    assert (t.name, t.answers, t.qtype, t.rcode, t.duration) == (
+        "www.shop.example", ("192.0.2.7",), "A", "NOERROR", 0.002)
+    assert (t.client, t.client_port, t.server, t.server_port, t.transport, t.id) == (
+        "10.1.1.2", 40000, "10.1.2.2", 53, "udp", 0x1234)
     assert not p._sampled
 
 
