@@ -36,6 +36,14 @@ class PodsConfig:
 
 
 @dataclass(frozen=True)
+class TcpConfig:
+    mapSize: int = 16384  # keys of each TCP map (events by namespace and address, histograms, states)
+    socketMapSize: int = 65536  # sockets tracked at once for handshake latency and RTT sampling
+    reconcileInterval: float = 30.0  # seconds between sock_diag counts of connection states
+    includeHost: bool = True  # the host's own namespace (node, hostNetwork pods) counts as the node's
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     timeout: float = 5.0  # seconds without a response before a query counts as unanswered
     sampleRatio: float = 0.01  # share of transactions decoded in full (names, answers) for traces and observe
@@ -68,12 +76,13 @@ class Config:
     bindAddress: str = "0.0.0.0"
     interval: float = 5.0  # seconds between reads of the kernel maps
     idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
-    plugins: tuple[str, ...] = ("forward", "drops", "pods", "dns")
+    plugins: tuple[str, ...] = ("forward", "drops", "pods", "tcp", "dns")
     staticPods: str = ""  # standalone: YAML file naming pods by IP (agent/k8s/static.py)
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
     pods: PodsConfig = field(default_factory=PodsConfig)
+    tcp: TcpConfig = field(default_factory=TcpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
@@ -91,6 +100,9 @@ class Config:
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
             ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
+            ("tcp.mapSize", 1 <= self.tcp.mapSize <= 1 << 20, "1 to 1048576"),
+            ("tcp.socketMapSize", 1 <= self.tcp.socketMapSize <= 1 << 22, "1 to 4194304"),
+            ("tcp.reconcileInterval", self.tcp.reconcileInterval > 0, "a positive number of seconds"),
             ("dns.timeout", 0 < self.dns.timeout <= 3600, "more than 0 and at most 3600 seconds"),
             ("dns.sampleRatio", 0 <= self.dns.sampleRatio <= 1, "a share from 0 to 1"),
             ("dns.sampleBytes", 12 <= self.dns.sampleBytes <= 4096, "12 to 4096"),
