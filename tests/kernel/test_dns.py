@@ -189,12 +189,13 @@ def test_queries_between_pods_are_exact_and_counted_once(lab, dns_agent, servers
     count = after.delta(before, "fovea_dns_latency_seconds_count")
     assert count == answered
     kernel_latency = after.delta(before, "fovea_dns_latency_seconds_sum")
-    # The kernel's interval (query leaves the pod ... response reaches it) lies inside the
-    # client's (before sendto ... after recv returns): never longer. The client's extra is
-    # two syscalls, a wake-up and dnspython's parse per query: on a loaded 2-CPU VM well
-    # under 20 ms a query.
-    assert 0 < kernel_latency <= client_latency
-    assert client_latency - kernel_latency < 0.02 * answered
+    # The kernel's interval (the query leaves the pod ... the response reaches it) lies inside
+    # the client's (before sendto ... after recv and dnspython's parse): never longer. The
+    # client's extra per query is two syscalls, a wake-up and a ~40 us parse: ~0.15 ms
+    # measured here; 2 ms on average leaves room for a loaded host's wake-ups.
+    numbers = f"kernel {kernel_latency:.6f} s, client {client_latency:.6f} s, {answered} queries"
+    assert 0 < kernel_latency <= client_latency, numbers
+    assert client_latency - kernel_latency < 0.002 * answered, numbers
     assert after.delta(before, "fovea_agent_dns_rejected_total", stage="kernel", reason="truncated") == 0
 
 
