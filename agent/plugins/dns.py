@@ -25,6 +25,7 @@ from collections import OrderedDict, defaultdict
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from agent import dnswire
+from agent.config import DnsConfig
 from agent.errors import FoveaError
 from agent.events import DnsTransaction
 from agent.maps import CounterHash
@@ -68,6 +69,16 @@ def _address(family: int, raw) -> str:
 def _flow_key(flow) -> tuple:
     return (flow.family, flow.transport, flow.id, flow.client_port, flow.server_port,
             bytes(flow.client), bytes(flow.server))
+
+
+def dns_cflags(cfg: DnsConfig) -> list[str]:
+    """The -D flags that put bpf/dns.h into the pods and forward programs."""
+    threshold = min(1 << 32, int(cfg.sampleRatio * (1 << 32)))  # sampled: prandom u32 below it
+    return [
+        "-DFOVEA_DNS", f"-DDNS_COUNT_SIZE={cfg.mapSize}", f"-DDNS_INFLIGHT_SIZE={cfg.inflightMapSize}",
+        f"-DDNS_SAMPLE_THRESHOLD={threshold}ULL", f"-DDNS_SAMPLE_BYTES={cfg.sampleBytes}",
+        f"-DDNS_LATENCY_BASE_NS={LATENCY_BASE_NS}ULL", f"-DDNS_LATENCY_BUCKETS={LATENCY_BUCKETS}",
+    ]
 
 
 def wall_clock(monotonic_ns: int) -> float:
@@ -137,12 +148,7 @@ class DnsPlugin(Plugin, TcExtension):
                                          keep_on_overflow=("qtype", "rcode"))
         self._pending = Pending()
         self._timeout_ns = int(cfg.dns.timeout * 1e9)
-        threshold = min(1 << 32, int(cfg.dns.sampleRatio * (1 << 32)))
-        self._cflags = [
-            "-DFOVEA_DNS", f"-DDNS_COUNT_SIZE={cfg.dns.mapSize}", f"-DDNS_INFLIGHT_SIZE={cfg.dns.inflightMapSize}",
-            f"-DDNS_SAMPLE_THRESHOLD={threshold}ULL", f"-DDNS_SAMPLE_BYTES={cfg.dns.sampleBytes}",
-            f"-DDNS_LATENCY_BASE_NS={LATENCY_BASE_NS}ULL", f"-DDNS_LATENCY_BUCKETS={LATENCY_BUCKETS}",
-        ]
+        self._cflags = dns_cflags(cfg.dns)
         self._thread = threading.Thread(target=self._poll, name="dns-events", daemon=True)
         self._thread.start()
         ctx.tc_extensions.append(self)

@@ -19,7 +19,7 @@ plugins) watches the lab's pod interfaces. For each sampling ratio:
 Each process runs in its own namespace as a subprocess (no shared GIL).
 Needs root. Everything is created in the lab's namespaces and removed at the end.
 
-    .venv/bin/python bench/dns.py --rate 5000 --seconds 20 --ratios 0.01,1
+    .venv/bin/python bench/dns_flood.py --rate 5000 --seconds 20 --ratios 0.01,1
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def main() -> int:
     p.add_argument("--output", metavar="FILE", help="also write the markdown table to FILE")
     args = p.parse_args()
     if os.geteuid() != 0:
-        raise SystemExit("bench/dns.py needs root (network namespaces, eBPF)")
+        raise SystemExit("bench/dns_flood.py needs root (network namespaces, eBPF)")
     results = []
     with NodeLab("fvd%04x" % random.randrange(16**4), pods=2, ipv6=False, octet=random.randrange(100, 200)) as lab:
         progress(f"lab {lab.prefix} (10.{lab.octet}.0.0/16)")
