@@ -137,7 +137,9 @@ def settled(agent: Agent, want: float) -> dict:
 def run(lab: NodeLab, ratio: float, rate: float, seconds: float) -> dict:
     client_ep, server_ep = lab.pods
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
-        json.dump({"pods": {"interfaces": [lab.prefix + "p*"]},
+        # A node name of its own: tc filters are named after the node, and another agent
+        # on this host under the default name would replace (and then remove) ours.
+        json.dump({"nodeName": f"{lab.prefix}-{os.getpid()}", "pods": {"interfaces": [lab.prefix + "p*"]},
                    "dns": {"timeout": TIMEOUT, "sampleRatio": ratio}}, cfg)
     server = subprocess.Popen(["ip", "netns", "exec", server_ep.netns, sys.executable, "-c", SERVER, server_ep.ipv4],
                               stdout=subprocess.PIPE, text=True)
