@@ -41,6 +41,8 @@ def test_defaults():
                           "inflightMapSize": 16384}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
+    assert top["captures"] == {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
+                               "gracePeriod": 60.0, "namespace": ""}
     assert cfg.validate(REGISTRY) is cfg
 
 
