@@ -205,7 +205,10 @@ class DnsPlugin(Plugin, TcExtension):
             if libbcc.lib.bpf_lookup_and_delete(host.inflight.map_fd, ct.byref(key), ct.byref(leaf)) != 0:
                 continue  # answered meanwhile
             if now_ns - leaf.ts <= self._timeout_ns:  # asked again meanwhile: still in flight
-                host.inflight[key] = leaf
+                try:
+                    host.inflight[key] = leaf
+                except Exception:  # the table filled up meanwhile: its response will be unmatched
+                    pass
                 continue
             host.inflight_entries -= 1
             qtype = dnswire.qtype_name(leaf.qtype)
