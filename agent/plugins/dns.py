@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent import dnswire
 from agent.config import DnsConfig
@@ -117,6 +117,7 @@ class DnsPlugin(Plugin, TcExtension):
     def __init__(self):
         self._ctx: PluginContext | None = None
         self._hosts: dict[str, _Host] = {}
+        self._failed: dict[str, str] = {}  # host program -> why DNS is not in it
         self._lock = threading.Lock()  # state shared by the poll thread and the read loop
         self._poll_lock = threading.Lock()  # held while a host's perf buffer is polled
         self._stop = threading.Event()
@@ -253,7 +254,12 @@ class DnsPlugin(Plugin, TcExtension):
             "fovea_agent_dns_unmatched_responses",
             "DNS responses from outside the node for a local client with no query in flight (late, duplicate)")
         unmatched.add_metric([], stats[UNMATCHED])
-        return [requests, responses, unanswered, latency, rejected, unmatched,
+        inside = GaugeMetricFamily("fovea_agent_dns_datapath",
+                                   "1 if DNS is counted inside this tc program, 0 if it failed to load there",
+                                   labels=["program"])
+        for program in sorted(set(self._hosts) | set(self._failed)):
+            inside.add_metric([program], 1.0 if program in self._hosts else 0.0)
+        return [requests, responses, unanswered, latency, rejected, unmatched, inside,
                 self.pod_requests.counter("fovea_pod_dns_requests", "DNS queries of observed pods"),
                 self.pod_responses.counter("fovea_pod_dns_responses", "DNS responses of observed pods")]
 
@@ -294,6 +300,7 @@ class DnsPlugin(Plugin, TcExtension):
         log.info("counting DNS in the %s programs", program)
 
     def failed(self, program: str, why: str) -> None:
+        self._failed[program] = why
         log.error("DNS is not counted in the %s programs: %s", program, why)
 
     def attached(self, program: str, ifindex: int) -> None:

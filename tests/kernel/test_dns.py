@@ -181,6 +181,8 @@ def test_queries_between_pods_are_exact_and_counted_once(lab, dns_agent, servers
     after = settle(dns_agent, until=lambda s: sum(
         s.delta(before, "fovea_dns_unanswered_total", qtype=q) for q in ("A", "MX")) >= unanswered)
     check_counts(before, after, plan, pod=WEB)
+    assert after.get("fovea_agent_dns_datapath", program="pods") == 1
+    assert after.get("fovea_agent_dns_datapath", program="forward") == 1
     # Seen at both pods' interfaces, counted once: at the client's; the server pod has no new series.
     for key, value in after.samples.items():
         if key[0].startswith("fovea_pod_dns") and ("pod", DNS[1]) in key[1]:
