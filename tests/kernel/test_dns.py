@@ -175,8 +175,9 @@ def test_queries_between_pods_are_exact_and_counted_once(lab, dns_agent, servers
     web, server = lab.pods
     before = settle(dns_agent)
     client_latency = run_plan(lab, web.netns, server.ipv4, PLAN)
-    client_latency += run_plan(lab, web.netns, server.ipv6, PLAN[:10])
-    plan = PLAN + PLAN[:10]
+    v6 = PLAN[:10] + PLAN[-7:]  # UDP and TCP over IPv6
+    client_latency += run_plan(lab, web.netns, server.ipv6, v6)
+    plan = PLAN + v6
     unanswered = sum(1 for p in plan if p[3] is None)
     after = settle(dns_agent, until=lambda s: sum(
         s.delta(before, "fovea_dns_unanswered_total", qtype=q) for q in ("A", "MX")) >= unanswered)
