@@ -29,14 +29,25 @@ def source_dir() -> Path:
     raise FoveaError("the eBPF sources (bpf/*.c) are missing", "reinstall fovea or set FOVEA_BPF_DIR")
 
 
-INCLUDE_FRAGMENT = re.compile(r'^#include "([\w-]+\.inc)"$', re.M)
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.M)
 
 
-def program_text(src: Path, name: str) -> str:
-    """bpf/<name>.c with its `#include "x.inc"` fragments pasted in: bcc rewrites
-    map calls (table.lookup...) only in the main file, not in included headers."""
-    text = (src / f"{name}.c").read_text()
-    return INCLUDE_FRAGMENT.sub(lambda m: (src / m.group(1)).read_text(), text)
+def inline_includes(path: Path, seen: set[str] | None = None) -> str:
+    """The C source with the bpf/ headers it includes pasted in, each once: bcc
+    rewrites map calls (`table.lookup(...)`) only in the main file, so headers
+    that use maps (dns.h) must become part of it."""
+    seen = set() if seen is None else seen
+
+    def paste(m: re.Match) -> str:
+        header = path.parent / m.group(1)
+        if not header.is_file():
+            return m.group(0)  # a system or kernel header: left to the compiler
+        if m.group(1) in seen:
+            return ""
+        seen.add(m.group(1))
+        return inline_includes(header, seen)
+
+    return _LOCAL_INCLUDE.sub(paste, path.read_text())
 
 
 def compile_program(name: str, cflags: list[str], headers: Headers):
@@ -51,7 +62,7 @@ def compile_program(name: str, cflags: list[str], headers: Headers):
     try:
         # bcc prints clang's diagnostics on fd 2 itself; keep Python's noise out of it.
         with contextlib.redirect_stderr(err):
-            return BPF(text=program_text(src, name).encode(), cflags=flags)
+            return BPF(text=inline_includes(src / f"{name}.c"), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
         raise FoveaError(
             f"could not compile or load bpf/{name}.c: {e}",

@@ -7,7 +7,6 @@ import logging
 from prometheus_client.core import CounterMetricFamily
 from pyroute2 import IPRoute
 
-from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import read_percpu_array
@@ -40,14 +39,11 @@ class ForwardPlugin(Plugin):
                     raise FoveaError(f"uplink {name!r} does not exist", f"interfaces here: {', '.join(_names(ipr))}")
                 if ipr.get_links(idx[0])[0]["ifi_type"] != ARPHRD_ETHER:
                     raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
-        self._bpf = compile_program("forward", flow_cflags(ctx.config.flows), ctx.headers)
+        self._bpf, self._programs = ctx.load_tc_programs(
+            "forward", flow_cflags(ctx.config.flows), {"ingress": b"forward_ingress", "egress": b"forward_egress"})
         if ctx.config.flows.enabled:
             self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
                                      lambda: ctx.pod_addresses)
-        self._programs = {
-            "ingress": self._bpf.load_func(b"forward_ingress", self._bpf.SCHED_CLS),
-            "egress": self._bpf.load_func(b"forward_egress", self._bpf.SCHED_CLS),
-        }
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -99,6 +95,8 @@ class ForwardPlugin(Plugin):
                 self._ctx.tc.detach(ifindex)
             self._attached.clear()
         if self._bpf is not None:
+            for ext in self._ctx.tc_extensions:
+                ext.unloading("forward")
             self._bpf.cleanup()
             self._bpf = None
 

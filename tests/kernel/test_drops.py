@@ -80,7 +80,9 @@ def test_dashboard_queries_use_only_exported_metrics(agent):
 
     text = agent.scrape().text  # families are declared even before they have samples
     exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    histograms = set(re.findall(r"^# TYPE (\S+) histogram$", text, re.M))
     exported |= {n + "_total" for n in exported} | {n + "_info" for n in exported}
+    exported |= {n + suffix for n in histograms for suffix in ("_bucket", "_count", "_sum")}
     for path in sorted((REPO / "dashboards").glob("*.json")):
         dash = json.loads(path.read_text())
         assert dash["templating"]["list"][0]["type"] == "datasource"  # no hard-coded datasource UIDs
