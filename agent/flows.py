@@ -420,6 +420,14 @@ class FlowTracker:
         return self.entries / self.max_entries if self.max_entries else 0.0
 
 
+TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
+                  (0x40, "ECE"), (0x80, "CWR"))
+
+
+def tcp_flag_names(flags: int) -> str:
+    return "|".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)
+
+
 def flow_cflags(cfg) -> list[str]:
     """-D flags that build the flow table into a tc program (empty when flows are off)."""
     if not cfg.enabled:

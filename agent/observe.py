@@ -87,7 +87,7 @@ def record_dict(record, resolver=None, node: str = "") -> dict | None:
 
 
 def _flags(record: FlowRecord) -> str:
-    from agent.traces import tcp_flag_names
+    from agent.flows import tcp_flag_names  # not agent.traces: that imports the OpenTelemetry SDK
 
     return tcp_flag_names(record.tcp_flags) if record.transport == "tcp" else ""
 
@@ -184,13 +184,14 @@ class ObserveServer:
                 continue
             if d is None:
                 continue
+            line = _line(d)
             with self.lock:
-                self.recent.append(d)
+                self.recent.append(line)  # serialized: a few hundred bytes instead of nested dicts
                 followers = list(self.followers)
             for f in followers:
                 if matches(d, f.filter):
                     try:
-                        f.queue.put_nowait(d)
+                        f.queue.put_nowait(line)
                     except queue.Full:
                         f.lost += 1
                         self.lost += 1
@@ -208,23 +209,23 @@ class ObserveServer:
             return
         follower = _Follower(filt) if follow else None
         with self.lock:
-            past = [d for d in self.recent if matches(d, filt)][-last:] if last > 0 else []
+            past = [line for line in self.recent if matches(json.loads(line), filt)][-last:] if last > 0 else []
             if follower:
                 self.followers.append(follower)
         try:
-            for d in past:
-                _write(wfile, d)
+            for line in past:
+                wfile.write(line)
             wfile.flush()
             reported = 0
             while follower and not self._stop.is_set():
                 try:
-                    d = follower.queue.get(timeout=1.0)
+                    line = follower.queue.get(timeout=1.0)
                 except queue.Empty:
                     continue
                 if follower.lost > reported:
                     _write(wfile, {"type": "lost", "records": follower.lost - reported})
                     reported = follower.lost
-                _write(wfile, d)
+                wfile.write(line)
                 wfile.flush()
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the client went away
@@ -248,8 +249,12 @@ class ObserveServer:
             return {"followers": len(self.followers), "lost": self.lost, "hub_full": self.sub.dropped}
 
 
+def _line(d: dict) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+
 def _write(wfile, d: dict) -> None:
-    wfile.write(json.dumps(d, separators=(",", ":")).encode() + b"\n")
+    wfile.write(_line(d))
 
 
 class _TcpServer(socketserver.ThreadingTCPServer):

@@ -24,12 +24,11 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from agent import __version__
 from agent.events import DnsTransaction, DropEvent, FlowRecord
+from agent.flows import tcp_flag_names
 
 log = logging.getLogger(__name__)
 
 ERROR_RCODES = ("SERVFAIL", "REFUSED")
-TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
-                  (0x40, "ECE"), (0x80, "CWR"))
 WORKLOAD_ATTRIBUTES = {  # owner kind -> semantic-convention attribute of its name
     "Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name",
     "DaemonSet": "k8s.daemonset.name", "ReplicaSet": "k8s.replicaset.name",
@@ -172,10 +171,6 @@ class RateLimit:
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
-
-
-def tcp_flag_names(flags: int) -> str:
-    return "|".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)
 
 
 def _flow_key(transport: str, a: tuple[str, int], b: tuple[str, int]) -> tuple:
