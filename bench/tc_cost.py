@@ -1,21 +1,31 @@
 #!/usr/bin/env python3
-"""Per-packet cost of Fovea's tc programs with and without the DNS code in them.
+"""Per-packet cost of Fovea's tc programs, build by build, timed by the kernel.
 
 bench/datapath.py measures the whole datapath with iperf3, which on a shared
-or noisy host cannot resolve a difference of a few nanoseconds per packet.
-This measures the programs themselves: each build of bpf/pods.c and
-bpf/forward.c (plain, and with -DFOVEA_DNS as the dns plugin compiles them)
-is run by the kernel on a synthetic packet with BPF_PROG_TEST_RUN, which
-reports the average time per run over `--repeat` runs. Builds are measured
-alternately, `--rounds` times, and the medians are compared.
+or noisy host cannot resolve a few nanoseconds per packet. This measures the
+programs themselves: bpf/pods.c and bpf/forward.c are built as the agent
+builds them (same flags, from the default config and the plugins' own cflags
+helpers) in four variants: plain, +dns (-DFOVEA_DNS), +flows (-DFOVEA_FLOWS)
+and +dns+flows (the default agent). The kernel runs each build on a synthetic
+packet `--repeat` times with BPF_PROG_TEST_RUN and reports the mean time per
+run; builds are measured interleaved, `--rounds` times, medians shown.
 
-Packets: a 1500-byte TCP segment (bulk TCP), a UDP datagram with a 64-byte
-payload to a port that is not DNS (small packets), a DNS query (A,
-www.shop.example) and a DNS response for which no query is in flight.
+Packets, sent by a local pod (its address listed in flow_pod_addrs, as the
+agent lists its pods, so the uplink program leaves the flow to the pods
+program): a 1500-byte TCP segment, a UDP datagram with a 64-byte payload to a
+port that is not DNS, a DNS query (A, www.shop.example) and a DNS response
+for which no query is in flight; and the same UDP datagram from the node
+itself (not a pod: the uplink program keeps its flow). Each packet is one
+flow, so after its first run the flow table holds it: the steady state of a
+flow already seen. A pod's packet is run with __sk_buff.ingress_ifindex set
+(it came in through the pod's veth), as at the uplink in the real path, where
+the DNS code then leaves it to the pods program. The "pods + forward" rows add up the two programs: the
+path of a pod's packet to the outside (bench/datapath.py).
 
 Needs root (loads eBPF). Creates no interface and attaches nothing.
+Markdown to stdout.
 
-    .venv/bin/python bench/tc_cost.py --rounds 9 --repeat 200000
+    .venv/bin/python bench/tc_cost.py --rounds 7 --repeat 200000
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes as ct
 import os
+import socket
 import statistics
 import struct
 import sys
@@ -33,8 +44,12 @@ sys.path.insert(0, str(REPO))
 
 from agent.compiler import compile_program  # noqa: E402
 from agent.config import Config  # noqa: E402
+from agent.flows import KernelFlowTable, flow_cflags  # noqa: E402
 from agent.kernel.headers import find_headers  # noqa: E402
 from agent.plugins.dns import dns_cflags  # noqa: E402
+
+BUILDS = ("plain", "+dns", "+flows", "+dns+flows")  # the last is what the default agent loads
+PROGRAMS = (("pods", b"pod_from_pod"), ("forward", b"forward_egress"))  # packets leaving a pod, then the node
 
 
 class TestRunOpts(ct.Structure):
@@ -48,11 +63,15 @@ class TestRunOpts(ct.Structure):
                 ("flags", ct.c_uint32), ("cpu", ct.c_uint32)]
 
 
-def packet(proto: int, sport: int, dport: int, payload: bytes) -> bytes:
+POD, NODE, PEER = "10.1.1.2", "10.1.9.1", "10.1.2.2"
+
+
+def packet(proto: int, sport: int, dport: int, payload: bytes, src: str = POD) -> bytes:
+    """Ethernet + IPv4 (src -> PEER) + TCP (20-byte header, ACK) or UDP."""
     l4 = (struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, 0x10, 65535, 0, 0) if proto == 6
           else struct.pack("!HHHH", sport, dport, 8 + len(payload), 0))
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + len(payload), 0, 0x4000, 64, proto, 0,
-                     bytes([10, 1, 1, 2]), bytes([10, 1, 2, 2]))
+                     socket.inet_aton(src), socket.inet_aton(PEER))
     eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00"
     return eth + ip + l4 + payload
 
@@ -66,19 +85,30 @@ def dns_message(response: bool) -> bytes:
 PACKETS = {
     "TCP segment, 1500 bytes": packet(6, 40000, 5201, bytes(1500 - 40)),
     "UDP, 64-byte payload (not DNS)": packet(17, 40000, 5201, bytes(64)),
-    "DNS query (UDP)": packet(17, 40000, 53, dns_message(False)),
+    "DNS query": packet(17, 40000, 53, dns_message(False)),
+    # Same addresses as the query, so it answers no query in flight.
     "DNS response, no query in flight": packet(17, 53, 40000, dns_message(True)),
+    "UDP, 64-byte payload, from the node": packet(17, 40000, 5201, bytes(64), src=NODE),
 }
+FROM_POD = [name for name in PACKETS if "from the node" not in name]
 
 
-def test_run(fd: int, data: bytes, repeat: int) -> float:
+SKB_INGRESS_IFINDEX = 36  # offset of ingress_ifindex in struct __sk_buff (uapi/linux/bpf.h)
+POD_VETH = 2  # any ifindex but 0: the packet was received on another interface (the pod's)
+
+
+def test_run(fd: int, data: bytes, repeat: int, ingress_ifindex: int) -> float:
+    """Mean ns per run of the program on `data`, as the kernel timed it."""
     from bcc import libbcc
 
     buf = ct.create_string_buffer(data, len(data))
     out = ct.create_string_buffer(len(data) + 256)
+    ctx = ct.create_string_buffer(SKB_INGRESS_IFINDEX + 4)  # the rest of __sk_buff is left to the kernel
+    struct.pack_into("=I", ctx, SKB_INGRESS_IFINDEX, ingress_ifindex)
     opts = TestRunOpts(sz=ct.sizeof(TestRunOpts), data_in=ct.cast(buf, ct.c_void_p),
                        data_out=ct.cast(out, ct.c_void_p), data_size_in=len(data),
-                       data_size_out=len(out), repeat=repeat)
+                       data_size_out=len(out), ctx_in=ct.cast(ctx, ct.c_void_p), ctx_size_in=len(ctx),
+                       repeat=repeat)
     fn = libbcc.lib.bpf_prog_test_run_opts
     fn.argtypes = [ct.c_int, ct.POINTER(TestRunOpts)]
     if fn(fd, ct.byref(opts)) != 0:
@@ -86,44 +116,55 @@ def test_run(fd: int, data: bytes, repeat: int) -> float:
     return float(opts.duration)
 
 
-def builds(headers) -> dict:
-    """{(program, with DNS): loaded function}."""
-    cfg = Config()
-    dns_flags = dns_cflags(cfg.dns)
-    pods_flags = [f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}"]
-    out = {}
-    keep = []
-    for program, flags, fn in (("pods", pods_flags, b"pod_from_pod"), ("forward", [], b"forward_egress")):
-        for with_dns in (False, True):
-            bpf = compile_program(program, flags + (dns_flags if with_dns else []), headers)
-            keep.append(bpf)
-            out[(program, with_dns)] = bpf.load_func(fn, bpf.SCHED_CLS)
-    return out, keep
+def build_flags(cfg: Config) -> dict[tuple[str, str], list[str]]:
+    """{(program, build): cflags}, in the order the agent passes them: the host
+    plugin's flags (flows among them), then the dns extension's."""
+    own = {"pods": [f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}"],
+           "forward": []}
+    flows, dns = flow_cflags(cfg.flows), dns_cflags(cfg.dns)
+    return {(program, build): own[program] + (flows if "flows" in build else []) + (dns if "dns" in build else [])
+            for program, _ in PROGRAMS for build in BUILDS}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=9, help="alternating measurements per build (default 9)")
-    p.add_argument("--repeat", type=int, default=200000, help="runs per measurement (default 200000)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved measurements per build and packet (default 7)")
+    p.add_argument("--repeat", type=int, default=200_000, help="runs per measurement (default 200000)")
     args = p.parse_args()
     if os.geteuid() != 0:
-        raise SystemExit("bench/tc_cost.py needs root (loads eBPF)")
-    headers = find_headers(None, cache=Config().kernel.cacheDir)
-    progs, keep = builds(headers)
-    results: dict[tuple, list[float]] = {}
-    for _ in range(args.rounds):
-        for name, data in PACKETS.items():
-            for (program, with_dns), fn in progs.items():
-                results.setdefault((program, name, with_dns), []).append(test_run(fn.fd, data, args.repeat))
-    print("| program | packet | without DNS, ns | with DNS, ns | added, ns |")
-    print("|---|---|---:|---:|---:|")
-    for program in ("pods", "forward"):
-        for name in PACKETS:
-            a = statistics.median(results[(program, name, False)])
-            b = statistics.median(results[(program, name, True)])
-            print(f"| {program} | {name} | {a:.0f} | {b:.0f} | {b - a:+.0f} |")
-    for bpf in keep:
-        bpf.cleanup()
+        raise SystemExit("bench/tc_cost.py needs root (loads eBPF): run it with sudo")
+    cfg = Config()
+    headers = find_headers(None, cache=cfg.kernel.cacheDir)
+    functions = dict(PROGRAMS)
+    objects, loaded = [], {}  # loaded: (program, build) -> loaded function
+    try:
+        for (program, build), flags in build_flags(cfg).items():
+            objects.append(compile_program(program, flags, headers))
+            loaded[(program, build)] = objects[-1].load_func(functions[program], objects[-1].SCHED_CLS)
+            if "flows" in build:
+                KernelFlowTable(objects[-1]).set_pod_addresses({POD}, set())
+        ns: dict[tuple, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, data in PACKETS.items():
+                for (program, build), fn in loaded.items():
+                    ifindex = POD_VETH if name in FROM_POD else 0
+                    ns.setdefault((program, build, name), []).append(test_run(fn.fd, data, args.repeat, ifindex))
+    finally:
+        for bpf in objects:
+            bpf.cleanup()
+
+    med = {key: statistics.median(v) for key, v in ns.items()}
+    for name in FROM_POD:  # a pod's packet to the outside passes both programs
+        for build in BUILDS:
+            med[("pods + forward", build, name)] = med[("pods", build, name)] + med[("forward", build, name)]
+    print("| program | packet | " + " | ".join(f"{b}, ns" for b in BUILDS) + " | default − plain, ns |")
+    print("|---|---|" + "---:|" * (len(BUILDS) + 1))
+    for program, names in (("pods", FROM_POD), ("forward", PACKETS), ("pods + forward", FROM_POD)):
+        for name in names:
+            row = [med[(program, b, name)] for b in BUILDS]
+            print(f"| {program} | {name} | " + " | ".join(f"{v:.0f}" for v in row) + f" | {row[-1] - row[0]:+.0f} |")
+    print(f"\nMedians of {args.rounds} interleaved rounds of {args.repeat} runs each "
+          f"(BPF_PROG_TEST_RUN, kernel {os.uname().release}); default = +dns+flows.")
     return 0
 
 
