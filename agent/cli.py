@@ -74,6 +74,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_observe(args) -> int:
+    return run_observe(args, args.server, args.socket)
+
+
+def run_observe(args, server: str | None, socket_path: str = "") -> int:
+    """Print the records the observe flags ask for (also `kubectl fovea observe`)."""
     import json
 
     from agent.observe import connect, format_human, stream
@@ -82,7 +87,7 @@ def cmd_observe(args) -> int:
             "verdict": args.verdict, "dns": args.dns or None}
     last = args.last if args.last is not None else (0 if args.follow else 20)
     request = {"last": last, "follow": args.follow, "filter": {k: v for k, v in filt.items() if v is not None}}
-    conn = connect(args.server, args.socket)
+    conn = connect(server, socket_path)
     try:
         for record in stream(conn, request):
             print(json.dumps(record) if args.output == "json" else format_human(record), flush=True)
@@ -91,6 +96,21 @@ def cmd_observe(args) -> int:
     finally:
         conn.close()
     return 0
+
+
+def add_observe_filters(o: argparse.ArgumentParser) -> None:
+    """The record filters and output flags of `fovea observe` and `kubectl fovea observe`."""
+    o.add_argument("--namespace", "-n", help="records with an end in this namespace")
+    o.add_argument("--pod", help="records with an end in this pod ([namespace/]name)")
+    o.add_argument("--protocol", choices=["tcp", "udp", "icmp", "other"], help="this L4 protocol only")
+    o.add_argument("--port", type=int, help="records with an end on this port")
+    o.add_argument("--verdict", choices=["forwarded", "dropped"], help="dropped: drops only")
+    o.add_argument("--dns", action="store_true", help="DNS transactions only")
+    o.add_argument("-o", "--output", choices=["human", "json"], default="human",
+                   help="human (default) or json: one JSON object per line")
+    o.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    o.add_argument("--last", type=int, metavar="N",
+                   help="the last N matching records first (default 20; 0 with --follow)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,17 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--socket", default="/run/fovea/observe.sock", metavar="PATH",
                    help="the agent's Unix socket (default /run/fovea/observe.sock)")
     o.add_argument("--server", metavar="HOST:PORT", help="connect over TCP instead (e.g. 127.0.0.1:9811)")
-    o.add_argument("--namespace", "-n", help="records with an end in this namespace")
-    o.add_argument("--pod", help="records with an end in this pod ([namespace/]name)")
-    o.add_argument("--protocol", choices=["tcp", "udp", "icmp", "other"], help="this L4 protocol only")
-    o.add_argument("--port", type=int, help="records with an end on this port")
-    o.add_argument("--verdict", choices=["forwarded", "dropped"], help="dropped: drops only")
-    o.add_argument("--dns", action="store_true", help="DNS transactions only")
-    o.add_argument("-o", "--output", choices=["human", "json"], default="human",
-                   help="human (default) or json: one JSON object per line")
-    o.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    o.add_argument("--last", type=int, metavar="N",
-                   help="the last N matching records first (default 20; 0 with --follow)")
+    add_observe_filters(o)
     o.set_defaults(func=cmd_observe)
 
     d = sub.add_parser("doctor", help="report what this kernel offers and what Fovea can do here",

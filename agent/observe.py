@@ -307,7 +307,7 @@ def connect(server: str | None, socket_path: str) -> socket.socket:
         raise FoveaError(
             f"cannot reach the flow stream at {where}: {e.strerror or e}",
             "is the agent running on this node? From outside the node: "
-            "kubectl port-forward -n <ns> pod/<agent pod> 9811 and --server 127.0.0.1:9811",
+            "kubectl fovea observe --node <node> (through kubectl port-forward)",
         ) from None
 
 

@@ -382,15 +382,20 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
     return names
 
 
-def _from_agent(api: Api, agent_ns: str, node: str, location: str, token: str):
-    """Through the API server's pod proxy to the agent on that node, with the download token."""
+def agent_pod(api: Api, agent_ns: str, node: str):
+    """The Fovea agent pod on that node (a running one first)."""
     pods = _api_call(f"find the Fovea agent on node {node}", api.core.list_namespaced_pod, agent_ns,
                      label_selector=AGENT_LABEL, field_selector=f"spec.nodeName={node}").items
     pods = [p for p in pods if (p.status.phase or "") == "Running"] or pods
     if not pods:
         raise FoveaError(f"no Fovea agent pod on node {node} in namespace {agent_ns}",
-                         "pass --agent-namespace where the DaemonSet runs")
-    pod = pods[0]
+                         "check the node name (kubectl get nodes), or pass --agent-namespace where the DaemonSet runs")
+    return pods[0]
+
+
+def _from_agent(api: Api, agent_ns: str, node: str, location: str, token: str):
+    """Through the API server's pod proxy to the agent on that node, with the download token."""
+    pod = agent_pod(api, agent_ns, node)
     port = next((p.container_port for c in pod.spec.containers or [] for p in c.ports or [] if p.name == "metrics"),
                 9810)
     key = location[len(f"hostpath://{node}/"):]
@@ -498,13 +503,18 @@ def run_capture(args) -> int:
 
 
 def kubectl_main(argv: list[str] | None = None) -> int:
-    """The kubectl-fovea executable: `kubectl fovea capture ...`."""
-    p = argparse.ArgumentParser(prog="kubectl fovea", description="Fovea from kubectl: packet captures.")
+    """The kubectl-fovea executable: `kubectl fovea capture ...` and `kubectl fovea observe`."""
+    from capture.observe import add_observe_command
+
+    p = argparse.ArgumentParser(prog="kubectl fovea", description="Fovea from kubectl: packet captures and the "
+                                "live flow stream of a node.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_capture_commands(sub)
+    sub.choices["capture"].set_defaults(func=run_capture)
+    add_observe_command(sub)
     args = p.parse_args(argv)
     try:
-        return run_capture(args)
+        return args.func(args)
     except FoveaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
