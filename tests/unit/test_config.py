@@ -33,6 +33,8 @@ def test_defaults():
         "uplinks": (),
         "port": 9810,
         "bindAddress": "0.0.0.0",
+        "tls": {"certFile": "", "keyFile": ""},
+        "metricsAuth": {"enabled": False, "cacheTTL": 60.0},
         "interval": 5.0,
         "idleReads": 12,
         "plugins": ("forward", "drops", "pods"),
@@ -83,7 +85,7 @@ kernel:
     ("tc:\n  prio: 1\n", "tc.prio", "priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
     ("prot: 1\n", "prot", "bindAddress, drops, idleReads, interval, kernel, kubeconfig, logLevel, "
-                          "nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, uplinks"),
+                          "metricsAuth, nodeName, plugins, podLevel, pods, port, standalone, staticPods, tc, tls, uplinks"),
 ])
 def test_unknown_key_is_named(tmp_path, text, key, known):
     with pytest.raises(FoveaError) as exc:
@@ -258,3 +260,14 @@ def test_node_name(monkeypatch, node_name, env, expected):
         monkeypatch.setenv("NODE_NAME", env)
     monkeypatch.setattr(config_mod.socket, "gethostname", lambda: "the-hostname")
     assert Config(nodeName=node_name).node == expected
+
+
+@pytest.mark.parametrize("text, key", [
+    ("tls: {certFile: /etc/tls.crt}\n", "tls"),
+    ("standalone: true\nmetricsAuth: {enabled: true}\n", "metricsAuth.enabled"),
+    ("metricsAuth: {cacheTTL: -1}\n", "metricsAuth.cacheTTL"),
+])
+def test_exposure_settings_are_checked(tmp_path, text, key):
+    with pytest.raises(FoveaError) as exc:
+        config_mod.load(write(tmp_path, text)).validate(REGISTRY)
+    assert exc.value.problem == f"config key {key!r} is invalid"

@@ -1,0 +1,102 @@
+"""The metrics port's exposure options: TLS from PEM files, and /metrics behind a
+Kubernetes token (TokenReview + SubjectAccessReview against the API emulator)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import kubernetes.client
+import pytest
+import requests
+from prometheus_client import CollectorRegistry, Counter
+
+from agent.auth import TokenAccess
+from agent.errors import FoveaError
+from agent.server import MetricsServer, TlsFiles
+from tests.conftest import free_port
+from tests.k8s_emulator import K8sEmulator
+
+
+def self_signed(directory, name="localhost"):
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def registry():
+    reg = CollectorRegistry()
+    Counter("fovea_test_scrapes", "a metric to see in the body", registry=reg).inc(3)
+    return reg
+
+
+def serve(registry, **kw) -> MetricsServer:
+    server = MetricsServer("127.0.0.1", free_port(), registry, lambda: (True, "ok"), lambda: (True, "ready"), **kw)
+    server.start()
+    return server
+
+
+def test_tls_serves_https_and_picks_up_a_renewed_certificate(tmp_path, registry):
+    cert, key = self_signed(tmp_path)
+    server = serve(registry, tls=TlsFiles(str(cert), str(key)))
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert "fovea_test_scrapes_total 3.0" in requests.get(url + "/metrics", verify=str(cert), timeout=5).text
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url.replace("https", "http") + "/healthz", timeout=5)  # no plain HTTP beside it
+        new_cert, new_key = self_signed(tmp_path, "renewed")
+        cert.write_bytes(new_cert.read_bytes())
+        key.write_bytes(new_key.read_bytes())
+        assert requests.get(url + "/healthz", verify=str(new_cert), timeout=5).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_bad_tls_files_are_a_one_line_error(tmp_path):
+    with pytest.raises(FoveaError, match="cannot read TLS certificate"):
+        TlsFiles(str(tmp_path / "missing.crt"), str(tmp_path / "missing.key"))
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    with pytest.raises(FoveaError, match="cannot load TLS certificate"):
+        TlsFiles(str(tmp_path / "bad.crt"), str(tmp_path / "bad.crt"))
+
+
+def test_metrics_need_a_token_allowed_to_get_metrics_and_probes_do_not(registry):
+    api = K8sEmulator().start()
+    api.add_user("prom-token", "system:serviceaccount:monitoring:prometheus", ("system:serviceaccounts",))
+    api.add_user("app-token", "system:serviceaccount:shop:web")
+    api.allow_url("system:serviceaccount:monitoring:prometheus", "get", "/metrics")
+    now = [0.0]
+    access = TokenAccess(kubernetes.client.ApiClient(api.client_configuration()), ttl=60, clock=lambda: now[0])
+    server = serve(registry, authorize=access.check)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def get(path, token=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.get(url + path, headers=headers, timeout=5)
+
+    try:
+        assert get("/healthz").status_code == 200 and get("/readyz").status_code == 200
+        r = get("/metrics")
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert get("/metrics", "forged").status_code == 401
+        r = get("/metrics", "app-token")
+        assert r.status_code == 403 and "system:serviceaccount:shop:web may not get /metrics" in r.text
+        assert "fovea_test_scrapes_total 3.0" in get("/metrics", "prom-token").text
+
+        # Answers are cached: within the TTL a scrape asks the API nothing.
+        reviews = lambda: [(r.resource, r.verb, r.code) for r in api.requests if r.resource.endswith("reviews")]
+        before = len(reviews())
+        assert get("/metrics", "prom-token").status_code == 200 and len(reviews()) == before
+        assert ("tokenreviews", "create", 201) in reviews() and ("subjectaccessreviews", "create", 201) in reviews()
+
+        # An API outage after the TTL: 503, never a scrape let through unchecked, and nothing cached.
+        now[0] = 61
+        api.stop()
+        assert get("/metrics", "prom-token").status_code == 503
+        api.start()
+        assert get("/metrics", "prom-token").status_code == 200
+    finally:
+        server.stop()
+        api.stop()
