@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from pyroute2 import IPRoute
 
 from agent.config import Config
@@ -82,6 +82,7 @@ class Agent:
         cfg = self.config
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FoveaCollector(self))
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes etc.: the agent's own footprint
         # Bind first: a busy port fails before anything touches the kernel.
         self.server = MetricsServer(cfg.bindAddress, cfg.port, registry, self.health, self.readiness,
                                     tls=TlsFiles(cfg.tls.certFile, cfg.tls.keyFile) if cfg.tls.certFile else None,
