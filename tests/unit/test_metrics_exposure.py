@@ -3,8 +3,6 @@ Kubernetes token (TokenReview + SubjectAccessReview against the API emulator).""
 
 from __future__ import annotations
 
-import subprocess
-
 import kubernetes.client
 import pytest
 import requests
@@ -13,16 +11,8 @@ from prometheus_client import CollectorRegistry, Counter
 from agent.auth import TokenAccess
 from agent.errors import FoveaError
 from agent.server import MetricsServer, TlsFiles
-from tests.conftest import free_port
+from tests.conftest import free_port, self_signed_cert
 from tests.k8s_emulator import K8sEmulator
-
-
-def self_signed(directory, name="localhost"):
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 @pytest.fixture
@@ -39,14 +29,14 @@ def serve(registry, **kw) -> MetricsServer:
 
 
 def test_tls_serves_https_and_picks_up_a_renewed_certificate(tmp_path, registry):
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     server = serve(registry, tls=TlsFiles(str(cert), str(key)))
     url = f"https://127.0.0.1:{server.server_address[1]}"
     try:
         assert "fovea_test_scrapes_total 3.0" in requests.get(url + "/metrics", verify=str(cert), timeout=5).text
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(url.replace("https", "http") + "/healthz", timeout=5)  # no plain HTTP beside it
-        new_cert, new_key = self_signed(tmp_path, "renewed")
+        new_cert, new_key = self_signed_cert(tmp_path, "renewed")
         cert.write_bytes(new_cert.read_bytes())
         key.write_bytes(new_key.read_bytes())
         assert requests.get(url + "/healthz", verify=str(new_cert), timeout=5).status_code == 200
