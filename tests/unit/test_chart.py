@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import helm_python
 import jsonschema
@@ -59,19 +60,31 @@ def test_schema_refuses_unknown_keys_and_wrong_types():
             chart.render({"metrics": {"port": "9810"}}, name="fovea", namespace="fovea-system")
 
 
-@pytest.mark.parametrize("doc", [d for d in DEFAULT + EVERYTHING if "monitoring.coreos.com" not in d["apiVersion"]],
+CRDS = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "deploy" / "crds").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("doc", [d for d in DEFAULT + EVERYTHING + CRDS if "monitoring.coreos.com" not in d["apiVersion"]],
                          ids=lambda d: d["kind"] + "/" + d["metadata"]["name"])
 def test_builtin_objects_are_valid(doc):
     kubernetes_validate.validate(doc, KUBE, strict=True)
 
 
 def test_generated_files_are_up_to_date():
-    """deploy/daemonset.yaml is the default render; chart copies equal their sources; docs/values.md the schema."""
+    """deploy/daemonset.yaml is the default render, the chart's access rules the declaration,
+    docs/values.md the schema."""
     for path, text in manifests.generated().items():
         want = manifests.plain_manifests() if text is None else text
         assert path.is_file() and path.read_text() == want, f"{path.relative_to(REPO)}: run `make manifests`"
-    chart_crds = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert chart_crds == sorted(p.name for p in (REPO / "deploy" / "crds").glob("*.yaml"))
+
+
+def test_chart_ships_the_one_copy_of_crds_dashboards_and_rules():
+    """Symbolic links, so that the chart can never drift from deploy/crds, dashboards/ and deploy/alerts."""
+    with helm_python.Chart.load(str(CHART)) as chart:
+        crds = {c["filename"] if "filename" in c else c["name"]: c["data"] for c in chart.crds}
+    shipped = {f"crds/{p.name}": p.read_text() for p in sorted((REPO / "deploy" / "crds").glob("*.yaml"))}
+    assert {k.split("/")[-1]: v for k, v in crds.items()} == {k.split("/")[-1]: v for k, v in shipped.items()}
+    assert (CHART / "files" / "dashboards").resolve() == (REPO / "dashboards").resolve()
+    assert (CHART / "files" / "fovea-rules.yaml").resolve() == (REPO / "deploy" / "alerts" / "fovea-rules.yaml").resolve()
 
 
 @pytest.mark.parametrize("values,auth", [({}, False), (ALL_ON, True)], ids=["defaults", "metrics-auth"])
@@ -155,16 +168,30 @@ def test_dashboards_are_config_maps_for_the_grafana_sidecar():
         assert json.loads(text) == json.loads((REPO / "dashboards" / name).read_text())
 
 
+def fovea_examples() -> list[tuple[str, dict]]:
+    """Fovea objects shown to users: YAML files under deploy/ and YAML blocks in the docs."""
+    found = []
+    texts = [(p, p.read_text()) for p in sorted(REPO.glob("deploy/**/*.yaml")) if "helm" not in p.parts]
+    for p in sorted([*REPO.glob("docs/*.md"), REPO / "README.md"]):
+        texts += [(p, block) for block in re.findall(r"```yaml\n(.*?)```", p.read_text(), re.S)]
+    for path, text in texts:
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError:
+            continue  # a fragment, not an object
+        found += [(str(path.relative_to(REPO)), d) for d in docs
+                  if isinstance(d, dict) and str(d.get("apiVersion", "")).startswith("fovea.dev/")]
+    return found
+
+
 def test_fovea_custom_objects_match_the_crd_schemas():
-    """Every Fovea object shipped as an example is valid against its CRD's schema."""
-    crds = {}
-    for path in sorted((REPO / "deploy" / "crds").glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+    """Every Fovea object shown to users is valid against its CRD's schema, once the CRD exists."""
+    schemas = {}
+    for crd in CRDS:
         for v in crd["spec"]["versions"]:
-            crds[(f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
-    examples = [d for p in sorted(REPO.glob("deploy/examples/*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
-    for doc in examples:
-        schema = crds.get((doc["apiVersion"], doc["kind"]))
-        assert schema is not None, f"no CRD for {doc['apiVersion']} {doc['kind']}"
-        jsonschema.validate(doc, schema)
-    assert bool(crds) == bool(examples), "CRDs and examples come together"
+            schemas[(f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    for where, doc in fovea_examples():
+        schema = schemas.get((doc["apiVersion"], doc["kind"]))
+        assert schema is not None or not CRDS, f"{where}: no CRD for {doc['apiVersion']} {doc['kind']}"
+        if schema:
+            jsonschema.validate(doc, schema)
