@@ -36,6 +36,14 @@ class PodsConfig:
 
 
 @dataclass(frozen=True)
+class TcpConfig:
+    mapSize: int = 16384  # keys of each TCP map (events by namespace and address, histograms, states)
+    socketMapSize: int = 65536  # sockets tracked at once for handshake latency and RTT sampling
+    reconcileInterval: float = 30.0  # seconds between sock_diag counts of connection states
+    includeHost: bool = True  # the host's own namespace (node, hostNetwork pods) counts as the node's
+
+
+@dataclass(frozen=True)
 class PodLevelConfig:
     allPods: bool = False  # pod-level series for every pod, not only annotated ones
     seriesTTL: float = 300.0  # seconds a deleted pod's series stay
@@ -73,12 +81,13 @@ class Config:
     metricsAuth: MetricsAuthConfig = field(default_factory=MetricsAuthConfig)
     interval: float = 5.0  # seconds between reads of the kernel maps
     idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
-    plugins: tuple[str, ...] = ("forward", "drops", "pods")
+    plugins: tuple[str, ...] = ("forward", "drops", "pods", "tcp")
     staticPods: str = ""  # standalone: YAML file naming pods by IP (agent/k8s/static.py)
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
     pods: PodsConfig = field(default_factory=PodsConfig)
+    tcp: TcpConfig = field(default_factory=TcpConfig)
     podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
 
@@ -95,6 +104,9 @@ class Config:
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
             ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
+            ("tcp.mapSize", 1 <= self.tcp.mapSize <= 1 << 20, "1 to 1048576"),
+            ("tcp.socketMapSize", 1 <= self.tcp.socketMapSize <= 1 << 22, "1 to 4194304"),
+            ("tcp.reconcileInterval", self.tcp.reconcileInterval > 0, "a positive number of seconds"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
             ("tls", bool(self.tls.certFile) == bool(self.tls.keyFile), "both certFile and keyFile, or neither"),

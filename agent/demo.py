@@ -146,10 +146,10 @@ def _scrape(port: int) -> dict[tuple, float]:
 
 
 def _table(title: str, columns: tuple[str, ...]) -> Table:
-    """Names left-aligned, numbers (packets, bytes and their rates) right-aligned."""
+    """Names left-aligned, numbers (packets, bytes, values and their rates) right-aligned."""
     table = Table(title=title, expand=True)
     for col in columns:
-        table.add_column(col, justify="right" if col.startswith(("packets", "bytes")) else "left")
+        table.add_column(col, justify="right" if col.startswith(("packets", "bytes", "value", "per second")) else "left")
     return table
 
 
@@ -187,11 +187,24 @@ def _summary(port: int, now: dict, prev: dict, dt: float, started: float, until:
             dst = "/".join(x for x in (lab["destination_namespace"], lab["destination_workload"]) if x)
             flows.add_row(src, dst, lab["protocol"], f"{v:,.0f}", f"{rate((name, labels)):,.1f}")
 
+    tcp = _table("TCP health (node)", ("measure", "value", "per second"))
+    for title, key in (("retransmits", ("fovea_tcp_retransmits_total", ())),
+                       ("resets sent", ("fovea_tcp_resets_total", (("direction", "sent"),))),
+                       ("resets received", ("fovea_tcp_resets_total", (("direction", "received"),))),
+                       ("handshakes timed", ("fovea_tcp_connect_duration_seconds_count", ()))):
+        tcp.add_row(title, f"{now.get(key, 0):,.0f}", f"{rate(key):,.1f}")
+    for state in ("ESTABLISHED", "TIME_WAIT"):
+        tcp.add_row(f"connections {state}", f"{now.get(('fovea_tcp_connections', (('state', state),)), 0):,.0f}", "")
+    handshakes = now.get(("fovea_tcp_connect_duration_seconds_count", ()), 0)
+    if handshakes:
+        mean = now.get(("fovea_tcp_connect_duration_seconds_sum", ()), 0) / handshakes
+        tcp.add_row("mean handshake", f"{mean * 1e6:,.0f} µs", "")
+
     head = Text.assemble(
         ("Fovea demo", "bold"), f"  running {time.monotonic() - started:,.0f}s  ",
         f"metrics: curl localhost:{port}/metrics  ", (until, "dim"),
     )
-    return Group(head, fwd, drops, pods, flows)
+    return Group(head, fwd, drops, pods, flows, tcp)
 
 
 def run_demo(port: int = 9810, duration: float = 0) -> int:

@@ -11,18 +11,7 @@ from agent.errors import FoveaError
 from agent.kernel.btf import BTF
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs, find_tracefs
-
-# Tracepoints Fovea uses or will use, and the fields it reads.
-TRACEPOINTS = {
-    ("skb", "kfree_skb"): ("skbaddr", "protocol", "reason"),
-    ("tcp", "tcp_retransmit_skb"): ("skaddr",),
-    ("tcp", "tcp_retransmit_synack"): ("skaddr",),
-    ("tcp", "tcp_send_reset"): ("skaddr",),
-    ("tcp", "tcp_receive_reset"): ("skaddr",),
-    ("tcp", "tcp_probe"): ("srtt",),
-    ("sock", "inet_sock_set_state"): ("oldstate", "newstate"),
-}
-
+from agent.plugins import REGISTRY
 
 @dataclass
 class Check:
@@ -46,14 +35,9 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
     try:
         tracefs = Tracefs(find_tracefs(mount_if_missing=os.geteuid() == 0))
         checks.append(Check("tracefs", True, str(tracefs.root), "drops, tcp"))
-        for (cat, event), fields in TRACEPOINTS.items():
-            if not tracefs.exists(cat, event):
-                checks.append(Check(f"tracepoint {cat}:{event}", False, "missing"))
-                continue
-            fmt = tracefs.format(cat, event)
-            missing = [f for f in fields if f not in fmt.fields]
-            detail = "fields " + ", ".join(fields) + (f"; missing: {', '.join(missing)}" if missing else "")
-            checks.append(Check(f"tracepoint {cat}:{event}", not missing, detail))
+        for name, cls in REGISTRY.items():  # each plugin says what it needs of this kernel
+            why = cls().check(tracefs)
+            checks.append(Check(f"plugin {name}", why is None, why or "the kernel has what it needs", name))
         reasons = tracefs.drop_reasons()
         checks.append(Check("drop reasons", bool(reasons), f"{len(reasons)} names read from the kernel", "drops"))
     except FoveaError as e:

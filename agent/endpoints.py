@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from agent.nsenter import in_netns
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +102,13 @@ class Endpoints:
     @staticmethod
     def _peer_ips(path: str, peer_index: int) -> tuple[str, ...]:
         try:
-            netns.pushns(path)
-        except OSError:
-            return ()
-        try:
-            with IPRoute() as ipr:
+            with in_netns(path), IPRoute() as ipr:
                 addrs = ipr.get_addr(index=peer_index)
                 return tuple(
                     a.get_attr("IFA_ADDRESS") for a in addrs if a.get_attr("IFA_ADDRESS") and a["scope"] == 0
                 )
-        except NetlinkError:
+        except (OSError, NetlinkError):
             return ()
-        finally:
-            netns.popns()
 
     def watch(self, on_change: Callable[[], None]) -> None:
         """Call on_change (from a thread) whenever a link comes, goes or changes."""

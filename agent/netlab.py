@@ -26,6 +26,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.nsenter import in_netns
+
 log = logging.getLogger(__name__)
 
 NUD_PERMANENT = 0x80
@@ -41,16 +43,6 @@ class Endpoint:
     ipv6: str
     gateway4: str
     gateway6: str
-
-
-@contextlib.contextmanager
-def in_netns(name: str):
-    """Run the block with this thread in network namespace `name`."""
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 def _write_sysctl(key: str, value: str) -> None:

@@ -3,5 +3,6 @@
 from agent.plugins.drops import DropsPlugin
 from agent.plugins.forward import ForwardPlugin
 from agent.plugins.pods import PodsPlugin
+from agent.plugins.tcp import TcpPlugin
 
-REGISTRY = {cls.name: cls for cls in (ForwardPlugin, DropsPlugin, PodsPlugin)}
+REGISTRY = {cls.name: cls for cls in (ForwardPlugin, DropsPlugin, PodsPlugin, TcpPlugin)}

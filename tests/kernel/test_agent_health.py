@@ -105,19 +105,22 @@ def test_idle_key_is_deleted_from_a_real_map(root):
     bpf.cleanup()
 
 
-def test_missing_btf_takes_down_only_the_drops_plugin(lab, tmp_path):
+def test_missing_btf_takes_down_only_the_plugins_that_read_kernel_structs(lab, tmp_path):
     cfg = config_file(tmp_path, "kernel: {btf: /nonexistent/vmlinux}\n")
     agent = RunningAgent("--uplink", lab.uplink, "--config", cfg)
     try:
         m = agent.scrape()
         assert m.get("fovea_agent_plugin_up", plugin="forward") == 1
+        assert m.get("fovea_agent_plugin_up", plugin="pods") == 1
         assert m.get("fovea_agent_plugin_up", plugin="drops") == 0
+        assert m.get("fovea_agent_plugin_up", plugin="tcp") == 0
         ready = requests.get(agent.url + "/readyz", timeout=5).text
-        assert "drops" in ready and "no BTF at /nonexistent/vmlinux" in ready
+        assert "drops" in ready and "tcp" in ready and "no BTF at /nonexistent/vmlinux" in ready
     finally:
         assert agent.stop() == 0
     errors = [ln for ln in agent.output().splitlines() if "ERROR" in ln]
-    assert len(errors) == 1 and "plugin drops is down: no BTF" in errors[0]
+    assert len(errors) == 2
+    assert "plugin drops is down: no BTF" in errors[0] and "plugin tcp is down: no BTF" in errors[1]
 
 
 def test_missing_headers_stop_the_agent_with_one_line(lab, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__, cli
+from agent.plugins import REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
 FOVEA = Path(sys.executable).with_name("fovea")
@@ -105,8 +106,8 @@ def test_missing_config_in_process(no_kernel, capsys):
      "fovea: error: config key 'uplinks': 'bad name' is not an interface name: use names like eth0\n"),
     (["--config", "{file}"], "drops:\n  mapSiz: 10\n",
      "fovea: error: config key 'drops.mapSiz' is unknown: known keys here: mapSize\n"),
-    (["--config", "{file}"], "plugins: [forward, dns]\n",
-     "fovea: error: config key 'plugins': unknown plugin 'dns': known plugins: drops, forward, pods\n"),
+    (["--config", "{file}"], "plugins: [forward, bogus]\n",
+     f"fovea: error: config key 'plugins': unknown plugin 'bogus': known plugins: {', '.join(sorted(REGISTRY))}\n"),
     (["--config", "{file}", "--port", "0"], "port: 9000\n", BAD_PORT),  # the flag beats the file
     (["--config", "{file}"], "port: 0\n", BAD_PORT),
 ])
