@@ -276,6 +276,8 @@ def scraped(root, tmp_path_factory):
         standalone.write_text(yaml.safe_dump({"plugins": ["drops"], "drops": {"mapSize": 1}}))
         caps = ",".join(["-all"] + ["+" + c.lower() for c in chart_capabilities()])
         agents, traffic, prom = [], None, None
+        gone = socket.socket()  # bound, never listening: a port that refuses scrapes and that nobody else takes
+        gone.bind(("127.0.0.1", 0))
         try:
             agents.append(RunningAgent("--uplink", lab.uplink, "--kubeconfig",
                                        str(api.write_kubeconfig(tmp / "kubeconfig")), "--node-name", "lab-node",
@@ -291,7 +293,7 @@ def scraped(root, tmp_path_factory):
                  "static_configs": [{"targets": [f"127.0.0.1:{a.port}"], "labels": {"node": "lab-node"}}]},
                 {"job_name": "fovea-standalone", "honor_labels": True, "static_configs": [
                     {"targets": [f"127.0.0.1:{b.port}"], "labels": {"node": "lab-node-b"}},
-                    {"targets": [f"127.0.0.1:{free_port()}"], "labels": {"node": "lab-node-gone"}}]},
+                    {"targets": [f"127.0.0.1:{gone.getsockname()[1]}"], "labels": {"node": "lab-node-gone"}}]},
             ])
             traffic = Traffic(lab).start()
             yield prom, agents, api
@@ -303,6 +305,7 @@ def scraped(root, tmp_path_factory):
             for agent in agents:
                 assert agent.stop() == 0, agent.output()
             api.stop()
+            gone.close()
 
 
 def test_every_dashboard_and_alert_expression_has_data(scraped):
