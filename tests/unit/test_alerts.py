@@ -44,3 +44,16 @@ def test_every_alert_links_its_runbook():
         assert url.endswith("docs/alerts.md#" + alert["alert"].lower()), url
         assert alert["alert"].lower() in anchors, f"docs/alerts.md has no section for {alert['alert']}"
         assert alert["labels"]["severity"] in {"critical", "warning", "info"}
+
+
+def test_the_documented_scrape_config_is_valid(tmp_path):
+    """docs/install.md's scrape job for Prometheus without the Operator, with the rule file."""
+    doc = (REPO / "docs" / "install.md").read_text()
+    (job,) = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "kubernetes_sd_configs" in b]
+    jobs = yaml.safe_load(job)
+    for j in jobs:  # Debian's Prometheus is built without Kubernetes discovery: check the rest of the job
+        assert j.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+        j["static_configs"] = [{"targets": ["127.0.0.1:9810"]}]
+    config = {"rule_files": [str(RULES)], "scrape_configs": jobs}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    run_promtool("check", "config", str(tmp_path / "prometheus.yml"))
