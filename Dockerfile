@@ -23,9 +23,11 @@ RUN python3 -m venv --system-site-packages /opt/fovea \
 
 FROM ${DEBIAN}
 # python3-bpfcc brings libbpfcc (with its clang/LLVM); linux-headers-<arch> is the
-# fallback when the node's /lib/modules and /usr/src (mounted from the host) have none.
+# fallback when the node's /lib/modules and /usr/src (mounted from the host) have none;
+# captures use libpcap, and their metadata bundle ss (iproute2), nft, conntrack and nsenter.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc "linux-headers-$(dpkg --print-architecture)" \
+      libpcap0.8 iproute2 nftables conntrack \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man \
  # nothing in the image may gain privileges on exec: the DaemonSet gives the agent its capabilities
  && find / -xdev -type f -perm /6000 -exec chmod a-s {} +

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (default: until Ctrl-C)")
     m.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     m.set_defaults(func=cmd_demo)
+
+    from capture.cli import add_capture_commands, run_capture
+
+    add_capture_commands(sub)
+    sub.choices["capture"].set_defaults(func=run_capture)
     return p
 
 

@@ -70,6 +70,15 @@ class MetricsAuthConfig:
 
 
 @dataclass(frozen=True)
+class CapturesConfig:
+    enabled: bool = True  # run Capture/ClusterCapture resources (needs the Kubernetes API)
+    baseDir: str = "/var/lib/fovea/captures"  # hostPath output: every capture file lives under it
+    uploadAllowlist: tuple[str, ...] = ()  # s3/azureBlob endpoints allowed (host, *.suffix, CIDR...); empty: none
+    gracePeriod: float = 60.0  # seconds after a capture's duration before missing nodes count as failed
+    namespace: str = ""  # where a ClusterCapture's Secrets are read; default: $POD_NAMESPACE, else fovea-system
+
+
+@dataclass(frozen=True)
 class Config:
     standalone: bool = False  # no Kubernetes API: a plain Linux host
     nodeName: str = ""  # default: $NODE_NAME, else the host name
@@ -90,6 +99,7 @@ class Config:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    captures: CapturesConfig = field(default_factory=CapturesConfig)
 
     def validate(self, known_plugins: typing.Iterable[str]) -> "Config":
         known = sorted(known_plugins)
@@ -113,6 +123,9 @@ class Config:
             ("metricsAuth.cacheTTL", self.metricsAuth.cacheTTL >= 0, "zero or more seconds"),
             ("metricsAuth.enabled", not (self.metricsAuth.enabled and self.standalone),
              "off when standalone (tokens are checked with the Kubernetes API)"),
+            ("captures.gracePeriod", self.captures.gracePeriod >= 0, "zero or more seconds"),
+            ("captures.baseDir", os.path.isabs(self.captures.baseDir) and self.captures.baseDir != "/",
+             "an absolute directory other than /"),
             ("logLevel", self.logLevel.lower() in ("debug", "info", "warning", "error"),
              "debug, info, warning or error"),
         ]
@@ -123,6 +136,10 @@ class Config:
             if not re.fullmatch(r"[^\s/]{1,15}", name):
                 raise FoveaError(f"config key 'uplinks': {name!r} is not an interface name", "use names like eth0")
         return self
+
+    @property
+    def agent_namespace(self) -> str:
+        return self.captures.namespace or os.environ.get("POD_NAMESPACE") or "fovea-system"
 
     @property
     def node(self) -> str:

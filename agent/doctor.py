@@ -56,7 +56,26 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
     for tool in ("tc", "ip"):
         path = shutil.which(tool)
         checks.append(Check(f"{tool} command", path is not None, path or "not found (iproute2)", "tests, demo"))
+    checks.extend(_capture_checks())
     return checks
+
+
+def _capture_checks() -> list[Check]:
+    """What packet captures need: libpcap, and the tools of the metadata bundle."""
+    try:
+        from capture import libpcap
+
+        libpcap.lib()
+        pcap = Check("libpcap", True, "loaded", "captures")
+    except FoveaError as e:
+        pcap = Check("libpcap", False, str(e), "captures")
+    tools = {"nsenter": "util-linux", "iptables-save": "iptables", "nft": "nftables",
+             "conntrack": "conntrack", "ss": "iproute2"}
+    missing = [f"{t} ({pkg})" for t, pkg in tools.items() if shutil.which(t) is None]
+    bundle = Check("capture metadata tools", not missing,
+                   f"missing: {', '.join(missing)}; bundles note what they could not collect" if missing
+                   else ", ".join(tools), "captures (includeMetadata)")
+    return [pcap, bundle]
 
 
 def _bcc_check() -> Check:

@@ -1,18 +1,42 @@
-"""Run a block of code inside another network namespace (this thread only)."""
+"""Run a block of code inside another network namespace (this thread only).
+
+setns(2) moves only the calling thread, and the namespace it came from is
+kept in this frame, not in a process-wide stack (pyroute2's pushns/popns keep
+one stack for all threads, so two threads switching at once could return into
+each other's namespace).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 
-from pyroute2 import netns
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot enter network namespace {what}: {os.strerror(err)}")
 
 
 @contextlib.contextmanager
 def in_netns(name_or_path: str):
     """Run the block with this thread in a network namespace: a name under
     /run/netns or a path such as /proc/<pid>/ns/net."""
-    netns.pushns(name_or_path)
+    path = name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        yield
+        target = os.open(path, os.O_RDONLY)
+        try:
+            _setns(target, path)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home, "of this thread")
     finally:
-        netns.popns()
+        os.close(home)

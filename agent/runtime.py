@@ -70,6 +70,7 @@ class Agent:
         self.events = EventHub()
         self.tc: TcAttacher | None = None
         self.pod_source = None
+        self.captures = None
         self.server: MetricsServer | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -92,6 +93,11 @@ class Agent:
         except BaseException:
             self.close()
             raise
+        try:
+            self._start_captures()
+        except Exception as e:  # captures down never takes the metrics down
+            log.exception("captures are down")
+            self.failed["captures"] = str(e) or type(e).__name__
         self.server.start()
         self._ready = True
         log.info("serving /metrics on %s://%s:%d%s (node %s)", "https" if cfg.tls.certFile else "http",
@@ -139,6 +145,30 @@ class Agent:
             log.error("plugin %s is down: %s", name, why)
         if not self.plugins:
             raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+
+    def _start_captures(self) -> None:
+        """The Capture controller (with the Kubernetes API only)."""
+        cfg = self.config
+        if cfg.standalone or not cfg.captures.enabled:
+            return
+        from agent.endpoints import Endpoints
+        from agent.k8s.cache import make_api_client
+        from capture import node
+        from capture.controller import CaptureController
+        from capture.engine import check_filter
+
+        uplinks = list(cfg.uplinks) or default_route_interfaces()
+        endpoints = Endpoints(exclude=set(uplinks))
+        c = cfg.captures
+        controller = CaptureController(
+            make_api_client(cfg.kubeconfig or None), cfg.node, c.baseDir, cfg.agent_namespace, c.gracePeriod,
+            run_job=lambda job, target, secret, directory, started: node.run_job(
+                job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
+            local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
+            check_filter=check_filter)
+        controller.start()  # creates the base directory first: a failure there starts nothing
+        self.captures = controller
+        self.server.captures = controller.artifact
 
     def _pod_source(self):
         """Who the pods are: the Kubernetes API, or a static file when standalone."""
@@ -222,6 +252,9 @@ class Agent:
             if self.pod_source is not None:
                 self.pod_source.stop()
                 self.pod_source = None
+        if self.captures is not None:
+            self.captures.stop()
+            self.captures = None
         if self.server is not None:
             self.server.stop()
             self.server = None

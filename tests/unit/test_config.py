@@ -41,6 +41,8 @@ def test_defaults():
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
     assert top["tls"] == {"certFile": "", "keyFile": ""}
     assert top["metricsAuth"] == {"enabled": False, "cacheTTL": 60.0}
+    assert top["captures"] == {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
+                               "gracePeriod": 60.0, "namespace": ""}
     assert cfg.validate(REGISTRY) is cfg
 
 

@@ -14,6 +14,7 @@ import kubernetes
 import pytest
 from conftest import require
 from k8s_emulator import (
+    ApiError,
     K8sEmulator,
     make_namespace,
     make_node,
@@ -551,3 +552,53 @@ def test_builders_round_trip(api):
     assert "namespace" not in node["metadata"]
     svc = api.create(make_service("web", "shop", cluster_ip="10.96.0.10"))
     assert svc["spec"]["clusterIPs"] == ["10.96.0.10"]
+
+
+def test_registered_crd_validates_and_prints_its_columns(tmp_path):
+    """register_crd: the CRD's names, scope and status subresource; its printer columns in
+    `kubectl get`; requests carry the client's User-Agent."""
+    from tests.crd_schema import api_errors, crd
+
+    require(shutil.which("kubectl") is not None, "kubectl (Debian kubernetes-client)")
+    api = K8sEmulator().start()
+    try:
+        rt = api.register_crd(crd("captures"), validate=api_errors)
+        assert (rt.kind, rt.namespaced, rt.subresources, rt.short_names) == ("Capture", True, ("status",), ("fcap",))
+        api.create(make_namespace("shop"))
+        api.create({"apiVersion": "fovea.dev/v1alpha1", "kind": "Capture", "metadata": {"name": "c", "namespace": "shop"},
+                    "spec": {"target": {"podNames": ["a"]}, "duration": "5s"},
+                    "status": {"phase": "Running", "nodesDone": "0/2", "packets": 7}})
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace="shop")
+        out = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "fcap"], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[0].split() == ["NAME", "PHASE", "NODES", "PACKETS", "AGE"]
+        assert out.stdout.split("\n")[1].split()[:4] == ["c", "Running", "0/2", "7"]
+        assert any(r.user_agent.startswith("kubectl/") for r in api.requests)
+        bad = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "create", "-f", "-"], input=(
+            "apiVersion: fovea.dev/v1alpha1\nkind: Capture\nmetadata: {name: bad}\n"
+            "spec: {target: {podNames: [a]}, duration: 2h}\n"), capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "duration must be more than 0 and at most 1h" in bad.stderr, bad.stderr
+    finally:
+        api.stop()
+
+
+def test_updates_ratchet_validation():
+    """As Kubernetes 1.30+: an update keeps errors the stored object already had (a status
+    write to an object stored before a stricter schema), and refuses new ones."""
+    api = K8sEmulator()
+    strict = {"on": False}
+
+    def validate(obj):
+        spec = obj.get("spec") or {}
+        return [f"spec.{k}: too big" for k in ("a", "b") if strict["on"] and spec.get(k, 0) > 1]
+
+    api.register("example.com", "v1", "things", "Thing", True, validate=validate)
+    api.create(make_namespace("ns"))
+    api.create({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t", "namespace": "ns"},
+                "spec": {"a": 5}})
+    strict["on"] = True
+    api.patch("things", "t", {"status": {"seen": True}}, "ns")  # the old error ratchets
+    with pytest.raises(ApiError) as e:
+        api.patch("things", "t", {"spec": {"b": 7}}, "ns")
+    assert e.value.code == 422 and "spec.b: too big" in e.value.message and "spec.a" not in e.value.message

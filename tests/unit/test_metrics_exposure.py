@@ -90,3 +90,31 @@ def test_metrics_need_a_token_allowed_to_get_metrics_and_probes_do_not(registry)
     finally:
         server.stop()
         api.stop()
+
+
+def test_capture_download_reaches_an_agent_that_serves_https(tmp_path, registry):
+    """kubectl fovea downloads through the API server's pod proxy; with metrics.tls the agent
+    probes itself over HTTPS, and the download goes to it over HTTPS too."""
+    from capture.cli import Api, _from_agent
+    from tests.k8s_emulator import make_namespace, make_pod
+
+    cert, key = self_signed_cert(tmp_path)
+    artifact = tmp_path / "web-debug-n1.pcap"
+    artifact.write_bytes(b"\xd4\xc3\xb2\xa1pcap")
+    server = serve(registry, tls=TlsFiles(str(cert), str(key)))
+    server.captures = lambda k, token: artifact if (k, token) == ("abc-1/web-debug-n1.pcap", "t0k") else None
+    api = K8sEmulator().start()
+    try:
+        api.create(make_namespace("fovea-system"))
+        pod = make_pod("fovea-x1", "fovea-system", "n1", "10.0.0.9", labels={"app.kubernetes.io/name": "fovea"})
+        pod["spec"]["containers"][0].update(
+            ports=[{"name": "metrics", "containerPort": server.server_address[1]}],
+            livenessProbe={"httpGet": {"path": "/healthz", "port": "metrics", "scheme": "HTTPS"}})
+        api.create(pod)
+        client = Api(str(api.write_kubeconfig(tmp_path / "kubeconfig")), None, None)
+        stream = _from_agent(client, "fovea-system", "n1", "hostpath://n1/abc-1/web-debug-n1.pcap", "t0k")
+        assert b"".join(stream) == artifact.read_bytes()
+        assert any(r.name == f"https:fovea-x1:{server.server_address[1]}" for r in api.requests)
+    finally:
+        api.stop()
+        server.stop()
