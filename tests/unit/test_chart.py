@@ -32,6 +32,7 @@ ALL_ON = {
                 "auth": {"enabled": True, "readers": [{"kind": "ServiceAccount", "name": "prometheus",
                                                        "namespace": "monitoring"}]}},
     "config": {"podLevel": {"allPods": True}, "interval": 10},
+    "extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector.monitoring:4317"}],
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "tlsConfig": {"insecureSkipVerify": True}},
     "podMonitor": {"enabled": True, "bearerTokenSecret": {"name": "prometheus-token"}},
     "prometheusRule": {"enabled": True},
