@@ -27,6 +27,7 @@ import yaml
 from tests.conftest import REPO, RunningAgent, node_lab, require
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
+from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, moto_s3
 
 pytestmark = pytest.mark.kernel
 
@@ -442,15 +443,9 @@ def _download_verified(cluster, name: str, into: Path) -> Path:
 
 
 def test_s3_output_and_download(cluster, tmp_path):
-    from tests.unit.test_capture_outputs import free_port, server
-
-    moto = BIN / "moto_server"
-    require(moto.exists(), "needs moto_server (pip install moto[server])")
-    port = free_port()
-    with server([str(moto), "-H", "127.0.0.1", "-p", str(port)], port, "moto_server"):
+    with moto_s3() as endpoint:
         import boto3
 
-        endpoint = f"http://127.0.0.1:{port}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
                      aws_secret_access_key="s").create_bucket(Bucket="caps")
         _secret(cluster, "moto-creds", {"accessKeyId": "k", "secretAccessKey": "s"})
@@ -484,16 +479,9 @@ def test_s3_output_and_download(cluster, tmp_path):
 def test_azure_blob_output_and_download(cluster, tmp_path):
     from datetime import datetime, timedelta, timezone
 
-    from tests.unit.test_capture_outputs import AZURITE_ACCOUNT, AZURITE_KEY, free_port, server
-
-    exe = REPO / ".venv" / "node" / "node_modules" / ".bin" / "azurite-blob"
-    require(exe.exists(), "needs azurite-blob (npm install azurite)")
-    port = free_port()
-    with server([str(exe), "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                 "--skipApiVersionCheck", "--silent"], port, "azurite"):
+    with azurite_blob() as url:
         from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
-        url = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
         BlobServiceClient.from_connection_string(
             f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
             f"BlobEndpoint={url};").create_container("captures")

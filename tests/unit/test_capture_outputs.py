@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -17,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import FoveaError
-from capture import outputs
 from capture.outputs import check_endpoint, host_path, upload_azure_blob, upload_s3
-from tests.conftest import REPO, free_port, require
+from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, moto_s3
 
 # -- hostPath ----------------------------------------------------------------------
 
@@ -129,31 +125,6 @@ def test_sas_token_never_in_messages():
 # -- servers on loopback -------------------------------------------------------------
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{what} exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not listen on {port}")
-
-
-@contextlib.contextmanager
-def server(argv: list[str], port: int, what: str):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port, proc, what)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def artifact(tmp_path) -> Path:
     path = tmp_path / "web-debug-node1.pcap"
@@ -163,11 +134,8 @@ def artifact(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def s3():
-    moto = Path(sys.executable).parent / "moto_server"
-    require(moto.exists(), "needs moto_server (pip install moto[server])")
-    port = free_port()
-    with server([str(moto), "-H", "127.0.0.1", "-p", str(port)], port, "moto_server"):
-        yield f"http://127.0.0.1:{port}"
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def test_s3_upload_arrives_whole(s3, artifact):
@@ -239,19 +207,10 @@ def test_refused_endpoints_are_never_contacted(artifact, monkeypatch):
                   access_key="k", secret_key="s", allowlist=["http://169.254.169.254"])
 
 
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # public, fixed
-
-
 @pytest.fixture(scope="module")
 def azurite():
-    local = REPO / ".venv" / "node" / "node_modules" / ".bin" / "azurite-blob"
-    exe = str(local) if local.exists() else shutil.which("azurite-blob")
-    require(exe is not None, "needs azurite-blob (npm install azurite)")
-    port = free_port()
-    with server([exe, "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                 "--skipApiVersionCheck", "--silent"], port, "azurite"):
-        yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    with azurite_blob() as url:
+        yield url
 
 
 def test_azure_blob_upload_arrives_whole(azurite, artifact):
