@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,27 @@ def source_dir() -> Path:
     raise FoveaError("the eBPF sources (bpf/*.c) are missing", "reinstall fovea or set FOVEA_BPF_DIR")
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.M)
+
+
+def inline_includes(path: Path, seen: set[str] | None = None) -> str:
+    """The C source with the bpf/ headers it includes pasted in, each once: bcc
+    rewrites map calls (`table.lookup(...)`) only in the main file, so headers
+    that use maps (dns.h) must become part of it."""
+    seen = set() if seen is None else seen
+
+    def paste(m: re.Match) -> str:
+        header = path.parent / m.group(1)
+        if not header.is_file():
+            return m.group(0)  # a system or kernel header: left to the compiler
+        if m.group(1) in seen:
+            return ""
+        seen.add(m.group(1))
+        return inline_includes(header, seen)
+
+    return _LOCAL_INCLUDE.sub(paste, path.read_text())
+
+
 def compile_program(name: str, cflags: list[str], headers: Headers):
     """Compile bpf/<name>.c and return the loaded bcc.BPF object."""
     from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests run without it
@@ -40,7 +62,7 @@ def compile_program(name: str, cflags: list[str], headers: Headers):
     try:
         # bcc prints clang's diagnostics on fd 2 itself; keep Python's noise out of it.
         with contextlib.redirect_stderr(err):
-            return BPF(src_file=str(src / f"{name}.c").encode(), cflags=flags)
+            return BPF(text=inline_includes(src / f"{name}.c"), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
         raise FoveaError(
             f"could not compile or load bpf/{name}.c: {e}",

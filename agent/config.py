@@ -44,6 +44,15 @@ class TcpConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    timeout: float = 5.0  # seconds without a response before a query counts as unanswered
+    sampleRatio: float = 0.01  # share of transactions decoded in full (names, answers) for traces and observe
+    sampleBytes: int = 512  # bytes of each sampled message copied out of the kernel
+    mapSize: int = 4096  # counter keys in the kernel (local address, qtype, rcode)
+    inflightMapSize: int = 16384  # queries awaiting their response, tracked in the kernel
+
+
+@dataclass(frozen=True)
 class PodLevelConfig:
     allPods: bool = False  # pod-level series for every pod, not only annotated ones
     seriesTTL: float = 300.0  # seconds a deleted pod's series stay
@@ -90,13 +99,14 @@ class Config:
     metricsAuth: MetricsAuthConfig = field(default_factory=MetricsAuthConfig)
     interval: float = 5.0  # seconds between reads of the kernel maps
     idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
-    plugins: tuple[str, ...] = ("forward", "drops", "pods", "tcp")
+    plugins: tuple[str, ...] = ("forward", "drops", "pods", "tcp", "dns")
     staticPods: str = ""  # standalone: YAML file naming pods by IP (agent/k8s/static.py)
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
     pods: PodsConfig = field(default_factory=PodsConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     captures: CapturesConfig = field(default_factory=CapturesConfig)
@@ -117,6 +127,11 @@ class Config:
             ("tcp.mapSize", 1 <= self.tcp.mapSize <= 1 << 20, "1 to 1048576"),
             ("tcp.socketMapSize", 1 <= self.tcp.socketMapSize <= 1 << 22, "1 to 4194304"),
             ("tcp.reconcileInterval", self.tcp.reconcileInterval > 0, "a positive number of seconds"),
+            ("dns.timeout", 0 < self.dns.timeout <= 3600, "more than 0 and at most 3600 seconds"),
+            ("dns.sampleRatio", 0 <= self.dns.sampleRatio <= 1, "a share from 0 to 1"),
+            ("dns.sampleBytes", 12 <= self.dns.sampleBytes <= 4096, "12 to 4096"),
+            ("dns.mapSize", 1 <= self.dns.mapSize <= 1 << 20, "1 to 1048576"),
+            ("dns.inflightMapSize", 1 <= self.dns.inflightMapSize <= 1 << 22, "1 to 4194304"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
             ("tls", bool(self.tls.certFile) == bool(self.tls.keyFile), "both certFile and keyFile, or neither"),

@@ -125,7 +125,8 @@ class Agent:
         self.pod_source = self._pod_source()
         resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
         ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake, self.events)
-        for name in cfg.plugins:
+        # Plugins that extend other plugins' tc programs register before those compile.
+        for name in sorted(cfg.plugins, key=lambda n: not REGISTRY[n].extends_tc):
             plugin = REGISTRY[name]()
             why = plugin.check(tracefs)
             if why is None:

@@ -92,6 +92,13 @@ class SeriesStore:
     def __len__(self) -> int:
         return len(self.values)
 
+    def counter(self, name: str, documentation: str) -> CounterMetricFamily:
+        """One counter family `<name>_total` of the first value (a count of messages, say)."""
+        family = CounterMetricFamily(name, documentation, labels=self.label_names)
+        for labels, (n, _) in sorted(self.values.items()):
+            family.add_metric(labels, n)
+        return family
+
     def families(self, name: str, what: str) -> list[CounterMetricFamily]:
         """The `<name>_packets_total` and `<name>_bytes_total` counter families."""
         packets = CounterMetricFamily(f"{name}_packets", f"IP packets {what}", labels=self.label_names)

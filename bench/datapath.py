@@ -128,7 +128,8 @@ class Agent:
         # that tree's packages and compiles its bpf/ (the editable install comes later on
         # the import path); otherwise the venv's `fovea` on the working tree.
         cli = [sys.executable, "-m", "agent"] if tree else [fovea_cli()]
-        argv = [*cli, "agent", "--standalone", "--uplink", uplink,
+        # A node name of its own: agents sharing one replace each other's tc filters.
+        argv = [*cli, "agent", "--standalone", "--uplink", uplink, "--node-name", f"bench-{self.port}",
                 "--port", str(self.port), "--interval", str(interval)]
         if config:
             argv += ["--config", config]

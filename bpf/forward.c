@@ -2,16 +2,51 @@
  *
  * Attached on Ethernet devices, where the packet starts with the MAC header.
  * Both programs return TC_ACT_UNSPEC so that the next filter (the CNI's) runs.
+ * With -DFOVEA_DNS (the dns plugin), DNS of the node itself is counted here.
  */
 #include "fovea.h"
 
 BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
 
+#ifdef FOVEA_DNS
+#define AF_INET 2
+#define AF_INET6 10
+
+/* DNS at an uplink is the node's own (host network): what a pod sent or is
+ * sent is counted at the pod's interface. Leaving: a packet that came in
+ * through another interface (a pod's) was forwarded. Arriving: the kernel's
+ * route lookup says whether it will be forwarded or delivered here. */
+static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct fovea_packet *pkt, int egress)
+{
+    if (egress)
+        return skb->ingress_ifindex != 0;
+    struct bpf_fib_lookup fib = {};
+    fib.ifindex = skb->ingress_ifindex;
+    fib.l4_protocol = pkt->l4proto;
+    if (pkt->family == 4) {
+        fib.family = AF_INET;
+        __builtin_memcpy(&fib.ipv4_src, pkt->saddr, 4);
+        __builtin_memcpy(&fib.ipv4_dst, pkt->daddr, 4);
+    } else {
+        fib.family = AF_INET6;
+        __builtin_memcpy(fib.ipv6_src, pkt->saddr, 16);
+        __builtin_memcpy(fib.ipv6_dst, pkt->daddr, 16);
+    }
+    int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+    return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+}
+#include "dns.h"
+#endif
+
 static __always_inline int count(struct __sk_buff *skb, u32 direction)
 {
     struct fovea_packet pkt = {};
-    if (fovea_tc_parse(skb, &pkt))
-        fovea_add(forward_counts.lookup(&direction), &pkt);
+    if (!fovea_tc_parse(skb, &pkt))
+        return TC_ACT_UNSPEC;
+    fovea_add(forward_counts.lookup(&direction), &pkt);
+#ifdef FOVEA_DNS
+    fovea_dns(skb, &pkt, direction == FOVEA_EGRESS);
+#endif
     return TC_ACT_UNSPEC;
 }
 

@@ -40,6 +40,8 @@ struct fovea_packet {
     u8 l4proto;
     u8 saddr[16]; /* IPv4 in the first 4 bytes */
     u8 daddr[16];
+    u32 l4_offset; /* where the L4 header starts; 0 in a non-first IPv4 fragment */
+    u32 end;       /* where the IP packet ends (Ethernet padding excluded) */
 };
 
 /* Parse an skb on an Ethernet device, where the packet starts with the MAC
@@ -56,6 +58,8 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
         l3_hdr = iph.ihl * 4;
         pkt->family = 4;
         pkt->l4proto = iph.protocol;
+        if (!(iph.frag_off & bpf_htons(0x1fff)))
+            pkt->l4_offset = l3 + l3_hdr;
         __builtin_memcpy(pkt->saddr, &iph.saddr, 4);
         __builtin_memcpy(pkt->daddr, &iph.daddr, 4);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
@@ -66,12 +70,17 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
         l3_hdr = sizeof(ip6);
         pkt->family = 6;
         pkt->l4proto = ip6.nexthdr;
+        pkt->l4_offset = l3 + l3_hdr;
         __builtin_memcpy(pkt->saddr, &ip6.saddr, 16);
         __builtin_memcpy(pkt->daddr, &ip6.daddr, 16);
     } else {
         return 0;
     }
 
+    /* A length field of 0 (BIG TCP): the packet runs to the end of the skb. */
+    pkt->end = (pkt->family == 4 ? ip_len : ip_len - l3_hdr) ? l3 + ip_len : skb->len;
+    if (pkt->end > skb->len)
+        pkt->end = skb->len;
     u32 segs = skb->gso_segs;
     if (segs <= 1) {
         pkt->packets = 1;

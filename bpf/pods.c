@@ -7,7 +7,8 @@
  * The flow table (source, destination, L4 protocol) feeds the workload
  * traffic map; `from_pod` says at which end the node saw the packet.
  *
- * Set from user space (-D): POD_MAP_SIZE, FLOW_MAP_SIZE.
+ * Set from user space (-D): POD_MAP_SIZE, FLOW_MAP_SIZE; FOVEA_DNS and the
+ * settings of dns.h when the dns plugin runs.
  */
 #include "fovea.h"
 
@@ -35,6 +36,19 @@ BPF_PERCPU_HASH(flow_counts, struct flow_key, struct fovea_counter, FLOW_MAP_SIZ
 #define OVERFLOW_PODS 1
 BPF_PERCPU_ARRAY(overflow, struct fovea_counter, 2);
 
+#ifdef FOVEA_DNS
+/* Host-side pod interfaces (user space keeps it): a packet that came in
+ * through one was counted at its sender's interface already. */
+BPF_HASH(dns_pod_ifaces, u32, u8, POD_MAP_SIZE);
+
+static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct fovea_packet *pkt, int from_pod)
+{
+    u32 in = skb->ingress_ifindex;
+    return !from_pod && dns_pod_ifaces.lookup(&in) != NULL;
+}
+#include "dns.h"
+#endif
+
 static __always_inline void add_or_overflow(struct fovea_counter *c, int slot, struct fovea_packet *pkt)
 {
     if (!c)
@@ -56,6 +70,9 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     __builtin_memcpy(fk.saddr, pkt.saddr, 16);
     __builtin_memcpy(fk.daddr, pkt.daddr, 16);
     add_or_overflow(flow_counts.lookup_or_try_init(&fk, &zero), OVERFLOW_FLOWS, &pkt);
+#ifdef FOVEA_DNS
+    fovea_dns(skb, &pkt, direction == FROM_POD);
+#endif
     return TC_ACT_UNSPEC;
 }
 

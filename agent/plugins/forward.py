@@ -7,7 +7,6 @@ import logging
 from prometheus_client.core import CounterMetricFamily
 from pyroute2 import IPRoute
 
-from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.maps import read_percpu_array
 from agent.plugins.base import Plugin, PluginContext
@@ -38,11 +37,8 @@ class ForwardPlugin(Plugin):
                     raise FoveaError(f"uplink {name!r} does not exist", f"interfaces here: {', '.join(_names(ipr))}")
                 if ipr.get_links(idx[0])[0]["ifi_type"] != ARPHRD_ETHER:
                     raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
-        self._bpf = compile_program("forward", [], ctx.headers)
-        self._programs = {
-            "ingress": self._bpf.load_func(b"forward_ingress", self._bpf.SCHED_CLS),
-            "egress": self._bpf.load_func(b"forward_egress", self._bpf.SCHED_CLS),
-        }
+        self._bpf, self._programs = ctx.load_tc_programs(
+            "forward", [], {"ingress": b"forward_ingress", "egress": b"forward_egress"})
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -85,6 +81,8 @@ class ForwardPlugin(Plugin):
                 self._ctx.tc.detach(ifindex)
             self._attached.clear()
         if self._bpf is not None:
+            for ext in self._ctx.tc_extensions:
+                ext.unloading("forward")
             self._bpf.cleanup()
             self._bpf = None
 

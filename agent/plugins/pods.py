@@ -6,7 +6,6 @@ import fnmatch
 import ipaddress
 import logging
 
-from agent.compiler import compile_program
 from agent.endpoints import Endpoints, PodInterface
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
@@ -44,13 +43,9 @@ class PodsPlugin(Plugin):
                                        keep_on_overflow=("protocol",))
         self._pod_pending = Pending()
         self._flow_pending = Pending()
-        self._bpf = compile_program("pods", [
+        self._bpf, self._programs = ctx.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
-        ], ctx.headers)
-        self._programs = {
-            "ingress": self._bpf.load_func(b"pod_from_pod", self._bpf.SCHED_CLS),
-            "egress": self._bpf.load_func(b"pod_to_pod", self._bpf.SCHED_CLS),
-        }
+        ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
         self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
         self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
         self._endpoints = Endpoints(exclude=set(ctx.uplinks))
@@ -76,13 +71,19 @@ class PodsPlugin(Plugin):
                 self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
                 self._ctx.tc.forget(ifindex)
+                for ext in self._ctx.tc_extensions:
+                    ext.detached("pods", ifindex)
                 log.info("pod interface %s is gone", iface.ifname)
         for ifindex, iface in found.items():
             if ifindex not in self._interfaces:
+                for ext in self._ctx.tc_extensions:
+                    ext.attached("pods", ifindex)
                 try:
                     self._ctx.tc.attach(iface.ifname, self._programs)
                 except Exception as e:  # it may vanish between scan and attach
                     log.warning("cannot attach to pod interface %s: %s", iface.ifname, e)
+                    for ext in self._ctx.tc_extensions:
+                        ext.detached("pods", ifindex)
                     continue
                 log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
             self._interfaces[ifindex] = iface
@@ -155,5 +156,7 @@ class PodsPlugin(Plugin):
                 self._ctx.tc.detach(ifindex)
             self._interfaces.clear()
         if self._bpf is not None:
+            for ext in self._ctx.tc_extensions:
+                ext.unloading("pods")
             self._bpf.cleanup()
             self._bpf = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.config import Config, DropsConfig, KernelConfig, TcConfig
+from agent.config import Config, DnsConfig, DropsConfig, KernelConfig, TcConfig
 from agent.errors import FoveaError
 from agent.plugins import REGISTRY
 
@@ -37,6 +37,8 @@ def test_defaults():
     assert top["drops"] == {"mapSize": 16384}
     assert top["pods"] == {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)}
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
+    assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,
+                          "inflightMapSize": 16384}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
     assert top["tls"] == {"certFile": "", "keyFile": ""}
@@ -161,6 +163,11 @@ def test_overrides_on_non_mapping_file_give_fovea_error(tmp_path, text, override
     ({"tc": TcConfig(priority=0)}, "tc.priority", "it must be 1-65535"),
     ({"tc": TcConfig(priority=65536)}, "tc.priority", "it must be 1-65535"),
     ({"logLevel": "verbose"}, "logLevel", "it must be debug, info, warning or error"),
+    ({"dns": DnsConfig(timeout=0.0)}, "dns.timeout", "it must be more than 0 and at most 3600 seconds"),
+    ({"dns": DnsConfig(sampleRatio=1.5)}, "dns.sampleRatio", "it must be a share from 0 to 1"),
+    ({"dns": DnsConfig(sampleRatio=-0.1)}, "dns.sampleRatio", "it must be a share from 0 to 1"),
+    ({"dns": DnsConfig(sampleBytes=8)}, "dns.sampleBytes", "it must be 12 to 4096"),
+    ({"dns": DnsConfig(inflightMapSize=0)}, "dns.inflightMapSize", "it must be 1 to 4194304"),
 ])
 def test_validate_rejects(changes, key, hint):
     with pytest.raises(FoveaError) as exc:

@@ -1,0 +1,79 @@
+"""Extensions compiled into another plugin's tc programs: flags, callbacks, and the fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import FoveaError
+from agent.plugins import base
+from agent.plugins.base import PluginContext, TcExtension
+
+
+class FakeBpf:
+    SCHED_CLS = 3
+
+    def __init__(self, cflags):
+        self.cflags = cflags
+        self.cleaned = False
+
+    def load_func(self, name, kind):
+        if "-DBREAKS_VERIFIER" in self.cflags:
+            raise Exception("permission denied (the verifier)")
+        return name
+
+    def cleanup(self):
+        self.cleaned = True
+
+
+class Recorder(TcExtension):
+    def __init__(self, flags):
+        self.flags = flags
+        self.calls = []
+
+    def cflags(self, program):
+        return self.flags if program == "pods" else []
+
+    def loaded(self, program, bpf):
+        self.calls.append(("loaded", program, bpf.cflags))
+
+    def failed(self, program, why):
+        self.calls.append(("failed", program))
+
+
+@pytest.fixture
+def ctx(monkeypatch):
+    built = []
+
+    def compile_program(name, cflags, headers):
+        built.append(FakeBpf(cflags))
+        return built[-1]
+
+    monkeypatch.setattr(base, "compile_program", compile_program)
+    c = PluginContext(None, None, None, None, [], None, lambda: None, None)
+    c.built = built
+    return c
+
+
+def test_extension_flags_go_into_the_host_program(ctx):
+    ext = Recorder(["-DFOVEA_DNS"])
+    ctx.tc_extensions.append(ext)
+    bpf, fns = ctx.load_tc_programs("pods", ["-DPOD_MAP_SIZE=2"], {"ingress": b"pod_from_pod"})
+    assert bpf.cflags == ["-DPOD_MAP_SIZE=2", "-DFOVEA_DNS"]
+    assert fns == {"ingress": b"pod_from_pod"}
+    assert ext.calls == [("loaded", "pods", ["-DPOD_MAP_SIZE=2", "-DFOVEA_DNS"])]
+    ctx.load_tc_programs("forward", [], {"egress": b"forward_egress"})  # not extended
+    assert ctx.built[-1].cflags == [] and len(ext.calls) == 1
+
+
+def test_a_failing_extension_never_takes_its_host_down(ctx):
+    ext = Recorder(["-DBREAKS_VERIFIER"])
+    ctx.tc_extensions.append(ext)
+    bpf, _ = ctx.load_tc_programs("pods", ["-DPOD_MAP_SIZE=2"], {"ingress": b"pod_from_pod"})
+    assert bpf.cflags == ["-DPOD_MAP_SIZE=2"]  # loaded again without the extension
+    assert ctx.built[0].cleaned  # the refused build was freed
+    assert ext.calls == [("failed", "pods")]
+
+
+def test_a_host_that_fails_on_its_own_still_fails(ctx):
+    with pytest.raises(FoveaError):
+        ctx.load_tc_programs("pods", ["-DBREAKS_VERIFIER"], {"ingress": b"pod_from_pod"})
