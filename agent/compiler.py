@@ -62,7 +62,7 @@ def compile_program(name: str, cflags: list[str], headers: Headers):
     try:
         # bcc prints clang's diagnostics on fd 2 itself; keep Python's noise out of it.
         with contextlib.redirect_stderr(err):
-            return BPF(text=inline_includes(src / f"{name}.c"), cflags=flags)
+            return BPF(text=inline_includes(src / f"{name}.c").encode(), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
         raise FoveaError(
             f"could not compile or load bpf/{name}.c: {e}",
