@@ -31,6 +31,8 @@ def _agent_overrides(args) -> dict:
         "interval": args.interval,
         "staticPods": args.static_pods,
         "logLevel": args.log_level,
+        "observe.socket": args.observe_socket,
+        "observe.port": args.observe_port,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -71,6 +73,26 @@ def cmd_demo(args) -> int:
     return run_demo(port=args.port, duration=args.duration)
 
 
+def cmd_observe(args) -> int:
+    import json
+
+    from agent.observe import connect, format_human, stream
+
+    filt = {"namespace": args.namespace, "pod": args.pod, "protocol": args.protocol, "port": args.port,
+            "verdict": args.verdict, "dns": args.dns or None}
+    last = args.last if args.last is not None else (0 if args.follow else 20)
+    request = {"last": last, "follow": args.follow, "filter": {k: v for k, v in filt.items() if v is not None}}
+    conn = connect(args.server, args.socket)
+    try:
+        for record in stream(conn, request):
+            print(json.dumps(record) if args.output == "json" else format_human(record), flush=True)
+    except BrokenPipeError:  # | head
+        pass
+    finally:
+        conn.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fovea",
@@ -95,7 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standalone: YAML file naming pods by IP (see docs/configuration.md)")
     a.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between kernel map reads (default 5)")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    a.add_argument("--observe-socket", metavar="PATH",
+                   help="Unix socket of the flow stream (default /run/fovea/observe.sock; empty: none)")
+    a.add_argument("--observe-port", type=int, metavar="PORT",
+                   help="flow stream port on 127.0.0.1 (default 9811; 0: none)")
     a.set_defaults(func=cmd_agent)
+
+    o = sub.add_parser(
+        "observe", help="live flows, drops and DNS transactions from a running agent",
+        description="Show the flows, drops and DNS transactions a running agent saw, from its flow stream "
+        "(the Unix socket, or --server host:port, e.g. through kubectl port-forward). See docs/observe.md.",
+    )
+    o.add_argument("--socket", default="/run/fovea/observe.sock", metavar="PATH",
+                   help="the agent's Unix socket (default /run/fovea/observe.sock)")
+    o.add_argument("--server", metavar="HOST:PORT", help="connect over TCP instead (e.g. 127.0.0.1:9811)")
+    o.add_argument("--namespace", "-n", help="records with an end in this namespace")
+    o.add_argument("--pod", help="records with an end in this pod ([namespace/]name)")
+    o.add_argument("--protocol", choices=["tcp", "udp", "icmp", "other"], help="this L4 protocol only")
+    o.add_argument("--port", type=int, help="records with an end on this port")
+    o.add_argument("--verdict", choices=["forwarded", "dropped"], help="dropped: drops only")
+    o.add_argument("--dns", action="store_true", help="DNS transactions only")
+    o.add_argument("-o", "--output", choices=["human", "json"], default="human",
+                   help="human (default) or json: one JSON object per line")
+    o.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    o.add_argument("--last", type=int, metavar="N",
+                   help="the last N matching records first (default 20; 0 with --follow)")
+    o.set_defaults(func=cmd_observe)
 
     d = sub.add_parser("doctor", help="report what this kernel offers and what Fovea can do here",
                        description="Check root, BTF, tracefs and tracepoints, kernel headers and bcc.")

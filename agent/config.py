@@ -26,6 +26,34 @@ class TcConfig:
 @dataclass(frozen=True)
 class DropsConfig:
     mapSize: int = 16384  # drop keys (reason, protocol, addresses) kept in the kernel
+    eventsPerSecond: int = 200  # drop events (with ports) for spans and `fovea observe`, per CPU; 0: none
+
+
+@dataclass(frozen=True)
+class FlowsConfig:
+    enabled: bool = True  # keep the flow table in the tc programs (spans, `fovea observe`)
+    mapSize: int = 65536  # flows kept in the kernel table; past it, flows go through the ring buffer
+    ringBufferSize: int = 1 << 20  # bytes; a power of two, at least 4096
+    idleTimeout: float = 30.0  # seconds without a packet that end a flow
+    reportInterval: float = 60.0  # a longer flow is reported once per this many seconds
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    enabled: bool = False  # export spans over OTLP (also on with OTEL_TRACES_EXPORTER=otlp)
+    protocol: str = ""  # grpc | http/protobuf; default: $OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL, else grpc
+    endpoint: str = ""  # default: $OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else the SDK default
+    sampleRatio: float = 1.0  # fraction of flows and DNS transactions that become spans
+    maxSpansPerSecond: int = 1000  # spans past this rate are dropped (counted)
+    queueSize: int = 4096  # spans waiting for the collector; past it, spans are dropped (counted)
+    batchSize: int = 512  # spans per export request
+
+
+@dataclass(frozen=True)
+class ObserveConfig:
+    socket: str = "/run/fovea/observe.sock"  # Unix socket of the flow stream; empty: none
+    port: int = 9811  # TCP port on 127.0.0.1 only; 0: none
+    buffer: int = 4096  # recent records kept for --last (a few MiB of memory)
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,9 @@ class Config:
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
+    flows: FlowsConfig = field(default_factory=FlowsConfig)
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     pods: PodsConfig = field(default_factory=PodsConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -124,6 +155,19 @@ class Config:
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
             ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
+            ("drops.eventsPerSecond", 0 <= self.drops.eventsPerSecond <= 1 << 20, "0 to 1048576"),
+            ("flows.mapSize", 1 <= self.flows.mapSize <= 1 << 22, "1 to 4194304"),
+            ("flows.ringBufferSize", self.flows.ringBufferSize >= 4096
+             and self.flows.ringBufferSize & (self.flows.ringBufferSize - 1) == 0, "a power of two, at least 4096"),
+            ("flows.idleTimeout", self.flows.idleTimeout > 0, "a positive number of seconds"),
+            ("flows.reportInterval", self.flows.reportInterval > 0, "a positive number of seconds"),
+            ("otlp.protocol", self.otlp.protocol in ("", "grpc", "http/protobuf"), "grpc or http/protobuf"),
+            ("otlp.sampleRatio", 0 <= self.otlp.sampleRatio <= 1, "between 0 and 1"),
+            ("otlp.maxSpansPerSecond", self.otlp.maxSpansPerSecond >= 1, "at least 1"),
+            ("otlp.queueSize", self.otlp.queueSize >= 1, "at least 1"),
+            ("otlp.batchSize", 1 <= self.otlp.batchSize <= self.otlp.queueSize, "1 to otlp.queueSize"),
+            ("observe.port", 0 <= self.observe.port <= 65535, "a TCP port, or 0 for none"),
+            ("observe.buffer", self.observe.buffer >= 1, "at least 1"),
             ("tcp.mapSize", 1 <= self.tcp.mapSize <= 1 << 20, "1 to 1048576"),
             ("tcp.socketMapSize", 1 <= self.tcp.socketMapSize <= 1 << 22, "1 to 4194304"),
             ("tcp.reconcileInterval", self.tcp.reconcileInterval > 0, "a positive number of seconds"),

@@ -33,6 +33,53 @@ class DnsTransaction:
     answers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class FlowRecord:
+    """One report of a flow: a TCP connection or a UDP/ICMP/other exchange,
+    both directions together, seen once per node (DESIGN.md counting rules).
+
+    A flow that lasts longer than the report interval is reported once per
+    interval (`window` 0, 1, 2...); each record holds what that window added.
+    """
+
+    flow_id: int  # the same for every window of one flow (spans link on it)
+    window: int
+    start: float  # wall-clock seconds: first packet of this window
+    end: float  # last packet of this window
+    transport: str  # tcp | udp | icmp | other
+    family: int  # 4 | 6
+    source: str  # the end that opened the flow (sent the SYN, or the first packet)
+    source_port: int
+    destination: str
+    destination_port: int
+    packets: int  # source -> destination, this window
+    bytes: int  # IP bytes (DESIGN.md), source -> destination
+    reply_packets: int  # destination -> source
+    reply_bytes: int
+    tcp_flags: int  # TCP flags seen in this flow so far, both directions OR'ed
+    observer: str  # "source" | "destination": which end this node saw
+    final: bool  # the flow ended with this report
+    end_reason: str  # fin | rst | idle | interval (still running)
+    ifindex: int = 0
+
+
+@dataclass(frozen=True)
+class DropEvent:
+    """One packet the kernel dropped, with the kernel's own reason (sampled:
+    the drops plugin publishes at most a configured rate; all are counted)."""
+
+    time: float  # wall-clock seconds
+    reason: str  # the kernel's name, e.g. NETFILTER_DROP
+    transport: str
+    family: int
+    source: str
+    source_port: int
+    destination: str
+    destination_port: int
+    packets: int
+    bytes: int
+
+
 class Subscription:
     def __init__(self, name: str, maxsize: int):
         self.name = name

@@ -46,6 +46,10 @@ class FoveaCollector:
                 "fovea_agent_series_overflow", "Increments that went to an overflow series past the series cap",
                 labels=["metric"],
             )
+            records = CounterMetricFamily(
+                "fovea_agent_records", "Records (flows, drop events) published for spans and the flow stream",
+                labels=["kind"],
+            )
             for name in agent.config.plugins:
                 up.add_metric([name], 1.0 if name in agent.plugins else 0.0)
             for plugin in running:
@@ -58,6 +62,10 @@ class FoveaCollector:
                     series.add_metric([m], v)
                 for m, v in health.overflowed.items():
                     overflow.add_metric([m], v)
+                for k, v in health.records.items():
+                    records.add_metric([k], v)
+            for subscriber, n in sorted(agent.events.dropped().items()):
+                lost.add_metric([f"records_{subscriber}_queue_full"], n)
             cache = GaugeMetricFamily("fovea_agent_cache_objects", "Objects in the pod source, per kind",
                                       labels=["kind"])
             if agent.pod_source is not None:
@@ -70,4 +78,4 @@ class FoveaCollector:
             "Time this scrape spent reading kernel maps and building metric families (not writing them)",
         )
         duration.add_metric([], time.monotonic() - start)
-        return families + [up, fill, lost, series, overflow, cache, info, duration]
+        return families + [up, fill, lost, series, overflow, records, cache, info, duration] + agent.extra_metrics()

@@ -72,6 +72,9 @@ class Agent:
         self.pod_source = None
         self.captures = None
         self.server: MetricsServer | None = None
+        self.resolver: Resolver | None = None
+        self.traces = None  # agent/traces.py TraceExporter, when OTLP is on
+        self.observe = None  # agent/observe.py ObserveServer
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._heartbeat = time.monotonic()
@@ -90,6 +93,7 @@ class Agent:
                                     authorize=self._metrics_auth())
         try:
             self._start_plugins()
+            self._start_consumers()
         except BaseException:
             self.close()
             raise
@@ -123,7 +127,7 @@ class Agent:
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
         self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
-        resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
+        resolver = self.resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
         ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake, self.events)
         # Plugins that extend other plugins' tc programs register before those compile.
         for name in sorted(cfg.plugins, key=lambda n: not REGISTRY[n].extends_tc):
@@ -146,6 +150,48 @@ class Agent:
             log.error("plugin %s is down: %s", name, why)
         if not self.plugins:
             raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+
+    def _start_consumers(self) -> None:
+        """The record consumers: OTLP spans (when on) and the flow stream."""
+        from agent.observe import ObserveServer
+        from agent.traces import TraceExporter, otlp_enabled
+
+        cfg = self.config
+        if otlp_enabled(cfg):
+            self.traces = TraceExporter(cfg, self.events, self.resolver)
+        if cfg.observe.socket or cfg.observe.port:
+            self.observe = ObserveServer(cfg, self.events, self.resolver, cfg.node)
+
+    def extra_metrics(self) -> list:
+        """Self-metrics of the record consumers (fovea_agent_*)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        out = []
+        if self.traces is not None:
+            c = self.traces.counts()
+            exported = CounterMetricFamily("fovea_agent_spans_exported", "Spans the OTLP collector accepted")
+            exported.add_metric([], c["exported"])
+            failed = CounterMetricFamily("fovea_agent_spans_failed",
+                                         "Spans whose export failed (collector down, slow or refusing)")
+            failed.add_metric([], c["failed"])
+            dropped = CounterMetricFamily("fovea_agent_spans_dropped", "Spans never sent, by why",
+                                          labels=["reason"])
+            for reason in ("queue_full", "rate_limit"):
+                dropped.add_metric([reason], c[reason])
+            sampled = CounterMetricFamily("fovea_agent_spans_sampled_out", "Records left out by otlp.sampleRatio")
+            sampled.add_metric([], c["sampled_out"])
+            queued = GaugeMetricFamily("fovea_agent_spans_queued", "Spans waiting for the collector")
+            queued.add_metric([], c["queued"])
+            out += [exported, failed, dropped, sampled, queued]
+        if self.observe is not None:
+            s = self.observe.stats()
+            followers = GaugeMetricFamily("fovea_agent_observe_clients", "Clients following the flow stream")
+            followers.add_metric([], s["followers"])
+            lost = CounterMetricFamily("fovea_agent_observe_lost_records",
+                                       "Records flow-stream clients could not keep up with")
+            lost.add_metric([], s["lost"] + s["hub_full"])
+            out += [followers, lost]
+        return out
 
     def _start_captures(self) -> None:
         """The Capture controller (with the Kubernetes API only)."""
@@ -236,7 +282,9 @@ class Agent:
         if not self._ready:
             return False, "starting"
         down = ", ".join(f"{n} ({w})" for n, w in self.failed.items())
-        return True, "ready" + (f"; plugins down: {down}" if down else "")
+        stream = "; ".join(self.observe.errors) if self.observe is not None else ""
+        return True, "ready" + (f"; plugins down: {down}" if down else "") + (
+            f"; flow stream not served on {stream}" if stream else "")
 
     def close(self) -> None:
         """Detach everything from the kernel; safe to call twice."""
@@ -247,6 +295,14 @@ class Agent:
                 except Exception:
                     log.exception("plugin %s did not close cleanly", plugin.name)
             self.plugins.clear()
+            # Plugins published their last flows on close: hand them on, then stop.
+            for consumer in (self.traces, self.observe):
+                if consumer is not None:
+                    try:
+                        consumer.close()
+                    except Exception:
+                        log.exception("%s did not close cleanly", type(consumer).__name__)
+            self.traces = self.observe = None
             if self.tc is not None:
                 self.tc.close()
                 self.tc = None

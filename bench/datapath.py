@@ -375,7 +375,7 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
                 out.append(pair["on"][key] / pair["off"][key])
         return out
 
-    starts = [r for r in runs if r["kind"] == "start"]
+    starts = [r for r in runs if r["kind"] == "start" and r["cond"] == "on"]
     cpu_tcp, cpu_udp = vals("on", "tcp", "cpu_pct"), vals("on", "udp", "cpu_pct")
     rss = [r["vm_hwm_kib"] for r in starts if "vm_hwm_kib" in r]
     lines = [
@@ -454,7 +454,9 @@ def report(args, runs: list[dict], lab: NodeLab, problems: list[str]) -> str:
         lines += ["", "Problems seen during the run:", ""] + [f"- {p}" for p in problems]
     lines += [
         "",
-        f"Agent: {args.agent_version}, plugins {args.plugins or 'default'}, `--interval 1`. "
+        f"Agent: {args.agent_version}, plugins {args.plugins or 'default'}, config {args.config or 'default'}, `--interval 1`"
+        + (f"; the 'off' columns are an agent with config {args.baseline_config}" if args.baseline_config else "")
+        + ". "
         f"Kernel {platform.release()}, {os.cpu_count()} CPUs. {args.rounds} rounds × {args.seconds:g} s per run, "
         f"iperf3 client/server on CPUs {args.cpus}. Lab {lab.prefix}, "
         f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
@@ -491,9 +493,11 @@ def export_commit(rev: str) -> tuple[str, str]:
 def run_condition(lab: NodeLab, args, cond: str, rnd: int, runs: list[dict], problems: list[str]) -> None:
     agent = None
     try:
-        if cond == "on":
-            agent = Agent(lab.uplink, config=args.agent_config, tree=args.tree)
-            start = {"round": rnd, "cond": "on", "kind": "start",
+        if cond == "on" or args.baseline_config:
+            # With --baseline-config, "off" is an agent too: the ratio is one feature's cost.
+            config = args.agent_config if cond == "on" else args.baseline_config
+            agent = Agent(lab.uplink, config=config, tree=args.tree)
+            start = {"round": rnd, "cond": cond, "kind": "start",
                      "ready_s": agent.ready_seconds, "ready_cpu": agent.ready_cpu}
             runs.append(start)
             progress(f"round {rnd}: agent {agent.pid} ready in {agent.ready_seconds:.1f}s "
@@ -563,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", metavar="FILE", help="also write every run's numbers as JSON to FILE")
     p.add_argument("--plugins", metavar="LIST",
                    help="agent plugins to run, comma-separated (default: the agent's default set)")
+    p.add_argument("--config", metavar="FILE",
+                   help="agent config file (e.g. 'flows: {enabled: false}' to compare without the flow table)")
+    p.add_argument("--baseline-config", metavar="FILE",
+                   help="run an agent with this config in the 'off' condition too (e.g. 'flows: {enabled: false}'), "
+                   "so that the ratio is the cost of what the two configs differ in")
     p.add_argument("--commit", metavar="REV",
                    help="run the agent of this git revision (exported to a temporary directory) "
                    "instead of the working tree")
@@ -588,11 +597,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs root (network namespaces, eBPF)")
 
     args.agent_config = None
+    if args.plugins and args.config:
+        p.error("--plugins and --config: put the plugins in the config file")
     if args.plugins:
         cfg = tempfile.NamedTemporaryFile("w", prefix="fovea-bench-", suffix=".yaml", delete=False)
         cfg.write("plugins: [%s]\n" % ", ".join(x for x in args.plugins.split(",") if x))
         cfg.close()
         args.agent_config = cfg.name
+    if args.config:
+        args.agent_config = str(Path(args.config).resolve())
+    if args.baseline_config:
+        args.baseline_config = str(Path(args.baseline_config).resolve())
     args.tree = None
     args.agent_version = describe_tree()
     if args.commit:
@@ -617,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         progress(f"removing lab {lab.prefix}")
         lab.down()
-        if args.agent_config:
+        if args.agent_config and not args.config:
             os.unlink(args.agent_config)
         if args.tree:
             shutil.rmtree(args.tree, ignore_errors=True)

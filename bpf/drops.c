@@ -8,6 +8,10 @@
  *   SKB_{HEAD,DATA,LEN,NETWORK_HEADER,END}_OFF    struct sk_buff, from BTF
  *   SHINFO_GSO_{SEGS}_OFF                         struct skb_shared_info, from BTF
  *   DROP_MAP_SIZE, DROP_REASON_MAX
+ *   DROP_EVENTS_PER_SEC  drop events with ports (spans, the flow stream), per
+ *                        CPU and second; past it they are counted, not sent,
+ *                        except the first DROP_EVENTS_PER_FLOW of each flow
+ *                        bucket: a flood on one flow never hides another's drops
  */
 #include "fovea.h"
 
@@ -24,6 +28,45 @@ struct drop_key {
 
 BPF_PERCPU_HASH(drop_counts, struct drop_key, struct fovea_counter, DROP_MAP_SIZE);
 BPF_PERCPU_ARRAY(drop_overflow, struct fovea_counter, DROP_REASON_MAX * PROTO_CLASSES);
+
+/* One drop in detail, with ports: for span events and `fovea observe`. */
+struct drop_event {
+    struct drop_key key;
+    u64 packets;
+    u64 bytes;
+    u64 time_ns; /* bpf_ktime_get_ns */
+    u16 sport;  /* host order */
+    u16 dport;
+    u32 pad;
+};
+
+struct event_budget {
+    u64 second; /* the second this budget is for */
+    u64 sent;
+    u64 skipped; /* over the rate: counted, not sent */
+    u64 lost;    /* ring buffer full */
+};
+
+#define FLOW_BUCKETS 1024
+#define DROP_EVENTS_PER_FLOW 4
+
+#if DROP_EVENTS_PER_SEC > 0
+BPF_RINGBUF_OUTPUT(drop_events, 128);
+BPF_PERCPU_ARRAY(drop_event_budget, struct event_budget, 1); /* the whole CPU */
+BPF_PERCPU_ARRAY(drop_flow_budget, struct event_budget, FLOW_BUCKETS); /* per hash of the 5-tuple */
+
+static __always_inline int take(struct event_budget *b, u64 second, u64 limit)
+{
+    if (b->second != second) {
+        b->second = second;
+        b->sent = 0;
+    }
+    if (b->sent >= limit)
+        return 0;
+    b->sent += 1;
+    return 1;
+}
+#endif
 
 #define FOVEA_READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
 
@@ -63,6 +106,7 @@ int on_kfree_skb(void *ctx)
     u64 bytes = len;
     u32 hdrs = 0;
 
+    u16 sport = 0, dport = 0;
     if (nh != (u16)~0U) {
         unsigned char *ip = head + nh;
         u8 doff = 0;
@@ -87,6 +131,12 @@ int on_kfree_skb(void *ctx)
         }
         if (key.l4proto == IPPROTO_TCP)
             FOVEA_READ(doff, ip, hdrs + 12);
+        if (key.l4proto == IPPROTO_TCP || key.l4proto == IPPROTO_UDP) {
+            u16 ports[2] = {};
+            FOVEA_READ(ports, ip, hdrs);
+            sport = bpf_ntohs(ports[0]);
+            dport = bpf_ntohs(ports[1]);
+        }
         hdrs += fovea_l4_header_len(key.l4proto, doff);
     }
     bytes += (packets - 1) * hdrs;
@@ -106,5 +156,36 @@ int on_kfree_skb(void *ctx)
         c->packets += packets;
         c->bytes += bytes;
     }
+#if DROP_EVENTS_PER_SEC > 0
+    int zero = 0;
+    struct event_budget *budget = drop_event_budget.lookup(&zero);
+    u32 a = 0, b = 0;
+    __builtin_memcpy(&a, key.saddr, 4);
+    __builtin_memcpy(&b, key.daddr, 4);
+    u32 bucket = (a ^ b ^ ((u32)sport << 16 | dport) ^ key.l4proto) % FLOW_BUCKETS;
+    struct event_budget *flow_budget = drop_flow_budget.lookup(&bucket);
+    if (!budget || !flow_budget)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 second = now / 1000000000ULL;
+    int own = take(flow_budget, second, DROP_EVENTS_PER_FLOW);
+    if (!take(budget, second, DROP_EVENTS_PER_SEC) && !own) {
+        budget->skipped += 1;
+        return 0;
+    }
+    struct drop_event *e = drop_events.ringbuf_reserve(sizeof(struct drop_event));
+    if (!e) {
+        budget->lost += 1;
+        return 0;
+    }
+    __builtin_memcpy(&e->key, &key, sizeof(key));
+    e->packets = packets;
+    e->bytes = bytes;
+    e->time_ns = now;
+    e->sport = sport;
+    e->dport = dport;
+    e->pad = 0;
+    drop_events.ringbuf_submit(e, 0);
+#endif
     return 0;
 }

@@ -2,9 +2,13 @@
  *
  * Attached on Ethernet devices, where the packet starts with the MAC header.
  * Both programs return TC_ACT_UNSPEC so that the next filter (the CNI's) runs.
+ * With -DFOVEA_FLOWS they keep the flow table too (flows.inc).
  * With -DFOVEA_DNS (the dns plugin), DNS of the node itself is counted here.
  */
 #include "fovea.h"
+#ifdef FOVEA_FLOWS
+#include "flows.inc"
+#endif
 
 BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
 
@@ -44,6 +48,9 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     if (!fovea_tc_parse(skb, &pkt))
         return TC_ACT_UNSPEC;
     fovea_add(forward_counts.lookup(&direction), &pkt);
+#ifdef FOVEA_FLOWS
+    fovea_flow(skb, &pkt, direction == FOVEA_INGRESS ? FLOW_UPLINK_IN : FLOW_UPLINK_OUT);
+#endif
 #ifdef FOVEA_DNS
     fovea_dns(skb, &pkt, direction == FOVEA_EGRESS);
 #endif

@@ -9,8 +9,12 @@
  *
  * Set from user space (-D): POD_MAP_SIZE, FLOW_MAP_SIZE; FOVEA_DNS and the
  * settings of dns.h when the dns plugin runs.
+ * FOVEA_FLOWS (and flows.inc's sizes) to keep the flow table too.
  */
 #include "fovea.h"
+#ifdef FOVEA_FLOWS
+#include "flows.inc"
+#endif
 
 #define FROM_POD 0 /* pod egress */
 #define TO_POD 1   /* pod ingress */
@@ -70,6 +74,9 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     __builtin_memcpy(fk.saddr, pkt.saddr, 16);
     __builtin_memcpy(fk.daddr, pkt.daddr, 16);
     add_or_overflow(flow_counts.lookup_or_try_init(&fk, &zero), OVERFLOW_FLOWS, &pkt);
+#ifdef FOVEA_FLOWS
+    fovea_flow(skb, &pkt, direction == FROM_POD ? FLOW_POD_SENT : FLOW_POD_RECEIVED);
+#endif
 #ifdef FOVEA_DNS
     fovea_dns(skb, &pkt, direction == FROM_POD);
 #endif

@@ -72,8 +72,8 @@ class Metrics:
 
 
 class RunningAgent:
-    def __init__(self, *args: str, port: int | None = None, wrapper: tuple[str, ...] = (), ca: str | None = None,
-                 token: str | None = None):
+    def __init__(self, *args: str, port: int | None = None, env: dict | None = None, wrapper: tuple[str, ...] = (),
+                 ca: str | None = None, token: str | None = None):
         """wrapper: a command the agent runs under (e.g. setpriv); ca: it serves HTTPS with a
         certificate this CA file verifies; token: a bearer token for /metrics."""
         self.port = port or free_port()
@@ -82,9 +82,15 @@ class RunningAgent:
         mode = [] if "--kubeconfig" in args else ["--standalone"]
         # A node name of its own keeps its tc filters apart from any other agent on this host.
         node = [] if "--node-name" in args else ["--node-name", f"test-{self.port}"]
-        self.args = [*wrapper, FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *args]
+        # A flow stream of its own, too (the defaults are one per host).
+        self.observe_port = free_port()
+        self.observe_socket = str(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-observe-{self.port}.sock"))
+        stream = [] if "--observe-port" in args else [
+            "--observe-port", str(self.observe_port), "--observe-socket", self.observe_socket]
+        self.args = [*wrapper, FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *stream, *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:

@@ -60,6 +60,7 @@ class PluginContext:
         self.headers = headers
         self.tracefs = tracefs
         self.tc = tc
+        self.pod_addresses: set[str] = set()  # addresses of the pod interfaces (pods plugin keeps it)
         self.tc_extensions: list[TcExtension] = []  # registered by plugins that extend tc programs
 
     def load_tc_programs(self, program: str, cflags: list[str], functions: dict[str, bytes]):
@@ -102,6 +103,7 @@ class PluginHealth:
     lost: dict[str, int] = field(default_factory=dict)  # source -> events not kept in detail
     series: dict[str, int] = field(default_factory=dict)  # metric -> series exported
     overflowed: dict[str, int] = field(default_factory=dict)  # metric -> increments sent to overflow
+    records: dict[str, int] = field(default_factory=dict)  # kind -> records published (flows, drops...)
 
 
 class Plugin:

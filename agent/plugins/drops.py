@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes as ct
 import ipaddress
 import logging
+import time
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily
 
 from agent.compiler import compile_program
 from agent.errors import FoveaError
+from agent.events import DropEvent
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.series import Pending, SeriesStore
@@ -23,6 +26,16 @@ SHINFO_MEMBERS = {"gso_segs": 2}
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # order of drop_overflow slots, as in drops.c
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 POD_DROP_LABELS = ("namespace", "pod", "workload_kind", "workload_name", "reason", "direction")
+
+
+class DropKey(ct.Structure):
+    _fields_ = [("reason", ct.c_uint32), ("family", ct.c_uint8), ("l4proto", ct.c_uint8), ("pad", ct.c_uint16),
+                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16)]
+
+
+class DropEventC(ct.Structure):
+    _fields_ = [("key", DropKey), ("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("time_ns", ct.c_uint64),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("pad", ct.c_uint32)]
 
 
 def protocol_name(l4proto: int) -> str:
@@ -48,6 +61,9 @@ class DropsPlugin(Plugin):
         self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
         self._pending = Pending()
         self._lost = 0
+        self._publish = None
+        self.events_published = 0
+        self._budget = (0, 0)  # drop events over the rate, and lost to a full ring buffer
 
     def check(self, tracefs) -> str | None:
         if not tracefs.exists(*TRACEPOINT):
@@ -76,6 +92,7 @@ class DropsPlugin(Plugin):
         flags += [
             f"-DDROP_MAP_SIZE={ctx.config.drops.mapSize}",
             f"-DDROP_REASON_MAX={max(self.reasons, default=0) + 2}",  # last slot: out of range
+            f"-DDROP_EVENTS_PER_SEC={ctx.config.drops.eventsPerSecond}",
         ]
         return flags
 
@@ -86,6 +103,9 @@ class DropsPlugin(Plugin):
         self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers)
         self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
         self._counts = CounterHash(self._bpf["drop_counts"], self._decode, ctx.config.idleReads)
+        if ctx.config.drops.eventsPerSecond > 0:
+            self._publish = ctx.events.publish
+            self._bpf["drop_events"].open_ring_buffer(self._on_event)
         log.info("counting drops by reason (%d reasons known to this kernel)", len(self.reasons))
 
     def reason_name(self, value: int) -> str:
@@ -100,7 +120,23 @@ class DropsPlugin(Plugin):
             _address(key.family, bytes(key.daddr)),
         )
 
+    def _on_event(self, _ctx, data, _size) -> None:
+        e = ct.cast(data, ct.POINTER(DropEventC)).contents
+        k = e.key
+        offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self.events_published += 1
+        self._publish(DropEvent(
+            time=(e.time_ns + offset) / 1e9, reason=self.reason_name(k.reason), transport=protocol_name(k.l4proto),
+            family=k.family, source=_address(k.family, bytes(k.saddr)), source_port=e.sport,
+            destination=_address(k.family, bytes(k.daddr)), destination_port=e.dport,
+            packets=e.packets, bytes=e.bytes,
+        ))
+
     def refresh(self) -> None:
+        if self._publish is not None:
+            self._bpf.ring_buffer_consume()
+            budgets = self._bpf["drop_event_budget"][ct.c_int(0)]
+            self._budget = (sum(b.skipped for b in budgets), sum(b.lost for b in budgets))
         increments = self._counts.read()
         for (reason, proto, _src, _dst), (p, b) in increments.items():
             t = self._totals[(reason, proto)]
@@ -163,7 +199,10 @@ class DropsPlugin(Plugin):
     def health(self) -> PluginHealth:
         fill = self._counts.fill_ratio if self._counts else 0.0
         return PluginHealth(
-            map_fill={"drop_counts": fill}, lost={"drop_counts_full": self._lost},
+            map_fill={"drop_counts": fill},
+            lost={"drop_counts_full": self._lost, "drop_events_over_rate": self._budget[0],
+                  "drop_events_ring_full": self._budget[1]},
+            records={"drops": self.events_published},
             series={"fovea_pod_drop_packets_total": len(self.pod_series)} if self._counts else {},
             overflowed={"fovea_pod_drop_packets_total": self.pod_series.overflowed} if self._counts else {},
         )

@@ -8,8 +8,9 @@ from prometheus_client.core import CounterMetricFamily
 from pyroute2 import IPRoute
 
 from agent.errors import FoveaError
+from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import read_percpu_array
-from agent.plugins.base import Plugin, PluginContext
+from agent.plugins.base import Plugin, PluginContext, PluginHealth
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class ForwardPlugin(Plugin):
         self._uplinks: list[str] = []
         self._attached: dict[str, int] = {}  # uplink name -> ifindex
         self._totals = [(0, 0), (0, 0)]
+        self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
         self._ctx = ctx
@@ -38,7 +40,10 @@ class ForwardPlugin(Plugin):
                 if ipr.get_links(idx[0])[0]["ifi_type"] != ARPHRD_ETHER:
                     raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
         self._bpf, self._programs = ctx.load_tc_programs(
-            "forward", [], {"ingress": b"forward_ingress", "egress": b"forward_egress"})
+            "forward", flow_cflags(ctx.config.flows), {"ingress": b"forward_ingress", "egress": b"forward_egress"})
+        if ctx.config.flows.enabled:
+            self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
+                                     lambda: ctx.pod_addresses)
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -62,6 +67,8 @@ class ForwardPlugin(Plugin):
 
     def refresh(self) -> None:
         self._totals = read_percpu_array(self._bpf["forward_counts"])
+        if self.flows is not None:
+            self.flows.read()
 
     def metrics(self):
         packets = CounterMetricFamily(
@@ -75,7 +82,14 @@ class ForwardPlugin(Plugin):
             nbytes.add_metric([direction], b)
         return [packets, nbytes]
 
+    def health(self) -> PluginHealth:
+        return PluginHealth(map_fill=flow_fill(self.flows, "forward"), lost=flow_lost(self.flows, "forward"),
+                            records=flow_records(self.flows, "forward"))
+
     def close(self) -> None:
+        if self.flows is not None:
+            self.flows.close()
+            self.flows = None
         if self._ctx:
             for ifindex in self._attached.values():
                 self._ctx.tc.detach(ifindex)

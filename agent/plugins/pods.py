@@ -7,6 +7,7 @@ import ipaddress
 import logging
 
 from agent.endpoints import Endpoints, PodInterface
+from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
@@ -32,6 +33,7 @@ class PodsPlugin(Plugin):
         self._endpoints: Endpoints | None = None
         self._interfaces: dict[int, PodInterface] = {}
         self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
+        self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
         self._ctx = ctx
@@ -45,7 +47,11 @@ class PodsPlugin(Plugin):
         self._flow_pending = Pending()
         self._bpf, self._programs = ctx.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
+            *flow_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
+        if cfg.flows.enabled:
+            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, ctx.events.publish,
+                                     lambda: ctx.pod_addresses)
         self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
         self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
         self._endpoints = Endpoints(exclude=set(ctx.uplinks))
@@ -87,6 +93,9 @@ class PodsPlugin(Plugin):
                     continue
                 log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
             self._interfaces[ifindex] = iface
+        addresses = {ip for iface in self._interfaces.values() for ip in iface.ips}
+        self._ctx.pod_addresses.clear()
+        self._ctx.pod_addresses.update(addresses)
 
     def _owner(self, ifindex: int):
         iface = self._interfaces.get(ifindex)
@@ -103,6 +112,8 @@ class PodsPlugin(Plugin):
         self._attribute_pod_counts()
         self._flow_pending.add(self._flow_counts.read())
         self._flow_pending.drain(self._attribute_flow)
+        if self.flows is not None:
+            self.flows.read()
         overflow = read_percpu_array(self._bpf["overflow"])
         self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
         present = self.resolver.local_pod_labels()
@@ -140,8 +151,10 @@ class PodsPlugin(Plugin):
 
     def health(self) -> PluginHealth:
         return PluginHealth(
-            map_fill={"pod_counts": self._pod_counts.fill_ratio, "flow_counts": self._flow_counts.fill_ratio},
-            lost=dict(self._lost),
+            map_fill={"pod_counts": self._pod_counts.fill_ratio, "flow_counts": self._flow_counts.fill_ratio,
+                      **flow_fill(self.flows, "pods")},
+            lost={**self._lost, **flow_lost(self.flows, "pods")},
+            records=flow_records(self.flows, "pods"),
             series={"fovea_pod_packets_total": len(self.pod_series),
                     "fovea_workload_flow_packets_total": len(self.flow_series)},
             overflowed={"fovea_pod_packets_total": self.pod_series.overflowed,
@@ -149,6 +162,9 @@ class PodsPlugin(Plugin):
         )
 
     def close(self) -> None:
+        if self.flows is not None:
+            self.flows.close()
+            self.flows = None
         if self._endpoints is not None:
             self._endpoints.close()
         if self._ctx is not None:

@@ -307,6 +307,7 @@ def in_process_agent(lab, tmp_path):
         "interval": 0.5, "uplinks": [lab.uplink], "plugins": ["pods", "dns"],
         "pods": {"interfaces": [lab.prefix + "p*"]},
         "dns": {"timeout": TIMEOUT, "sampleRatio": 1.0},
+        "observe": {"socket": "", "port": 0},  # no flow stream: the test is the hub's only subscriber
     }))
     agent = Agent(load(str(tmp_path / "fovea.yaml")).validate(REGISTRY))
     agent.start()

@@ -105,7 +105,7 @@ def test_missing_config_in_process(no_kernel, capsys):
     (["--uplink", "eth0", "--uplink", "bad name"], None,
      "fovea: error: config key 'uplinks': 'bad name' is not an interface name: use names like eth0\n"),
     (["--config", "{file}"], "drops:\n  mapSiz: 10\n",
-     "fovea: error: config key 'drops.mapSiz' is unknown: known keys here: mapSize\n"),
+     "fovea: error: config key 'drops.mapSiz' is unknown: known keys here: eventsPerSecond, mapSize\n"),
     (["--config", "{file}"], "plugins: [forward, bogus]\n",
      f"fovea: error: config key 'plugins': unknown plugin 'bogus': known plugins: {', '.join(sorted(REGISTRY))}\n"),
     (["--config", "{file}", "--port", "0"], "port: 9000\n", BAD_PORT),  # the flag beats the file

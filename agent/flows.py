@@ -1,0 +1,455 @@
+"""Flows: the kernel flow table (bpf/flows.inc) read into FlowRecords.
+
+The tc programs keep one entry per (5-tuple, observation point). Every
+interval, a FlowTracker reads the table, adds the ring-buffer records of
+packets that found it full (re-aggregated here), keeps one observation point
+per packet (DESIGN.md: the sending pod's interface when the sender is local,
+else the receiving pod's, else the uplink), joins the two directions of a flow
+and decides what ends:
+
+- a TCP flow that saw RST, or FIN both ways, ends once a read finds it
+  unchanged (the last ACK of the close lands first);
+- any flow ends after `idleTimeout` seconds without a packet;
+- a flow still running is reported every `reportInterval` seconds.
+
+Only the entries of ended flows are deleted from the kernel, with
+lookup-and-delete, so whatever arrived until the delete is in the record.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import itertools
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.events import FlowRecord
+
+log = logging.getLogger(__name__)
+
+POD_SENT, POD_RECEIVED, UPLINK_IN, UPLINK_OUT = range(4)  # observation points, as in flows.inc
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+SYN_ONLY = 0x100
+L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
+MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
+
+
+class FlowId(ct.Structure):
+    _fields_ = [("family", ct.c_uint8), ("l4proto", ct.c_uint8), ("point", ct.c_uint8), ("pad", ct.c_uint8),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16)]
+
+
+class FlowStats(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("first_ns", ct.c_uint64),
+                ("last_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("flags", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [("id", FlowId), ("stats", FlowStats)]
+
+
+class FlowLost(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("syns", ct.c_uint64)]
+
+
+@dataclass
+class Stats:
+    """Cumulative counts of one kernel key (one direction at one point)."""
+
+    packets: int = 0
+    bytes: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    flags: int = 0
+    ifindex: int = 0
+
+    def merge(self, s) -> None:
+        self.packets += s.packets
+        self.bytes += s.bytes
+        if s.first_ns and (not self.first_ns or s.first_ns < self.first_ns):
+            self.first_ns = s.first_ns
+        if s.last_ns > self.last_ns:
+            self.last_ns = s.last_ns
+            self.ifindex = s.ifindex or self.ifindex
+        self.flags |= s.flags
+
+
+def merge_percpu(leaf) -> Stats:
+    out = Stats()
+    for s in leaf:
+        if s.packets:
+            out.merge(s)
+    return out
+
+
+@dataclass(frozen=True)
+class Key:
+    """A kernel key, decoded: one direction of a flow at one point."""
+
+    family: int
+    l4proto: int
+    point: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+    @classmethod
+    def decode(cls, k) -> "Key":
+        return cls(k.family, k.l4proto, k.point, _address(k.family, bytes(k.saddr)), k.sport,
+                   _address(k.family, bytes(k.daddr)), k.dport)
+
+    @property
+    def flow(self) -> tuple:
+        """The same for both directions of a flow."""
+        a, b = (self.src, self.sport), (self.dst, self.dport)
+        return (self.family, self.l4proto, min(a, b), max(a, b))
+
+
+def _address(family: int, raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else socket.inet_ntop(socket.AF_INET6, raw)
+
+
+@dataclass
+class Flow:
+    id: int
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    key: Key  # the opener's key (protocol, family)
+    keys: dict[bytes, Key] = field(default_factory=dict)  # raw kernel key -> decoded
+    totals: dict[bytes, Stats] = field(default_factory=dict)  # cumulative per raw key
+    reported: tuple[int, int, int, int] = (0, 0, 0, 0)  # fwd packets, bytes, reverse packets, bytes
+    window: int = 0
+    window_start_ns: int = 0  # first packet of the window being counted
+    window_opened_ns: int = 0  # when this window began (monotonic), for report intervals
+    last_seen: tuple = ()  # totals at the previous read: closing flows end once unchanged
+
+    def forward(self, key: Key) -> bool:
+        return (key.src, key.sport) == self.source
+
+    def counts(self) -> tuple[int, int, int, int]:
+        fp = fb = rp = rb = 0
+        for raw, s in self.totals.items():
+            if self.forward(self.keys[raw]):
+                fp, fb = fp + s.packets, fb + s.bytes
+            else:
+                rp, rb = rp + s.packets, rb + s.bytes
+        return fp, fb, rp, rb
+
+    def flags(self, forward: bool | None = None) -> int:
+        out = 0
+        for raw, s in self.totals.items():
+            if forward is None or self.forward(self.keys[raw]) == forward:
+                out |= s.flags
+        return out
+
+    @property
+    def first_ns(self) -> int:
+        return min((s.first_ns for s in self.totals.values() if s.first_ns), default=0)
+
+    @property
+    def last_ns(self) -> int:
+        return max((s.last_ns for s in self.totals.values()), default=0)
+
+    @property
+    def observer(self) -> str:
+        """`source` when the node holds the opening end: it saw that end send
+        (pod interface or uplink egress) or receive the replies."""
+        for raw, key in self.keys.items():
+            if local_sender(key) == self.forward(key):
+                return "source"
+        return "destination"
+
+    def closing(self) -> str | None:
+        if self.key.l4proto != 6:
+            return None
+        if self.flags() & RST:
+            return "rst"
+        if self.flags(True) & FIN and self.flags(False) & FIN:
+            return "fin"
+        return None
+
+
+def keep_point(key: Key, pod_addresses: set[str]) -> bool:
+    """One observation point per packet (DESIGN.md counting rules)."""
+    if key.point == POD_SENT:
+        return True
+    if key.point == POD_RECEIVED:
+        return key.src not in pod_addresses  # else: kept where that pod sent it
+    if key.point == UPLINK_IN:
+        return key.dst not in pod_addresses
+    return key.src not in pod_addresses
+
+
+def local_sender(key: Key) -> bool:
+    return key.point in (POD_SENT, UPLINK_OUT)
+
+
+class KernelFlowTable:
+    """The bcc objects of one program's flow table, behind the few calls the tracker makes
+    (tests hand the tracker a fake with the same methods)."""
+
+    def __init__(self, bpf):
+        self.bpf = bpf
+        self.table = bpf["flows"]
+        self.max_entries = self.table.max_entries
+
+    def listen(self, callback: Callable[[FlowEvent], None]) -> None:
+        self.bpf["flow_events"].open_ring_buffer(
+            lambda _ctx, data, _size: callback(ct.cast(data, ct.POINTER(FlowEvent)).contents))
+
+    def consume(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def items(self) -> list:
+        """[(raw key bytes, per-CPU FlowStats)]"""
+        try:
+            items = list(self.table.items_lookup_batch())
+        except Exception:
+            items = list(self.table.items())
+        return [(bytes(k), leaf) for k, leaf in items]
+
+    def pop(self, raw: bytes):
+        """Lookup-and-delete: the per-CPU FlowStats the key held, or None if it was gone."""
+        from bcc import libbcc
+
+        kbuf = FlowId.from_buffer_copy(raw)
+        leaf = self.table.Leaf()
+        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) == 0:
+            return leaf
+        return None
+
+    def set_pod_addresses(self, add: set[str], remove: set[str]) -> None:
+        """The addresses of local pods, so the kernel keeps each packet at one point only."""
+        table = self.bpf["flow_pod_addrs"]
+        for address, present in [(a, True) for a in add] + [(a, False) for a in remove]:
+            key = table.Key()
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            key.family = 6 if family == socket.AF_INET6 else 4
+            packed = socket.inet_pton(family, address)
+            ct.memmove(ct.addressof(key.addr), packed, len(packed))
+            try:
+                if present:
+                    table[key] = ct.c_uint8(1)
+                else:
+                    del table[key]
+            except (KeyError, Exception) as e:  # a full table only costs a double count, filtered below
+                log.debug("flow_pod_addrs %s %s: %s", "add" if present else "remove", address, e)
+
+    def lost(self) -> tuple[int, int, int]:
+        """(packets, bytes, SYNs) the kernel could keep neither in the table nor the ring buffer."""
+        counters = self.bpf["flow_lost"][ct.c_int(0)]
+        return (sum(c.packets for c in counters), sum(c.bytes for c in counters), sum(c.syns for c in counters))
+
+
+class FlowTracker:
+    """Reads one program's flow table and ring buffer; hands out FlowRecords."""
+
+    def __init__(self, table: KernelFlowTable, cfg, publish: Callable[[FlowRecord], None],
+                 pod_addresses: Callable[[], set[str]], clock: Callable[[], int] = time.monotonic_ns):
+        self.kernel = table
+        self.cfg = cfg
+        self.publish = publish
+        self.pod_addresses = pod_addresses
+        self.clock = clock
+        self.max_entries = table.max_entries
+        self.entries = 0
+        self._ring: dict[bytes, tuple[FlowId, Stats]] = {}  # packets that found the table full
+        self._flows: dict[tuple, Flow] = {}
+        self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
+        self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
+        self._pods_in_kernel: set[str] = set()
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
+        self._ids = itertools.count(random.getrandbits(48) << 8)
+        self.ring_records = 0
+        self.ring_lost = [0, 0]  # packets, connections the user-space overflow bound refused
+        self.late_packets = 0
+        self.records = 0
+        table.listen(self._on_event)
+
+    # -- input ------------------------------------------------------------------
+
+    def _on_event(self, e: FlowEvent) -> None:
+        raw = bytes(e.id)
+        self.ring_records += 1
+        got = self._ring.get(raw)
+        if got is None:
+            if len(self._ring) >= MAX_RING_FLOWS:  # memory here is bounded too
+                self.ring_lost[0] += e.stats.packets
+                self.ring_lost[1] += 1 if e.stats.flags & SYN_ONLY else 0
+                return
+            got = self._ring[raw] = (FlowId.from_buffer_copy(raw), Stats())
+        got[1].merge(e.stats)
+
+    def _snapshot(self) -> dict[bytes, Stats]:
+        """Cumulative stats of every key: kernel table plus ring-buffer records."""
+        self.kernel.consume()
+        items = self.kernel.items()
+        self.entries = len(items)
+        out = {raw: merge_percpu(leaf) for raw, leaf in items}
+        for raw, (_, s) in self._ring.items():
+            merged = Stats()
+            if raw in out:
+                merged.merge(out[raw])
+            merged.merge(s)
+            out[raw] = merged
+        return out
+
+    def lost(self) -> tuple[int, int]:
+        """(packets, connections) that neither the table nor the ring buffer could keep."""
+        packets, _, syns = self.kernel.lost()
+        return packets + self.ring_lost[0], syns + self.ring_lost[1]
+
+    # -- the read ---------------------------------------------------------------
+
+    def read(self) -> None:
+        now = self.clock()
+        self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        pods = self.pod_addresses()
+        if pods != self._pods_in_kernel:
+            self.kernel.set_pod_addresses(pods - self._pods_in_kernel, self._pods_in_kernel - pods)
+            self._pods_in_kernel = set(pods)
+        snapshot = self._snapshot()
+        fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
+        decoded = {}
+        for raw, stats in snapshot.items():
+            key = decoded[raw] = self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw))
+            until = self._closed.get(raw)
+            if until is not None and not stats.flags & SYN_ONLY:
+                self.late_packets += self._delete(raw).packets  # after the close: not a new flow
+                continue
+            if not keep_point(key, pods):
+                self._delete(raw)  # counted at another point
+                continue
+            flow = self._flows.get(key.flow)
+            if flow is not None:
+                flow.keys[raw] = key
+                flow.totals[raw] = stats
+            else:
+                fresh.setdefault(key.flow, []).append((raw, key, stats))
+        self._decoded = decoded
+        for fkey, parts in fresh.items():
+            self._flows[fkey] = self._new_flow(parts)
+        self._closed = {raw: until for raw, until in self._closed.items() if until > now}
+
+        for fkey, flow in list(self._flows.items()):
+            counts = flow.counts()
+            idle = now - flow.last_ns > self.cfg.idleTimeout * 1e9
+            closing = flow.closing()
+            if closing and counts == flow.last_seen:
+                self._end(fkey, flow, closing)
+            elif idle:
+                self._end(fkey, flow, "idle")
+            elif now - flow.window_opened_ns >= self.cfg.reportInterval * 1e9 and counts != flow.reported:
+                self._report(flow, final=False, reason="interval")
+                flow.window_opened_ns = now
+            flow.last_seen = counts
+
+    def _new_flow(self, parts: list[tuple[bytes, Key, Stats]]) -> Flow:
+        """Who opened it: the direction that sent a SYN without ACK, else the first packet."""
+        opener = next((p for p in parts if p[2].flags & SYN_ONLY), None)
+        opener = opener or min(parts, key=lambda p: p[2].first_ns or 1 << 63)
+        _, okey, _ = opener
+        flow = Flow(next(self._ids), (okey.src, okey.sport), (okey.dst, okey.dport), okey)
+        for raw, key, stats in parts:
+            flow.keys[raw] = key
+            flow.totals[raw] = stats
+        flow.window_start_ns = flow.first_ns
+        flow.window_opened_ns = self.clock()
+        return flow
+
+    def _delete(self, raw: bytes) -> Stats:
+        """Lookup-and-delete one kernel key; what it held (ring-buffer part included)."""
+        out = Stats()
+        leaf = self.kernel.pop(raw)
+        if leaf is not None:
+            out.merge(merge_percpu(leaf))
+        ring = self._ring.pop(raw, None)
+        if ring is not None:
+            out.merge(ring[1])
+        return out
+
+    def _end(self, fkey: tuple, flow: Flow, reason: str) -> None:
+        for raw in flow.keys:
+            final = self._delete(raw)  # kernel + ring part, as in the snapshot, plus what came since
+            if final.packets >= flow.totals[raw].packets:
+                flow.totals[raw] = final
+        self._report(flow, final=True, reason=reason)
+        del self._flows[fkey]
+        if reason in ("fin", "rst"):
+            until = self.clock() + int(self.cfg.idleTimeout * 1e9)
+            for raw in flow.keys:
+                self._closed[raw] = until
+
+    def _report(self, flow: Flow, final: bool, reason: str) -> None:
+        fp, fb, rp, rb = counts = flow.counts()
+        pp, pb, prp, prb = flow.reported
+        last = flow.last_ns
+        offset = self._wall_offset
+        record = FlowRecord(
+            flow_id=flow.id, window=flow.window,
+            start=(flow.window_start_ns + offset) / 1e9, end=(last + offset) / 1e9,
+            transport=L4_NAMES.get(flow.key.l4proto, "other"), family=flow.key.family,
+            source=flow.source[0], source_port=flow.source[1],
+            destination=flow.destination[0], destination_port=flow.destination[1],
+            packets=fp - pp, bytes=fb - pb, reply_packets=rp - prp, reply_bytes=rb - prb,
+            tcp_flags=flow.flags() & 0xFF, observer=flow.observer, final=final, end_reason=reason,
+            ifindex=max(flow.totals.values(), key=lambda s: s.last_ns).ifindex,
+        )
+        flow.reported = counts
+        flow.window += 1
+        flow.window_start_ns = last
+        self.records += 1
+        self.publish(record)
+
+    def close(self) -> None:
+        """Report every flow still open (the agent stops)."""
+        for fkey, flow in list(self._flows.items()):
+            if flow.counts() != flow.reported:
+                self._report(flow, final=True, reason="interval")
+        self._flows.clear()
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.entries / self.max_entries if self.max_entries else 0.0
+
+
+TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
+                  (0x40, "ECE"), (0x80, "CWR"))
+
+
+def tcp_flag_names(flags: int) -> str:
+    return "|".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)
+
+
+def flow_cflags(cfg) -> list[str]:
+    """-D flags that build the flow table into a tc program (empty when flows are off)."""
+    if not cfg.enabled:
+        return []
+    return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
+            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}"]
+
+
+# Self-observation of a plugin's tracker (fovea_agent_*), keyed by the plugin's name.
+def flow_fill(tracker: FlowTracker | None, where: str) -> dict[str, float]:
+    return {f"flows_{where}": tracker.fill_ratio} if tracker else {}
+
+
+def flow_lost(tracker: FlowTracker | None, where: str) -> dict[str, int]:
+    if tracker is None:
+        return {}
+    packets, connections = tracker.lost()
+    return {f"flows_{where}_packets": packets, f"flows_{where}_connections": connections,
+            f"flows_{where}_late_packets": tracker.late_packets}
+
+
+def flow_records(tracker: FlowTracker | None, where: str) -> dict[str, int]:
+    if tracker is None:
+        return {}
+    return {f"flows_{where}": tracker.records, f"flows_{where}_ring_buffer": tracker.ring_records}

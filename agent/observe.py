@@ -1,0 +1,360 @@
+"""The live flow stream behind `fovea observe`: flows, drops and DNS transactions.
+
+The agent keeps the most recent records (named with pods and workloads) and
+serves them on a Unix socket and on 127.0.0.1 only (DESIGN.md), as
+newline-delimited JSON. Protocol: the client sends one JSON line
+
+    {"last": 20, "follow": false, "filter": {"namespace": "shop", "port": 443}}
+
+and reads one JSON record per line; without "follow" the server closes after
+the last record. A follower that cannot keep up loses records (counted, and
+told with a {"type": "lost"} line), never slows the agent down.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import socketserver
+import threading
+from datetime import datetime, timezone
+
+from agent.events import DnsTransaction, DropEvent, FlowRecord
+
+log = logging.getLogger(__name__)
+
+FILTER_KEYS = ("namespace", "pod", "protocol", "port", "verdict", "dns")
+FOLLOWER_QUEUE = 10_000
+
+
+def _time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def describe_address(resolver, address: str, port: int) -> dict:
+    """An end of a flow: address, port, and what the resolver knows of it."""
+    out: dict = {"address": address, "port": port}
+    if resolver is None:
+        return out
+    pod = resolver.source.pod_by_ip(address)
+    if pod is not None and not pod.host_network:
+        out.update(namespace=pod.namespace, pod=pod.name, workload=pod.workload_name)
+        return out
+    peer = resolver.peer(address)
+    if peer.namespace:
+        out["namespace"] = peer.namespace
+    out["workload"] = peer.workload
+    return out
+
+
+def record_dict(record, resolver=None, node: str = "") -> dict | None:
+    """A hub record as the JSON object `fovea observe -o json` prints."""
+    if isinstance(record, FlowRecord):
+        return {
+            "type": "flow", "time": _time(record.end), "start": _time(record.start), "node": node,
+            "verdict": "forwarded", "protocol": record.transport,
+            "source": describe_address(resolver, record.source, record.source_port),
+            "destination": describe_address(resolver, record.destination, record.destination_port),
+            "packets": record.packets, "bytes": record.bytes,
+            "reply_packets": record.reply_packets, "reply_bytes": record.reply_bytes,
+            "tcp_flags": _flags(record), "observer": record.observer,
+            "final": record.final, "end_reason": record.end_reason, "flow_id": record.flow_id,
+            "window": record.window,
+        }
+    if isinstance(record, DropEvent):
+        return {
+            "type": "drop", "time": _time(record.time), "node": node, "verdict": "dropped",
+            "protocol": record.transport, "reason": record.reason,
+            "source": describe_address(resolver, record.source, record.source_port),
+            "destination": describe_address(resolver, record.destination, record.destination_port),
+            "packets": record.packets, "bytes": record.bytes,
+        }
+    if isinstance(record, DnsTransaction):
+        return {
+            "type": "dns", "time": _time(record.start), "node": node, "verdict": "forwarded",
+            "protocol": record.transport,
+            "source": describe_address(resolver, record.client, record.client_port),
+            "destination": describe_address(resolver, record.server, record.server_port),
+            "id": record.id, "qtype": record.qtype, "rcode": record.rcode, "name": record.name,
+            "latency": record.duration, "answers": list(record.answers), "observer": record.observer,
+        }
+    return None
+
+
+def _flags(record: FlowRecord) -> str:
+    from agent.flows import tcp_flag_names  # not agent.traces: that imports the OpenTelemetry SDK
+
+    return tcp_flag_names(record.tcp_flags) if record.transport == "tcp" else ""
+
+
+def matches(d: dict, f: dict) -> bool:
+    """Does record `d` pass filter `f` (the `fovea observe` flags)?"""
+    ends = (d.get("source", {}), d.get("destination", {}))
+    if f.get("namespace") and not any(e.get("namespace") == f["namespace"] for e in ends):
+        return False
+    if f.get("pod"):
+        want = f["pod"]
+        ns, _, name = want.rpartition("/")
+        if not any(e.get("pod") == name and (not ns or e.get("namespace") == ns) for e in ends):
+            return False
+    if f.get("protocol") and d.get("protocol") != f["protocol"].lower():
+        return False
+    if f.get("port") and not any(e.get("port") == int(f["port"]) for e in ends):
+        return False
+    if f.get("verdict") and d.get("verdict") != f["verdict"]:
+        return False
+    if f.get("dns") and d.get("type") != "dns":
+        return False
+    return True
+
+
+class _Follower:
+    def __init__(self, filt: dict):
+        self.filter = filt
+        self.queue: queue.Queue = queue.Queue(FOLLOWER_QUEUE)
+        self.lost = 0
+
+
+class ObserveServer:
+    def __init__(self, cfg, hub, resolver=None, node: str = ""):
+        self.cfg = cfg.observe
+        self.resolver = resolver
+        self.node = node
+        self.recent: collections.deque = collections.deque(maxlen=self.cfg.buffer)
+        self.lock = threading.Lock()
+        self.followers: list[_Follower] = []
+        self.hub = hub
+        self.sub = hub.subscribe("observe", maxsize=self.cfg.buffer)
+        self.servers: list[socketserver.BaseServer] = []
+        self.errors: list[str] = []
+        self.lost = 0  # records followers could not take
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._feed, name="observe-feed", daemon=True)]
+        self._listen()
+        for t in self._threads:
+            t.start()
+
+    # -- listening ----------------------------------------------------------------
+
+    def _listen(self) -> None:
+        handler = self._handler_class()
+        if self.cfg.socket:
+            try:
+                self.servers.append(_unix_server(self.cfg.socket, handler))
+                log.info("flow stream on unix socket %s", self.cfg.socket)
+            except OSError as e:
+                self.errors.append(f"unix socket {self.cfg.socket}: {e.strerror or e}")
+        if self.cfg.port:
+            try:
+                srv = _TcpServer(("127.0.0.1", self.cfg.port), handler)
+                self.servers.append(srv)
+                log.info("flow stream on 127.0.0.1:%d", self.cfg.port)
+            except OSError as e:
+                self.errors.append(f"127.0.0.1:{self.cfg.port}: {e.strerror or e}")
+        for e in self.errors:  # the stream is optional: the agent goes on without it
+            log.error("flow stream not served on %s", e)
+        for srv in self.servers:
+            self._threads.append(threading.Thread(target=srv.serve_forever, name="observe-listen", daemon=True))
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                server._serve(self.rfile, self.wfile)
+
+        return Handler
+
+    # -- records ------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        while not self._stop.is_set():
+            record = self.sub.get(timeout=0.5)
+            if record is None:
+                continue
+            try:
+                d = record_dict(record, self.resolver, self.node)
+            except Exception:
+                log.exception("cannot describe %r", record)
+                continue
+            if d is None:
+                continue
+            line = _line(d)
+            with self.lock:
+                self.recent.append(line)  # serialized: a few hundred bytes instead of nested dicts
+                followers = list(self.followers)
+            for f in followers:
+                if matches(d, f.filter):
+                    try:
+                        f.queue.put_nowait(line)
+                    except queue.Full:
+                        f.lost += 1
+                        self.lost += 1
+
+    def _serve(self, rfile, wfile) -> None:
+        try:
+            req = json.loads(rfile.readline(65536) or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+            filt = {k: v for k, v in (req.get("filter") or {}).items() if k in FILTER_KEYS and v not in (None, "")}
+            last = int(req.get("last") or 0)
+            follow = bool(req.get("follow"))
+        except (ValueError, TypeError) as e:
+            _write(wfile, {"type": "error", "message": f"bad request: {e}"})
+            return
+        follower = _Follower(filt) if follow else None
+        with self.lock:
+            past = [line for line in self.recent if matches(json.loads(line), filt)][-last:] if last > 0 else []
+            if follower:
+                self.followers.append(follower)
+        try:
+            for line in past:
+                wfile.write(line)
+            wfile.flush()
+            reported = 0
+            while follower and not self._stop.is_set():
+                try:
+                    line = follower.queue.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if follower.lost > reported:
+                    _write(wfile, {"type": "lost", "records": follower.lost - reported})
+                    reported = follower.lost
+                wfile.write(line)
+                wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the client went away
+        finally:
+            if follower:
+                with self.lock:
+                    self.followers.remove(follower)
+
+    def close(self) -> None:
+        self._stop.set()
+        for srv in self.servers:
+            srv.shutdown()
+            srv.server_close()
+        if self.cfg.socket and any(isinstance(s, _UnixServer) for s in self.servers):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.socket)
+        self.hub.unsubscribe(self.sub)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"followers": len(self.followers), "lost": self.lost, "hub_full": self.sub.dropped}
+
+
+def _line(d: dict) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+
+def _write(wfile, d: dict) -> None:
+    wfile.write(_line(d))
+
+
+class _TcpServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+def _unix_server(path: str, handler) -> _UnixServer:
+    """Bind the socket; a file left by an agent that died is replaced, a live one is not."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            raise OSError(98, "another agent is serving this socket")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        finally:
+            probe.close()
+    old = os.umask(0o077)  # flows name pods and peers: root only
+    try:
+        return _UnixServer(path, handler)
+    finally:
+        os.umask(old)
+
+
+# -- the client: `fovea observe` ------------------------------------------------------
+
+
+def connect(server: str | None, socket_path: str) -> socket.socket:
+    """A connection to an agent's flow stream: `host:port`, else the Unix socket."""
+    from agent.errors import FoveaError
+
+    try:
+        if server:
+            host, _, port = server.rpartition(":")
+            return socket.create_connection((host or "127.0.0.1", int(port)), timeout=10)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(socket_path)
+        return s
+    except ValueError:
+        raise FoveaError(f"--server {server!r} is not host:port", "e.g. --server 127.0.0.1:9811") from None
+    except OSError as e:
+        where = server or socket_path
+        raise FoveaError(
+            f"cannot reach the flow stream at {where}: {e.strerror or e}",
+            "is the agent running on this node? From outside the node: "
+            "kubectl port-forward -n <ns> pod/<agent pod> 9811 and --server 127.0.0.1:9811",
+        ) from None
+
+
+def stream(conn: socket.socket, request: dict):
+    """Send the request; yield the records (dicts) as they arrive."""
+    conn.sendall(json.dumps(request).encode() + b"\n")
+    if request.get("follow"):
+        conn.settimeout(None)
+    with conn.makefile("rb") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _end(e: dict) -> str:
+    if e.get("pod"):
+        name = f"{e.get('namespace', '')}/{e['pod']}"
+    elif e.get("workload") and e.get("workload") != "external":
+        name = f"{e.get('namespace') + '/' if e.get('namespace') else ''}{e['workload']}({e['address']})"
+    else:
+        name = e.get("address", "?")
+    return f"{name}:{e.get('port', 0)}" if e.get("port") else name
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_human(d: dict) -> str:
+    """One line per record, like `hubble observe`."""
+    kind = d.get("type")
+    if kind == "lost":
+        return f"!! {d['records']} records lost: the stream could not keep up"
+    if kind == "error":
+        return f"!! error: {d.get('message')}"
+    head = f"{d.get('time', '')}  {kind.upper():5} {d.get('protocol', ''):4} {_end(d['source'])} -> {_end(d['destination'])}"
+    if kind == "flow":
+        tail = (f"{d['packets']} pkts {_size(d['bytes'])} / {d['reply_packets']} pkts {_size(d['reply_bytes'])}"
+                f"  {d.get('tcp_flags') or ''}  {d['end_reason'] if d['final'] else 'ongoing'}")
+        return f"{head}  {tail}"
+    if kind == "drop":
+        return f"{head}  DROPPED {d['reason']} ({d['packets']} pkts {_size(d['bytes'])})"
+    if kind == "dns":
+        latency = f"{d['latency'] * 1000:.1f} ms" if d.get("latency") is not None else "no answer"
+        return f"{head}  {d['qtype']} {d.get('name') or '?'} {d.get('rcode') or 'UNANSWERED'} {latency}"
+    return f"{head}  {json.dumps(d)}"

@@ -1,0 +1,357 @@
+"""OTLP traces: flows and DNS transactions as spans (DESIGN.md "Traces").
+
+Records come from the event hub (agent/events.py) through a bounded queue;
+one thread turns them into spans with the OpenTelemetry SDK; a bounded span
+queue feeds the OTLP exporter (gRPC or HTTP/protobuf) on a thread of its own.
+A collector that is down, slow or refusing costs queued spans, counted, and
+never the readers: publishing to the hub never blocks, and memory here is
+bounded by the two queues and the tables of drops and open flows.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from agent import __version__
+from agent.events import DnsTransaction, DropEvent, FlowRecord
+from agent.flows import tcp_flag_names
+
+log = logging.getLogger(__name__)
+
+ERROR_RCODES = ("SERVFAIL", "REFUSED")
+WORKLOAD_ATTRIBUTES = {  # owner kind -> semantic-convention attribute of its name
+    "Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name",
+    "DaemonSet": "k8s.daemonset.name", "ReplicaSet": "k8s.replicaset.name",
+    "Job": "k8s.job.name", "CronJob": "k8s.cronjob.name",
+}
+MAX_DROP_KEYS = 10_000  # flows with drop events waiting for their span
+MAX_DROPS_PER_FLOW = 16
+RECORD_QUEUE = 10_000  # a full one loses records (fovea_agent_lost_events_total{source="records_otlp_queue_full"})
+MAX_OPEN_FLOWS = 100_000  # span contexts of long flows, for the next window's link
+
+
+def otlp_enabled(cfg) -> bool:
+    """One switch: the config key, or the standard OTEL_TRACES_EXPORTER=otlp."""
+    wanted = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")]
+    return cfg.otlp.enabled or "otlp" in wanted
+
+
+def otlp_protocol(cfg) -> str:
+    return (cfg.otlp.protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+
+
+def make_exporter(cfg):
+    """The SDK's OTLP exporter; endpoint, headers, TLS and timeout from the
+    standard OTEL_EXPORTER_OTLP_* variables unless the config names an endpoint."""
+    protocol = otlp_protocol(cfg)
+    endpoint = cfg.otlp.endpoint or None
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        # Reconnect within seconds once a collector that was down comes back.
+        return OTLPSpanExporter(endpoint=endpoint, channel_options=(("grpc.max_reconnect_backoff_ms", 5000),))
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+            endpoint = endpoint.rstrip("/") + "/v1/traces"  # a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT
+        return OTLPSpanExporter(endpoint=endpoint)
+    from agent.errors import FoveaError
+
+    raise FoveaError(f"OTLP protocol {protocol!r} is not supported", "use grpc or http/protobuf")
+
+
+class BoundedExportProcessor(SpanProcessor):
+    """Batches ended spans to the exporter from its own thread; when the queue
+    is full, a span is dropped and counted (the SDK's batch processor drops
+    without a count we could export)."""
+
+    def __init__(self, exporter, queue_size: int, batch_size: int, flush_interval: float = 1.0):
+        self.exporter = exporter
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.queue: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.exported = 0
+        self.failed = 0
+        self.dropped = 0
+        self._stop = False
+        self._deadline = float("inf")  # after shutdown: spans not sent by then are dropped
+        self.thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
+        self.thread.start()
+
+    def on_start(self, span, parent_context=None) -> None:
+        pass
+
+    def on_end(self, span) -> None:
+        with self.cond:
+            if len(self.queue) >= self.queue_size:
+                self.dropped += 1
+                return
+            self.queue.append(span)
+            if len(self.queue) >= self.batch_size:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if not self.queue and not self._stop:
+                    self.cond.wait(self.flush_interval)
+                if self._stop and (not self.queue or time.monotonic() > self._deadline):
+                    self.dropped += len(self.queue)
+                    self.queue.clear()
+                    return
+                batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+            if batch:
+                self._export(batch)
+
+    def _export(self, batch) -> None:
+        try:
+            ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
+        except Exception as e:  # an exporter bug must not end the thread
+            log.warning("OTLP export raised %s", e)
+            ok = False
+        with self.cond:
+            if ok:
+                self.exported += len(batch)
+            else:
+                self.failed += len(batch)
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Send what is queued for up to `grace` seconds; drop (and count) the rest."""
+        with self.cond:
+            self._stop = True
+            self._deadline = time.monotonic() + grace
+            self.cond.notify()
+        self.thread.join(timeout=grace + 1)
+        self.exporter.shutdown()  # also ends an export retrying against a dead collector
+        self.thread.join(timeout=5)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        deadline = time.monotonic() + timeout_millis / 1000
+        while time.monotonic() < deadline:
+            with self.cond:
+                if not self.queue:
+                    return True
+                self.cond.notify()
+            time.sleep(0.05)
+        return False
+
+
+class RateLimit:
+    """A token bucket: at most `rate` per second, bursts of one second's worth."""
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        self.rate = rate
+        self.clock = clock
+        self.tokens = rate
+        self.at = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _flow_key(transport: str, a: tuple[str, int], b: tuple[str, int]) -> tuple:
+    return (transport, min(a, b), max(a, b))
+
+
+class SpanBuilder:
+    """Records -> spans, named by the resolver (pods, workloads, peers)."""
+
+    def __init__(self, tracer, resolver=None):
+        self.tracer = tracer
+        self.resolver = resolver
+        self._drops: collections.OrderedDict[tuple, list[DropEvent]] = collections.OrderedDict()
+        self._links: collections.OrderedDict[int, object] = collections.OrderedDict()  # flow id -> SpanContext
+
+    # -- naming ---------------------------------------------------------------------
+
+    def endpoint_attributes(self, local: str, peer: str) -> dict:
+        """The local end's pod under k8s.*, the other end under fovea.peer.*."""
+        attrs: dict = {}
+        if self.resolver is None:
+            return attrs
+        pod = self.resolver.local_pod(local)
+        if pod is not None:
+            attrs["k8s.namespace.name"] = pod.namespace
+            attrs["k8s.pod.name"] = pod.name
+            if pod.workload_kind in WORKLOAD_ATTRIBUTES:
+                attrs[WORKLOAD_ATTRIBUTES[pod.workload_kind]] = pod.workload_name
+            attrs["fovea.workload.kind"] = pod.workload_kind
+            attrs["fovea.workload.name"] = pod.workload_name
+        other = self.resolver.peer(peer)
+        if other.namespace:
+            attrs["fovea.peer.namespace"] = other.namespace
+        attrs["fovea.peer.workload"] = other.workload
+        peer_pod = self.resolver.source.pod_by_ip(peer)
+        if peer_pod is not None and not peer_pod.host_network:
+            attrs["fovea.peer.pod"] = peer_pod.name
+        return attrs
+
+    @staticmethod
+    def _network(source: str, sport: int, dest: str, dport: int, transport: str) -> dict:
+        return {
+            "network.transport": transport,
+            "network.type": "ipv6" if ":" in source else "ipv4",
+            "source.address": source, "source.port": sport,
+            "destination.address": dest, "destination.port": dport,
+        }
+
+    # -- records --------------------------------------------------------------------
+
+    def add_drop(self, d: DropEvent) -> None:
+        key = _flow_key(d.transport, (d.source, d.source_port), (d.destination, d.destination_port))
+        drops = self._drops.get(key)
+        if drops is None:
+            drops = self._drops[key] = []
+            while len(self._drops) > MAX_DROP_KEYS:
+                self._drops.popitem(last=False)
+        if len(drops) < MAX_DROPS_PER_FLOW:
+            drops.append(d)
+
+    def flow_span(self, r: FlowRecord) -> None:
+        local, peer = (r.source, r.destination) if r.observer == "source" else (r.destination, r.source)
+        attrs = self._network(r.source, r.source_port, r.destination, r.destination_port, r.transport)
+        attrs.update({
+            "fovea.observer": r.observer,
+            "fovea.flow.id": r.flow_id, "fovea.flow.window": r.window, "fovea.flow.end_reason": r.end_reason,
+            "fovea.flow.packets": r.packets, "fovea.flow.bytes": r.bytes,
+            "fovea.flow.reply_packets": r.reply_packets, "fovea.flow.reply_bytes": r.reply_bytes,
+        })
+        if r.transport == "tcp":
+            attrs["fovea.tcp.flags"] = tcp_flag_names(r.tcp_flags)
+        attrs.update(self.endpoint_attributes(local, peer))
+        links = []
+        previous = self._links.pop(r.flow_id, None)
+        if previous is not None:
+            links.append(Link(previous, {"fovea.link": "previous window"}))
+        name = "tcp connection" if r.transport == "tcp" else f"{r.transport} flow"
+        span = self.tracer.start_span(name, start_time=_ns(r.start), kind=SpanKind.INTERNAL,
+                                      attributes=attrs, links=links)
+        key = _flow_key(r.transport, (r.source, r.source_port), (r.destination, r.destination_port))
+        for d in self._drops.pop(key, ()):
+            span.add_event("drop", {"fovea.drop.reason": d.reason, "fovea.drop.packets": d.packets,
+                                    "fovea.drop.bytes": d.bytes, "source.address": d.source,
+                                    "destination.address": d.destination}, timestamp=_ns(d.time))
+        if r.transport == "tcp" and r.tcp_flags & 0x04:
+            span.set_status(Status(StatusCode.ERROR, "connection reset"))
+        span.end(end_time=max(_ns(r.end), _ns(r.start)))
+        if not r.final:
+            self._links[r.flow_id] = span.get_span_context()
+            while len(self._links) > MAX_OPEN_FLOWS:
+                self._links.popitem(last=False)
+
+    def dns_span(self, t: DnsTransaction) -> None:
+        local, peer = (t.client, t.server) if t.observer == "source" else (t.server, t.client)
+        attrs = self._network(t.client, t.client_port, t.server, t.server_port, t.transport)
+        attrs.update({"fovea.observer": t.observer, "fovea.dns.id": t.id, "fovea.dns.qtype": t.qtype})
+        if t.name is not None:
+            attrs["dns.question.name"] = t.name
+        if t.rcode is not None:
+            attrs["fovea.dns.rcode"] = t.rcode
+        if t.answers:
+            attrs["fovea.dns.answers"] = list(t.answers)
+        attrs.update(self.endpoint_attributes(local, peer))
+        span = self.tracer.start_span(f"dns {t.qtype}", start_time=_ns(t.start), kind=SpanKind.INTERNAL,
+                                      attributes=attrs)
+        if t.rcode is None:
+            span.set_status(Status(StatusCode.ERROR, "unanswered"))
+        elif t.rcode in ERROR_RCODES:
+            span.set_status(Status(StatusCode.ERROR, t.rcode))
+        span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))  # exact: seconds since 1970 lose ns
+
+
+class TraceExporter:
+    """The hub consumer that turns records into exported spans."""
+
+    def __init__(self, cfg, hub, resolver=None, exporter=None):
+        self.cfg = cfg
+        resource = Resource.create({"service.name": "fovea", "service.version": __version__,
+                                    "k8s.node.name": cfg.node})
+        self.processor = BoundedExportProcessor(exporter or make_exporter(cfg), cfg.otlp.queueSize,
+                                                cfg.otlp.batchSize)
+        self.provider = TracerProvider(resource=resource)
+        self.provider.add_span_processor(self.processor)
+        self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), resolver)
+        self.limit = RateLimit(cfg.otlp.maxSpansPerSecond)
+        self.ratio = cfg.otlp.sampleRatio
+        self.sampled_out = 0
+        self.rate_limited = 0
+        self.errors = 0
+        self.hub = hub
+        self.sub = hub.subscribe("otlp", maxsize=RECORD_QUEUE)  # records waiting to become spans
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
+        self.thread.start()
+        log.info("exporting spans over OTLP (%s)", otlp_protocol(cfg))
+
+    def _sampled(self, record) -> bool:
+        if self.ratio >= 1:
+            return True
+        if isinstance(record, FlowRecord):  # every window of a flow, or none
+            return random.Random(record.flow_id).random() < self.ratio
+        return random.random() < self.ratio
+
+    def handle(self, record) -> None:
+        if isinstance(record, DropEvent):
+            self.builder.add_drop(record)
+            return
+        if not isinstance(record, (FlowRecord, DnsTransaction)):
+            return
+        if not self._sampled(record):
+            self.sampled_out += 1
+            return
+        if not self.limit.allow():
+            self.rate_limited += 1
+            return
+        if isinstance(record, FlowRecord):
+            self.builder.flow_span(record)
+        else:
+            self.builder.dns_span(record)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            record = self.sub.get(timeout=0.5)
+            if record is None:
+                continue
+            try:
+                self.handle(record)
+            except Exception:  # one bad record never ends the exporter
+                self.errors += 1
+                log.exception("could not build a span from %r", record)
+
+    def counts(self) -> dict[str, int]:
+        p = self.processor
+        return {"exported": p.exported, "failed": p.failed, "queue_full": p.dropped,
+                "rate_limit": self.rate_limited, "records_lost": self.sub.dropped,
+                "sampled_out": self.sampled_out, "queued": len(p.queue)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        while (record := self.sub.get(timeout=0)) is not None:  # what the readers published last
+            self.handle(record)
+        self.hub.unsubscribe(self.sub)
+        self.provider.shutdown()

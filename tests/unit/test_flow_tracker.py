@@ -1,0 +1,180 @@
+"""FlowTracker on a fake kernel table: directions joined, one point per flow, ends, windows, ring buffer."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from agent.config import FlowsConfig
+from agent.flows import (ACK, FIN, POD_RECEIVED, POD_SENT, RST, SYN, SYN_ONLY, UPLINK_IN, FlowEvent, FlowId,
+                         FlowStats, FlowTracker)
+
+S = 1_000_000_000
+WEB, DB, OUT = "10.0.1.2", "10.0.2.2", "93.184.216.34"
+
+
+def fid(src, sport, dst, dport, point=POD_SENT, proto=6) -> FlowId:
+    k = FlowId(family=4, l4proto=proto, point=point, sport=sport, dport=dport)
+    k.saddr[:4] = ipaddress.IPv4Address(src).packed
+    k.daddr[:4] = ipaddress.IPv4Address(dst).packed
+    return k
+
+
+class FakeTable:
+    """Per-CPU entries as the kernel keeps them (2 CPUs), and a ring buffer."""
+
+    max_entries = 100
+
+    def __init__(self):
+        self.entries: dict[bytes, list[FlowStats]] = {}
+        self.ring: list[FlowEvent] = []
+        self.callback = None
+        self.lost_counts = (0, 0, 0)
+
+    def add(self, key: FlowId, packets, nbytes, at_ns, flags=0, cpu=0):
+        leaf = self.entries.setdefault(bytes(key), [FlowStats(), FlowStats()])
+        s = leaf[cpu]
+        s.packets += packets
+        s.bytes += nbytes
+        s.first_ns = s.first_ns or at_ns
+        s.last_ns = at_ns
+        s.flags |= flags | (SYN_ONLY if flags & (SYN | ACK) == SYN else 0)
+
+    def listen(self, callback):
+        self.callback = callback
+
+    def consume(self):
+        for e in self.ring:
+            self.callback(e)
+        self.ring.clear()
+
+    def items(self):
+        return list(self.entries.items())
+
+    def pop(self, raw):
+        return self.entries.pop(raw, None)
+
+    def lost(self):
+        return self.lost_counts
+
+    def set_pod_addresses(self, add, remove):
+        self.pods = getattr(self, "pods", set()) | add - remove
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100 * S
+
+    def __call__(self):
+        return self.now
+
+
+def tracker(pods=(WEB, DB), **cfg):
+    table, clock, out = FakeTable(), Clock(), []
+    t = FlowTracker(table, FlowsConfig(**{"idleTimeout": 5.0, "reportInterval": 20.0, **cfg}), out.append,
+                    lambda: set(pods), clock=clock)
+    return t, table, clock, out
+
+
+def tcp_connection(table, at, sport=40000, request=1000, reply=300, point_reply=POD_SENT, reset=False):
+    """A client WEB:sport -> DB:5432 connection as the kernel would count it at the pods' interfaces."""
+    c, s = fid(WEB, sport, DB, 5432), fid(DB, 5432, WEB, sport, point=point_reply)
+    table.add(c, 1, 60, at, SYN)
+    table.add(s, 1, 60, at + 1000, SYN | ACK, cpu=1)
+    table.add(c, 2, 104 + request, at + 2000, ACK)
+    table.add(s, 1, 52 + reply, at + 3000, ACK)
+    if reset:
+        table.add(s, 1, 40, at + 4000, RST)
+        return
+    table.add(c, 1, 52, at + 4000, FIN | ACK)
+    table.add(s, 1, 52, at + 5000, FIN | ACK)
+    table.add(c, 1, 52, at + 6000, ACK)
+
+
+def test_a_closed_connection_is_one_record_once_the_last_ack_landed():
+    t, table, clock, out = tracker()
+    tcp_connection(table, clock.now)
+    t.read()
+    assert out == []  # closing, but the first read: wait for a read without change
+    clock.now += S
+    t.read()
+    [r] = out
+    assert (r.source, r.source_port, r.destination, r.destination_port) == (WEB, 40000, DB, 5432)
+    assert (r.packets, r.bytes, r.reply_packets, r.reply_bytes) == (5, 60 + 1104 + 52 + 52, 3, 60 + 352 + 52)
+    assert r.final and r.end_reason == "fin" and r.observer == "source" and r.transport == "tcp"
+    assert r.tcp_flags == FIN | SYN | ACK
+    assert abs((r.end - r.start) * 1e9 - 6000) < 500  # seconds since 1970 as a float: ~240 ns steps
+    assert table.entries == {}  # deleted from the kernel after the end
+
+
+def test_a_reset_is_the_end_and_late_packets_are_not_a_new_flow():
+    t, table, clock, out = tracker()
+    tcp_connection(table, clock.now, reset=True)
+    t.read()
+    clock.now += S
+    t.read()
+    assert [r.end_reason for r in out] == ["rst"] and out[0].tcp_flags & RST
+    table.add(fid(WEB, 40000, DB, 5432), 1, 40, clock.now, RST)  # after the close
+    clock.now += S
+    t.read()
+    clock.now += 10 * S
+    t.read()
+    assert len(out) == 1 and t.late_packets == 1
+    tcp_connection(table, clock.now)  # the same ports again, with a SYN: a new connection
+    t.read()
+    clock.now += S
+    t.read()
+    assert len(out) == 2 and out[1].flow_id != out[0].flow_id
+
+
+def test_one_observation_point_per_flow():
+    """From an outside client to a pod: the request is kept where the pod received it,
+    the reply where the pod sent it; the uplink's copies are not counted again."""
+    t, table, clock, out = tracker()
+    table.add(fid(OUT, 5555, WEB, 443, point=UPLINK_IN), 1, 60, clock.now, SYN)
+    table.add(fid(OUT, 5555, WEB, 443, point=POD_RECEIVED), 1, 60, clock.now, SYN)
+    table.add(fid(WEB, 443, OUT, 5555, point=POD_SENT), 1, 60, clock.now + 10, SYN | ACK)
+    # Pod to pod: the receiving pod's copy is left to the sender's interface.
+    table.add(fid(WEB, 1000, DB, 53, point=POD_RECEIVED, proto=17), 1, 80, clock.now)
+    table.add(fid(WEB, 1000, DB, 53, point=POD_SENT, proto=17), 1, 80, clock.now)
+    t.read()
+    clock.now += 6 * S
+    t.read()
+    by_port = {r.destination_port: r for r in out}
+    assert set(by_port) == {443, 53}
+    inbound = by_port[443]
+    assert (inbound.source, inbound.packets, inbound.reply_packets) == (OUT, 1, 1)
+    assert inbound.observer == "destination" and inbound.end_reason == "idle"
+    udp = by_port[53]
+    assert (udp.transport, udp.packets, udp.bytes, udp.observer) == ("udp", 1, 80, "source")
+
+
+def test_a_long_flow_is_reported_per_interval_with_what_each_window_added():
+    t, table, clock, out = tracker()
+    key = fid(WEB, 7000, DB, 7000, proto=17)
+    for i in range(30):
+        table.add(key, 1, 100, clock.now)
+        t.read()
+        clock.now += S
+    assert [(r.window, r.packets, r.final) for r in out] == [(0, 21, False)]  # the read 20 s after the first one
+    clock.now += 6 * S
+    t.read()
+    assert [(r.window, r.packets, r.bytes, r.final) for r in out] == [(0, 21, 2100, False), (1, 9, 900, True)]
+    assert out[0].flow_id == out[1].flow_id and out[1].start == pytest.approx(out[0].end, abs=1e-3)
+
+
+def test_packets_that_found_the_table_full_are_reaggregated_from_the_ring_buffer():
+    t, table, clock, out = tracker()
+    key = fid(WEB, 9000, DB, 9000, proto=17)
+    table.add(key, 2, 200, clock.now)  # in the table
+    for i in range(3):  # and three more packets through the ring buffer
+        table.ring.append(FlowEvent(FlowId.from_buffer_copy(bytes(key)),
+                                    FlowStats(packets=1, bytes=50, first_ns=clock.now + i, last_ns=clock.now + i)))
+    table.lost_counts = (7, 700, 2)
+    t.read()
+    clock.now += 6 * S
+    t.read()
+    [r] = out
+    assert (r.packets, r.bytes) == (5, 350)
+    assert t.ring_records == 3 and t.lost() == (7, 2)

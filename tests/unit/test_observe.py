@@ -1,0 +1,132 @@
+"""The flow stream: records named by the resolver, filters, the client over a real socket."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from agent import cli
+from agent.config import Config, ObserveConfig
+from agent.enrich import Resolver
+from agent.events import DropEvent, EventHub
+from agent.k8s.static import StaticPods
+from agent.observe import ObserveServer, connect, format_human, matches, stream
+from tests.unit.test_traces import dns, flow
+
+NOW = time.time()
+
+
+@pytest.fixture
+def server(tmp_path):
+    f = tmp_path / "pods.yaml"
+    f.write_text("pods:\n"
+                 "- {ip: 10.1.0.5, namespace: shop, pod: web-1, workloadKind: Deployment, workloadName: web}\n"
+                 "- {ip: 10.1.0.9, namespace: data, pod: db-0, workloadKind: StatefulSet, workloadName: db}\n")
+    hub = EventHub()
+    cfg = Config(observe=ObserveConfig(socket=str(tmp_path / "o.sock"), port=0))
+    srv = ObserveServer(cfg, hub, Resolver(StaticPods.load(str(f)), "n1"), "n1")
+    hub.publish(flow())  # shop/web-1:40001 -> data/db-0:5432, tcp
+    hub.publish(flow(flow_id=2, transport="udp", source="10.1.0.5", source_port=5000, destination="8.8.8.8",
+                     destination_port=53, tcp_flags=0))
+    hub.publish(DropEvent(time=NOW, reason="NETFILTER_DROP", transport="tcp", family=4, source="10.1.0.5",
+                          source_port=40002, destination="10.1.0.9", destination_port=5432, packets=1, bytes=60))
+    hub.publish(dns(client="10.1.0.5", server="10.1.0.9", rcode="NXDOMAIN", name="nope.", qtype="AAAA"))
+    deadline = time.monotonic() + 5
+    while len(srv.recent) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield srv, hub, cfg.observe.socket
+    srv.close()
+
+
+def run_cli(capsys, *args) -> list[str]:
+    assert cli.main(["observe", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_last_records_with_names_and_json(server, capsys):
+    _, _, sock = server
+    lines = [json.loads(x) for x in run_cli(capsys, "--socket", sock, "-o", "json")]
+    assert [d["type"] for d in lines] == ["flow", "flow", "drop", "dns"]
+    f = lines[0]
+    assert f["source"] == {"address": "10.1.0.5", "port": 40001, "namespace": "shop", "pod": "web-1",
+                           "workload": "web"}
+    assert f["destination"]["pod"] == "db-0" and f["bytes"] == 5000 and f["tcp_flags"] == "FIN|SYN|PSH|ACK"
+    assert lines[1]["destination"] == {"address": "8.8.8.8", "port": 53, "workload": "external"}
+    assert lines[2]["reason"] == "NETFILTER_DROP" and lines[2]["verdict"] == "dropped"
+    assert lines[3]["rcode"] == "NXDOMAIN" and lines[3]["name"] == "nope."
+
+
+@pytest.mark.parametrize("args, types", [
+    (["--namespace", "data"], ["flow", "drop", "dns"]),
+    (["--pod", "shop/web-1"], ["flow", "flow", "drop", "dns"]),
+    (["--pod", "other/web-1"], []),
+    (["--protocol", "udp"], ["flow", "dns"]),
+    (["--port", "5432"], ["flow", "drop"]),
+    (["--verdict", "dropped"], ["drop"]),
+    (["--dns"], ["dns"]),
+    (["--last", "1"], ["dns"]),
+])
+def test_filters(server, capsys, args, types):
+    _, _, sock = server
+    lines = run_cli(capsys, "--socket", server[2], "-o", "json", *args)
+    assert [json.loads(x)["type"] for x in lines] == types
+
+
+def test_human_output_is_one_line_per_record(server, capsys):
+    lines = run_cli(capsys, "--socket", server[2])
+    assert len(lines) == 4
+    assert "shop/web-1:40001 -> data/db-0:5432" in lines[0] and "fin" in lines[0]
+    assert "DROPPED NETFILTER_DROP" in lines[2]
+    assert "AAAA nope. NXDOMAIN 4.2 ms" in lines[3]
+
+
+def test_follow_streams_new_records(server):
+    srv, hub, sock = server
+    got = []
+    conn = connect(None, sock)
+
+    def read():
+        for d in stream(conn, {"follow": True, "filter": {"dns": True}}):
+            got.append(d)
+            if len(got) == 2:
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not srv.followers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    hub.publish(flow(flow_id=9))
+    hub.publish(dns(id=1))
+    hub.publish(dns(id=2, rcode=None, duration=None))
+    t.join(5)
+    conn.close()
+    assert [d["id"] for d in got] == [1, 2]
+    assert format_human(got[1]).endswith("UNANSWERED no answer")
+
+
+def test_a_live_socket_is_never_taken_over(server, tmp_path):
+    _, hub, sock = server
+    other = ObserveServer(Config(observe=ObserveConfig(socket=sock, port=0)), hub)
+    try:
+        assert other.errors and "another agent" in other.errors[0]
+    finally:
+        other.close()
+    assert connect(None, sock)  # the first one still serves
+
+
+def test_unreachable_stream_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["observe", "--socket", str(tmp_path / "none.sock")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fovea: error: cannot reach the flow stream at") and "port-forward" in err
+
+
+def test_matches_needs_every_filter():
+    d = {"type": "flow", "protocol": "tcp", "verdict": "forwarded",
+         "source": {"namespace": "a", "pod": "p", "port": 1}, "destination": {"port": 2}}
+    assert matches(d, {})
+    assert matches(d, {"namespace": "a", "port": 2, "protocol": "TCP"})
+    assert not matches(d, {"namespace": "a", "port": 3})

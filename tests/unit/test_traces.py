@@ -1,0 +1,181 @@
+"""Spans from hub records, exported by the real OTLP exporters to real receivers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agent.config import Config, OtlpConfig
+from agent.enrich import Resolver
+from agent.events import DnsTransaction, DropEvent, EventHub, FlowRecord
+from agent.k8s.static import StaticPods
+from agent.traces import RateLimit, TraceExporter, otlp_enabled
+from tests.conftest import free_port
+from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+
+NOW = time.time()
+
+
+def dns(**kw) -> DnsTransaction:
+    base = dict(start=NOW, duration=0.0042, client="10.1.0.5", client_port=40000, server="10.1.0.9",
+                server_port=53, transport="udp", id=4321, qtype="A", rcode="NOERROR", observer="source",
+                name="web.shop.svc.cluster.local", answers=("10.96.0.12",))
+    base.update(kw)
+    return DnsTransaction(**base)
+
+
+def flow(**kw) -> FlowRecord:
+    base = dict(flow_id=77, window=0, start=NOW, end=NOW + 0.5, transport="tcp", family=4,
+                source="10.1.0.5", source_port=40001, destination="10.1.0.9", destination_port=5432,
+                packets=10, bytes=5000, reply_packets=8, reply_bytes=700, tcp_flags=0x1B,
+                observer="source", final=True, end_reason="fin")
+    base.update(kw)
+    return FlowRecord(**base)
+
+
+def resolver(tmp_path) -> Resolver:
+    f = tmp_path / "pods.yaml"
+    f.write_text("pods:\n"
+                 "- {ip: 10.1.0.5, namespace: shop, pod: web-1, workloadKind: Deployment, workloadName: web}\n"
+                 "- {ip: 10.1.0.9, namespace: shop, pod: db-0, workloadKind: StatefulSet, workloadName: db}\n")
+    return Resolver(StaticPods.load(str(f)), "node-a")
+
+
+def exporter(hub, receiver, protocol="grpc", **otlp) -> TraceExporter:
+    cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=protocol, endpoint=receiver, **otlp))
+    return TraceExporter(cfg, hub, resolver=None)
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def receiver(request):
+    r = GrpcReceiver() if request.param == "grpc" else HttpReceiver()
+    r.protocol = request.param
+    yield r
+    r.stop()
+
+
+def test_dns_spans_carry_name_rcode_duration_and_status(receiver, tmp_path):
+    hub = EventHub()
+    cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
+                                                    endpoint=receiver.endpoint))
+    exp = TraceExporter(cfg, hub, resolver=resolver(tmp_path))
+    hub.publish(dns())
+    hub.publish(dns(id=2, rcode="NXDOMAIN", name="nope.example.", duration=0.010))
+    hub.publish(dns(id=3, rcode=None, duration=None))
+    hub.publish(dns(id=4, rcode="SERVFAIL"))
+    hub.publish(dns(id=5, rcode="REFUSED"))
+    exp.close()
+    spans = {s.attributes["fovea.dns.id"]: s for s in receiver.wait(lambda s: True, timeout=10)}
+    assert set(spans) == {4321, 2, 3, 4, 5}
+    ok = spans[4321]
+    assert ok.name == "dns A"
+    assert ok.resource["service.name"] == "fovea" and ok.resource["k8s.node.name"] == "node-a"
+    assert ok.attributes["dns.question.name"] == "web.shop.svc.cluster.local"
+    assert ok.attributes["fovea.dns.rcode"] == "NOERROR" and not ok.error
+    assert ok.end_ns - ok.start_ns == 4_200_000  # query -> answer
+    assert ok.attributes["source.address"] == "10.1.0.5" and ok.attributes["destination.port"] == 53
+    assert ok.attributes["network.transport"] == "udp" and ok.attributes["network.type"] == "ipv4"
+    assert ok.attributes["k8s.pod.name"] == "web-1" and ok.attributes["k8s.deployment.name"] == "web"
+    assert ok.attributes["fovea.peer.workload"] == "db" and ok.attributes["fovea.peer.pod"] == "db-0"
+    assert ok.attributes["fovea.observer"] == "source"
+    assert ok.attributes["fovea.dns.answers"] == ["10.96.0.12"]
+    nx = spans[2]
+    assert nx.attributes["fovea.dns.rcode"] == "NXDOMAIN" and not nx.error  # an answer, not an error
+    unanswered = spans[3]
+    assert unanswered.error and unanswered.status_message == "unanswered"
+    assert "fovea.dns.rcode" not in unanswered.attributes
+    assert spans[4].error and spans[4].status_message == "SERVFAIL"
+    assert spans[5].error and spans[5].status_message == "REFUSED"
+    assert exp.counts()["exported"] == 5 and exp.counts()["failed"] == 0
+
+
+def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
+    hub = EventHub()
+    cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
+                                                    endpoint=receiver.endpoint))
+    exp = TraceExporter(cfg, hub, resolver=resolver(tmp_path))
+    # A long connection in two windows; a drop on it between them.
+    hub.publish(flow(window=0, final=False, end_reason="interval", end=NOW + 60))
+    hub.publish(DropEvent(time=NOW + 61, reason="NETFILTER_DROP", transport="tcp", family=4,
+                          source="10.1.0.9", source_port=5432, destination="10.1.0.5", destination_port=40001,
+                          packets=1, bytes=52))
+    hub.publish(flow(window=1, start=NOW + 60, end=NOW + 62, tcp_flags=0x1F))  # RST seen
+    hub.publish(flow(flow_id=78, transport="udp", source_port=5353, destination_port=53, tcp_flags=0,
+                     observer="destination", end_reason="idle"))
+    exp.close()
+    spans = receiver.wait(lambda s: True, timeout=10)
+    tcp = sorted((s for s in spans if s.name == "tcp connection"), key=lambda s: s.attributes["fovea.flow.window"])
+    assert len(tcp) == 2
+    first, second = tcp
+    assert second.links == [(first.trace_id, first.span_id)]
+    assert first.attributes["fovea.flow.bytes"] == 5000 and first.attributes["fovea.flow.reply_packets"] == 8
+    assert first.duration == pytest.approx(60, abs=1e-6)
+    assert not first.error and second.error and second.status_message == "connection reset"
+    assert second.attributes["fovea.tcp.flags"] == "FIN|SYN|RST|PSH|ACK"
+    assert [(n, a["fovea.drop.reason"]) for n, _, a in second.events] == [("drop", "NETFILTER_DROP")]
+    assert first.events == []
+    udp = next(s for s in spans if s.name == "udp flow")
+    # The node saw the destination end: the local pod is the destination's.
+    assert udp.attributes["fovea.observer"] == "destination"
+    assert udp.attributes["k8s.pod.name"] == "db-0" and udp.attributes["k8s.statefulset.name"] == "db"
+    assert udp.attributes["fovea.peer.pod"] == "web-1"
+
+
+def test_collector_down_drops_are_counted_and_memory_is_bounded_then_export_resumes():
+    port = free_port()
+    hub = EventHub()
+    cfg = Config(nodeName="n", otlp=OtlpConfig(enabled=True, protocol="grpc", endpoint=f"http://127.0.0.1:{port}",
+                                               queueSize=50, batchSize=10, maxSpansPerSecond=100000))
+    exp = TraceExporter(cfg, hub)
+    n = 2000
+    for i in range(n):
+        hub.publish(dns(id=i))
+    deadline = time.monotonic() + 20
+    while exp.sub.queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c = exp.counts()
+    assert c["queued"] <= 50  # bounded, whatever arrives
+    assert c["exported"] == 0
+    receiver = GrpcReceiver(port)
+    try:
+        deadline = time.monotonic() + 30
+        while exp.counts()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        c = exp.counts()
+        # Every record is accounted for: exported, failed while down, or dropped.
+        assert c["records_lost"] == 0
+        assert c["exported"] + c["failed"] + c["queue_full"] == n
+        assert c["queue_full"] > 0 and c["exported"] > 0
+        hub.publish(dns(id=99999))
+        assert receiver.wait(lambda s: s.attributes.get("fovea.dns.id") == 99999, timeout=15)
+    finally:
+        exp.close()
+        receiver.stop()
+
+
+def test_sampling_and_rate_cap():
+    hub = EventHub()
+    cfg = Config(otlp=OtlpConfig(enabled=True, endpoint="http://127.0.0.1:9", sampleRatio=0.0))
+    exp = TraceExporter(cfg, hub)
+    try:
+        for i in range(10):
+            exp.handle(dns(id=i))
+        assert exp.counts()["sampled_out"] == 10
+    finally:
+        exp.close()
+    t = [0.0]
+    limit = RateLimit(5, clock=lambda: t[0])
+    assert sum(limit.allow() for _ in range(20)) == 5
+    t[0] = 1.0
+    assert sum(limit.allow() for _ in range(20)) == 5
+
+
+def test_one_switch_turns_otlp_on(monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert not otlp_enabled(Config())
+    assert otlp_enabled(Config(otlp=OtlpConfig(enabled=True)))
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    assert otlp_enabled(Config())
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not otlp_enabled(Config())
