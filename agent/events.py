@@ -80,6 +80,25 @@ class DropEvent:
     bytes: int
 
 
+@dataclass(frozen=True)
+class CaptureReport:
+    """This node's part of one Capture or ClusterCapture, once it has ended."""
+
+    kind: str  # Capture | ClusterCapture
+    namespace: str  # "" for a ClusterCapture
+    name: str
+    uid: str
+    start: float  # wall-clock seconds the node's part began
+    end: float
+    phase: str  # Succeeded | Failed (this node's phase)
+    packets: int = 0
+    bytes: int = 0
+    dropped_packets: int = 0
+    filter: str = ""
+    location: str = ""  # the artifact, when there is one
+    message: str = ""
+
+
 class Subscription:
     def __init__(self, name: str, maxsize: int):
         self.name = name

@@ -212,7 +212,7 @@ class Agent:
             run_job=lambda job, target, secret, directory, started: node.run_job(
                 job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
             local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
-            check_filter=check_filter)
+            check_filter=check_filter, publish=self.events.publish)
         controller.start()  # creates the base directory first: a failure there starts nothing
         self.captures = controller
         self.server.captures = controller.artifact

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from agent import __version__
-from agent.events import DnsTransaction, DropEvent, FlowRecord
+from agent.events import CaptureReport, DnsTransaction, DropEvent, FlowRecord
 from agent.flows import tcp_flag_names
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,24 @@ class SpanBuilder:
         span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))  # exact: seconds since 1970 lose ns
 
 
+    def capture_span(self, c: CaptureReport) -> None:
+        """This node's part of a capture run: what it captured, where the file went."""
+        attrs = {"fovea.capture.kind": c.kind, "fovea.capture.name": c.name, "fovea.capture.uid": c.uid,
+                 "fovea.capture.phase": c.phase, "fovea.capture.packets": c.packets,
+                 "fovea.capture.bytes": c.bytes, "fovea.capture.dropped_packets": c.dropped_packets}
+        if c.namespace:
+            attrs["k8s.namespace.name"] = c.namespace
+        if c.filter:
+            attrs["fovea.capture.filter"] = c.filter
+        if c.location:
+            attrs["fovea.capture.location"] = c.location
+        span = self.tracer.start_span(f"capture {c.name}", start_time=_ns(c.start), kind=SpanKind.INTERNAL,
+                                      attributes=attrs)
+        if c.phase != "Succeeded":
+            span.set_status(Status(StatusCode.ERROR, c.message or c.phase))
+        span.end(end_time=max(_ns(c.end), _ns(c.start)))
+
+
 class TraceExporter:
     """The hub consumer that turns records into exported spans."""
 
@@ -317,6 +335,9 @@ class TraceExporter:
     def handle(self, record) -> None:
         if isinstance(record, DropEvent):
             self.builder.add_drop(record)
+            return
+        if isinstance(record, CaptureReport):  # rare and asked for: never sampled out
+            self.builder.capture_span(record)
             return
         if not isinstance(record, (FlowRecord, DnsTransaction)):
             return

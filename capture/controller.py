@@ -42,6 +42,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from agent.errors import FoveaError
+from agent.events import CaptureReport
 from capture import status as st
 from capture.spec import GROUP, KINDS, VERSION, CaptureSpec, SpecError, parse
 
@@ -71,15 +72,17 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     deleted: bool = False
+    began: float = 0.0  # wall-clock seconds this node's part started
 
 
 class CaptureController:
     def __init__(self, api_client: k8s_client.ApiClient, node: str, base_dir: str, agent_namespace: str,
                  grace: float, run_job: Callable, local_target: Callable, check_filter=None,
-                 tick: float = 1.0):
+                 tick: float = 1.0, publish: Callable | None = None):
         """run_job(job, target, secret, directory, started) -> the node report (dict), calling
         started() once capturing; local_target(pods, spec) -> LocalTarget.;
-        Both come from capture/node.py; tests may pass their own."""
+        Both come from capture/node.py; tests may pass their own. publish(CaptureReport)
+        hands each finished part on (a span per capture run)."""
         self.api = k8s_client.CustomObjectsApi(api_client)
         self.core = k8s_client.CoreV1Api(api_client)
         self.node = node
@@ -90,6 +93,7 @@ class CaptureController:
         self.local_target = local_target
         self.check_filter = check_filter
         self.tick = tick
+        self.publish = publish
         self.jobs: dict[str, Job] = {}
         self.objects: dict[str, tuple[str, dict]] = {}  # uid -> (plural, newest object seen)
         self._artifacts: dict[str, tuple[Path, str]] = {}  # "<uid>/<file>" -> (path, token)
@@ -283,6 +287,17 @@ class CaptureController:
                 shutil.rmtree(self.base / job.uid, ignore_errors=True)
                 return
             self._report(job, report)
+            self._hand_on(job, report)
+
+    def _hand_on(self, job: Job, report: dict) -> None:
+        if self.publish is None:
+            return
+        self.publish(CaptureReport(
+            kind="Capture" if job.namespace else "ClusterCapture", namespace=job.namespace, name=job.name,
+            uid=job.uid, start=job.began or time.time(), end=time.time(), phase=report.get("phase", ""),
+            packets=int(report.get("packets") or 0), bytes=int(report.get("bytes") or 0),
+            dropped_packets=int(report.get("droppedPackets") or 0), filter=job.spec.filter or "",
+            location=(report.get("artifact") or {}).get("location", ""), message=report.get("message", "")))
 
     def _seen(self, plural: str, obj: dict) -> None:
         uid = obj["metadata"]["uid"]
@@ -402,6 +417,7 @@ class CaptureController:
         job.thread.start()
 
     def _run(self, job: Job, target: LocalTarget) -> None:
+        job.began = time.time()
         try:
             secret = self._secret(job) if job.spec.output.secret else {}
             report = self.run_job(job, target, secret, self.base / job.uid,

@@ -28,6 +28,7 @@ from tests.conftest import REPO, RunningAgent, node_lab, require
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
 from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, moto_s3
+from tests.otlp_receiver import HttpReceiver
 
 pytestmark = pytest.mark.kernel
 
@@ -36,8 +37,9 @@ BIN = Path(os.environ.get("VIRTUAL_ENV") or REPO / ".venv") / "bin"
 
 
 class Cluster:
-    def __init__(self, lab, api, tmp: Path):
+    def __init__(self, lab, api, tmp: Path, traces: HttpReceiver):
         self.lab, self.api, self.tmp = lab, api, tmp
+        self.traces = traces  # the agents' OTLP spans (one per capture run and node)
         self.kubeconfig = api.write_kubeconfig(tmp / "kubeconfig", namespace="shop")
         self.agents: dict[str, RunningAgent] = {}
 
@@ -51,6 +53,7 @@ class Cluster:
             "pods": {"interfaces": [f"{self.lab.prefix}p*"]},
             "captures": {"baseDir": str(self.base(node)), "gracePeriod": 3.0,
                          "uploadAllowlist": ["http://127.0.0.1"]},
+            "otlp": {"enabled": True, "protocol": "http/protobuf", "endpoint": self.traces.endpoint},
         }))
         agent = RunningAgent("--uplink", self.lab.uplink, "--kubeconfig", str(self.kubeconfig), "--node-name", node,
                              "--config", str(cfg))
@@ -91,6 +94,7 @@ class Cluster:
 def cluster(root, tmp_path_factory):
     with node_lab(pods=4, ipv6=False) as lab:
         api = K8sEmulator().start()
+        traces = HttpReceiver()
         try:
             for plural in ("captures", "clustercaptures"):
                 api.register_crd(crd(plural), validate=api_errors)
@@ -106,13 +110,14 @@ def cluster(root, tmp_path_factory):
             api.create(make_pod("hostnet", "shop", "node-a", "192.0.2.10", labels={"app": "hostnet"},
                                 host_network=True))
             api.create(make_pod("ghost-0", "shop", "node-c", "192.0.2.11", labels={"app": "multi-ghost"}))
-            c = Cluster(lab, api, tmp_path_factory.mktemp("captures"))
+            c = Cluster(lab, api, tmp_path_factory.mktemp("captures"), traces)
             c.start_agent("node-a")
             c.start_agent("node-b")
             yield c
             for a in c.agents.values():
                 assert a.stop() == 0, a.output()
         finally:
+            traces.stop()
             api.stop()
 
 
@@ -194,6 +199,14 @@ def test_capture_of_a_pod_holds_exactly_its_filtered_packets(cluster, tmp_path):
     assert len(count.stdout.splitlines()) == segments, count.stderr
     other = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.port == {Q}"], capture_output=True, text=True)
     assert other.stdout == ""
+
+    # One span for the run on node-a, with the counts the status has.
+    spans = cluster.traces.wait(lambda sp: sp.name == "capture web-debug", timeout=15)
+    assert len(spans) == 1 and not spans[0].error
+    assert spans[0].resource["k8s.node.name"] == "node-a" and spans[0].attributes["k8s.namespace.name"] == "shop"
+    assert spans[0].attributes["fovea.capture.packets"] == segments
+    assert spans[0].attributes["fovea.capture.location"] == art["location"]
+    assert spans[0].attributes["fovea.capture.filter"] == f"tcp port {P}"
 
     # The agent serves it only with the token, and nothing else under /captures/.
     url = cluster.agents["node-a"].url + "/captures/"

@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import Config, OtlpConfig
 from agent.enrich import Resolver
-from agent.events import DnsTransaction, DropEvent, EventHub, FlowRecord
+from agent.events import CaptureReport, DnsTransaction, DropEvent, EventHub, FlowRecord
 from agent.k8s.static import StaticPods
 from agent.traces import RateLimit, TraceExporter, otlp_enabled
 from tests.conftest import free_port
@@ -179,3 +179,27 @@ def test_one_switch_turns_otlp_on(monkeypatch):
     assert otlp_enabled(Config())
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert not otlp_enabled(Config())
+
+
+def test_a_capture_run_is_one_span_failed_ones_are_errors(receiver):
+    hub = EventHub()
+    cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
+                                                    endpoint=receiver.endpoint, sampleRatio=0.0))
+    exp = TraceExporter(cfg, hub)
+    hub.publish(CaptureReport(kind="Capture", namespace="shop", name="web-debug", uid="u-1", start=NOW,
+                              end=NOW + 30, phase="Succeeded", packets=120, bytes=98_000, dropped_packets=2,
+                              filter="tcp port 80", location="hostpath://node-a/u-1/web-debug-node-a.tar.gz"))
+    hub.publish(CaptureReport(kind="ClusterCapture", namespace="", name="nodes", uid="u-2", start=NOW,
+                              end=NOW + 1, phase="Failed", message="bad filter: syntax error"))
+    exp.close()
+    spans = {s.name: s for s in receiver.wait(lambda s: True, timeout=10)}
+    assert set(spans) == {"capture web-debug", "capture nodes"}  # captures are never sampled out
+    ok = spans["capture web-debug"]
+    assert ok.duration == pytest.approx(30, abs=1e-6) and not ok.error
+    assert ok.attributes["k8s.namespace.name"] == "shop"
+    assert ok.attributes["fovea.capture.packets"] == 120 and ok.attributes["fovea.capture.dropped_packets"] == 2
+    assert ok.attributes["fovea.capture.filter"] == "tcp port 80"
+    assert ok.attributes["fovea.capture.location"].endswith("web-debug-node-a.tar.gz")
+    failed = spans["capture nodes"]
+    assert failed.error and failed.status_message == "bad filter: syntax error"
+    assert failed.attributes["fovea.capture.kind"] == "ClusterCapture" and "k8s.namespace.name" not in failed.attributes
