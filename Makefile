@@ -1,6 +1,7 @@
 # make demo  - run Fovea on a demo node made of network namespaces (root)
 # make test  - install what the tests need and run them all (root)
-.PHONY: demo test unit bootstrap bench clean
+# make manifests - regenerate the chart's generated files and deploy/daemonset.yaml
+.PHONY: demo test unit bootstrap bench manifests clean
 
 bootstrap:
 	./scripts/bootstrap
@@ -16,6 +17,10 @@ unit: bootstrap
 
 bench: bootstrap
 	.venv/bin/python bench/datapath.py
+
+# regenerate what the chart and deploy/daemonset.yaml are made from (agent/k8s/access.py, dashboards, alerts, CRDs)
+manifests: bootstrap
+	.venv/bin/python scripts/manifests.py
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

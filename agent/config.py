@@ -95,6 +95,18 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    certFile: str = ""  # PEM certificate (with its chain) for HTTPS on the metrics port; empty: plain HTTP
+    keyFile: str = ""  # its PEM private key
+
+
+@dataclass(frozen=True)
+class MetricsAuthConfig:
+    enabled: bool = False  # /metrics needs a Kubernetes bearer token allowed to `get` the URL /metrics
+    cacheTTL: float = 60.0  # seconds a token's review is reused
+
+
+@dataclass(frozen=True)
 class CapturesConfig:
     enabled: bool = True  # run Capture/ClusterCapture resources (needs the Kubernetes API)
     baseDir: str = "/var/lib/fovea/captures"  # hostPath output: every capture file lives under it
@@ -111,6 +123,8 @@ class Config:
     uplinks: tuple[str, ...] = ()  # default: the interfaces of the default routes
     port: int = 9810  # /metrics, /healthz, /readyz
     bindAddress: str = "0.0.0.0"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    metricsAuth: MetricsAuthConfig = field(default_factory=MetricsAuthConfig)
     interval: float = 5.0  # seconds between reads of the kernel maps
     idleReads: int = 12  # a map key unchanged for this many reads is folded and deleted
     plugins: tuple[str, ...] = ("forward", "drops", "pods", "tcp", "dns")
@@ -164,6 +178,10 @@ class Config:
             ("dns.inflightMapSize", 1 <= self.dns.inflightMapSize <= 1 << 22, "1 to 4194304"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
+            ("tls", bool(self.tls.certFile) == bool(self.tls.keyFile), "both certFile and keyFile, or neither"),
+            ("metricsAuth.cacheTTL", self.metricsAuth.cacheTTL >= 0, "zero or more seconds"),
+            ("metricsAuth.enabled", not (self.metricsAuth.enabled and self.standalone),
+             "off when standalone (tokens are checked with the Kubernetes API)"),
             ("captures.gracePeriod", self.captures.gracePeriod >= 0, "zero or more seconds"),
             ("captures.baseDir", os.path.isabs(self.captures.baseDir) and self.captures.baseDir != "/",
              "an absolute directory other than /"),

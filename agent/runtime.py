@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from pyroute2 import IPRoute
 
 from agent.config import Config
@@ -20,7 +20,7 @@ from agent.kernel.tracefs import Tracefs
 from agent.metrics import FoveaCollector
 from agent.plugins import REGISTRY
 from agent.plugins.base import Plugin, PluginContext
-from agent.server import MetricsServer
+from agent.server import MetricsServer, TlsFiles
 from agent.tc import TcAttacher
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,11 @@ class Agent:
         cfg = self.config
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FoveaCollector(self))
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes etc.: the agent's own footprint
         # Bind first: a busy port fails before anything touches the kernel.
-        self.server = MetricsServer(cfg.bindAddress, cfg.port, registry, self.health, self.readiness)
+        self.server = MetricsServer(cfg.bindAddress, cfg.port, registry, self.health, self.readiness,
+                                    tls=TlsFiles(cfg.tls.certFile, cfg.tls.keyFile) if cfg.tls.certFile else None,
+                                    authorize=self._metrics_auth())
         try:
             self._start_plugins()
             self._start_consumers()
@@ -101,7 +104,18 @@ class Agent:
             self.failed["captures"] = str(e) or type(e).__name__
         self.server.start()
         self._ready = True
-        log.info("serving /metrics on %s:%d (node %s)", cfg.bindAddress, cfg.port, cfg.node)
+        log.info("serving /metrics on %s://%s:%d%s (node %s)", "https" if cfg.tls.certFile else "http",
+                 cfg.bindAddress, cfg.port, " with token checks" if cfg.metricsAuth.enabled else "", cfg.node)
+
+    def _metrics_auth(self):
+        """With metricsAuth on: a token check for /metrics through the Kubernetes API."""
+        if not self.config.metricsAuth.enabled:
+            return None
+        from agent.auth import TokenAccess
+        from agent.k8s.cache import make_api_client
+
+        access = TokenAccess(make_api_client(self.config.kubeconfig or None), ttl=self.config.metricsAuth.cacheTTL)
+        return access.check
 
     def _start_plugins(self) -> None:
         cfg = self.config

@@ -399,7 +399,11 @@ def _from_agent(api: Api, agent_ns: str, node: str, location: str, token: str):
     port = next((p.container_port for c in pod.spec.containers or [] for p in c.ports or [] if p.name == "metrics"),
                 9810)
     key = location[len(f"hostpath://{node}/"):]
-    path = f"/api/v1/namespaces/{agent_ns}/pods/{pod.metadata.name}:{port}/proxy/captures/{key}"
+    # An agent serving HTTPS (metrics.tls in the chart) probes itself over HTTPS: proxy to it that way.
+    https = any(c.liveness_probe and c.liveness_probe.http_get and (c.liveness_probe.http_get.scheme or "") == "HTTPS"
+                for c in pod.spec.containers or [])
+    target = f"{'https:' if https else ''}{pod.metadata.name}:{port}"
+    path = f"/api/v1/namespaces/{agent_ns}/pods/{target}/proxy/captures/{key}"
     resp = _api_call(f"download {key} from node {node}", api.client.call_api, path, "GET",
                      query_params=[("token", token)], auth_settings=["BearerToken"], _preload_content=False,
                      _return_http_data_only=True)

@@ -72,8 +72,13 @@ class Metrics:
 
 
 class RunningAgent:
-    def __init__(self, *args: str, port: int | None = None, env: dict | None = None):
+    def __init__(self, *args: str, port: int | None = None, env: dict | None = None, wrapper: tuple[str, ...] = (),
+                 ca: str | None = None, token: str | None = None):
+        """wrapper: a command the agent runs under (e.g. setpriv); ca: it serves HTTPS with a
+        certificate this CA file verifies; token: a bearer token for /metrics."""
         self.port = port or free_port()
+        self.verify = ca or True
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         mode = [] if "--kubeconfig" in args else ["--standalone"]
         # A node name of its own keeps its tc filters apart from any other agent on this host.
         node = [] if "--node-name" in args else ["--node-name", f"test-{self.port}"]
@@ -82,17 +87,17 @@ class RunningAgent:
         self.observe_socket = str(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-observe-{self.port}.sock"))
         stream = [] if "--observe-port" in args else [
             "--observe-port", str(self.observe_port), "--observe-socket", self.observe_socket]
-        self.args = [FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *stream, *args]
+        self.args = [*wrapper, FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *stream, *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if requests.get(self.url + "/readyz", timeout=2, verify=self.verify).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -109,7 +114,7 @@ class RunningAgent:
         return self.log.read()
 
     def scrape(self) -> Metrics:
-        r = requests.get(self.url + "/metrics", timeout=10)
+        r = requests.get(self.url + "/metrics", timeout=10, verify=self.verify, headers=self.headers)
         r.raise_for_status()
         return Metrics(r.text)
 
@@ -167,6 +172,15 @@ def tc_filters(ifname: str, hook: str) -> str:
     return subprocess.run(
         ["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True
     ).stdout
+
+
+def self_signed_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (the certificate is its own CA)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
 
 
 def promtool() -> str | None:

@@ -50,6 +50,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -119,7 +120,12 @@ BUILTIN_TYPES = (
     ResourceType("", "v1", "secrets", "Secret", True, "secret", (), (), ("type",)),
     ResourceType("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",), ()),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True, "endpointslice", (), ()),
+    # create-only reviews, answered from add_user() and allow_url(), never stored
+    ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, "tokenreview", (), ()),
+    ResourceType("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", False,
+                 "subjectaccessreview", (), ()),
 )
+REVIEWS = ("tokenreviews", "subjectaccessreviews")
 
 
 class ApiError(Exception):
@@ -396,6 +402,8 @@ class K8sEmulator:
         self._next_ip = 1
         self._requests: list[Request] = []
         self._rbac: tuple[list[dict], dict[str, list[dict]]] | None = None
+        self._users: dict[str, dict] = {}  # bearer token -> TokenReview status.user
+        self._url_grants: set[tuple[str, str, str]] = set()  # (user or group, verb, non-resource path)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._epoch = 0  # bumped by stop(): open watches of an older epoch end
@@ -610,6 +618,31 @@ class K8sEmulator:
                     and (not r.get("resourceNames") or req.name in r["resourceNames"])):
                 return True
         return False
+
+    def add_user(self, token: str, username: str, groups: tuple[str, ...] = ()) -> None:
+        """A token that TokenReviews authenticate as this user."""
+        with self._cond:
+            self._users[token] = {"username": username, "uid": f"uid-{username}", "groups": list(groups)}
+
+    def allow_url(self, subject: str, verb: str, path: str) -> None:
+        """SubjectAccessReviews allow this user (or group) `verb` on a non-resource URL."""
+        with self._cond:
+            self._url_grants.add((subject, verb, path))
+
+    def _review(self, rt: ResourceType, body: dict) -> dict:
+        spec = body.get("spec") or {}
+        with self._cond:
+            if rt.plural == "tokenreviews":
+                user = self._users.get(spec.get("token", ""))
+                status = {"authenticated": True, "user": user} if user else {"authenticated": False,
+                                                                            "error": "invalid bearer token"}
+            else:
+                attrs = spec.get("nonResourceAttributes")
+                subjects = [spec.get("user", "")] + list(spec.get("groups") or [])
+                allowed = bool(attrs) and any((s, attrs.get("verb"), attrs.get("path")) in self._url_grants
+                                              for s in subjects)
+                status = {"allowed": allowed}
+        return dict(body, status=status)
 
     def _log(self, req: Request) -> None:
         with self._cond:
@@ -1202,6 +1235,11 @@ class _Handler(BaseHTTPRequestHandler):
         rt, ns, name, sub = route.rtype, route.namespace, route.name, route.subresource
         if sub == "proxy":
             return self._proxy(method, route)
+        if rt.plural in REVIEWS:
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", f"{rt.plural} can only be created")
+            self._send(201, api._review(rt, self._body() or {}))
+            return 201
         if sub in ("log", "finalize") or (sub == "status" and method not in ("GET", "PUT", "PATCH")):
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {rt.plural}/{sub} here")
         if req.verb == "watch":
@@ -1321,8 +1359,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", "only GET is proxied by this emulator")
         target = route.name.split(":")
-        if target[0] in ("http", "https"):
-            target = target[1:]
+        scheme = target.pop(0) if target[0] in ("http", "https") else "http"
         name, port = target[0], target[1] if len(target) > 1 else ""
         with api._cond:
             api._get(route.rtype, route.namespace or "", name)
@@ -1331,7 +1368,11 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{name}:<port> (this emulator proxies to 127.0.0.1:<port>)")
         query = urlsplit(self.path).query
         path = "/" + "/".join(route.rest) + (f"?{query}" if query else "")
-        conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+        if scheme == "https":  # like the API server, the proxy does not verify the pod's certificate
+            conn = http.client.HTTPSConnection("127.0.0.1", int(port), timeout=30,
+                                               context=ssl._create_unverified_context())
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
         headers = {k: v for k, v in self.headers.items()
                    if k.lower() not in ("host", "authorization", "connection", "keep-alive", "transfer-encoding")}
         try:

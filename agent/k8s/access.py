@@ -1,9 +1,11 @@
 """Every Kubernetes API call the agent makes, declared once.
 
-The ClusterRole in the manifests is exactly this declaration (a test keeps them
-equal), and end-to-end tests check that every request the agent made is covered
-by it. Add a line here when the agent starts calling something new; never `*`,
-and Secrets only with `get` (credentials are read by name, never listed).
+The ClusterRole in the manifests and the Helm chart is exactly this
+declaration (scripts/manifests.py writes it into the chart; tests keep them
+equal), and end-to-end tests check that every request the agent made is
+covered by it. Add a line here when the agent starts calling something new;
+never `*`, and Secrets only with `get` (credentials are read by name, never
+listed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ AGENT_ACCESS: tuple[Access, ...] = (
     Access("fovea.dev", "captures/status", ("update",), "report this node's part; fix expectedNodes"),
     Access("fovea.dev", "clustercaptures/status", ("update",), "the same for ClusterCaptures"),
 )
+
+# Only with metricsAuth.enabled: /metrics asks the API server who a bearer
+# token belongs to and whether that user may `get` /metrics (kube-rbac-proxy's way).
+METRICS_AUTH_ACCESS: tuple[Access, ...] = (
+    Access("authentication.k8s.io", "tokenreviews", ("create",), "who presents this token on /metrics"),
+    Access("authorization.k8s.io", "subjectaccessreviews", ("create",), "may that user get /metrics"),
+)
+
+
+def agent_access(metrics_auth: bool = False) -> tuple[Access, ...]:
+    """What the agent calls with these options on."""
+    return AGENT_ACCESS + (METRICS_AUTH_ACCESS if metrics_auth else ())
 
 
 def cluster_role_rules(access: tuple[Access, ...] = AGENT_ACCESS) -> list[dict]:

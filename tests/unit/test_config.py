@@ -46,6 +46,8 @@ def test_defaults():
                           "inflightMapSize": 16384}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
+    assert top["tls"] == {"certFile": "", "keyFile": ""}
+    assert top["metricsAuth"] == {"enabled": False, "cacheTTL": 60.0}
     assert top["captures"] == {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
                                "gracePeriod": 60.0, "namespace": ""}
     assert cfg.validate(REGISTRY) is cfg
@@ -266,6 +268,17 @@ def test_node_name(monkeypatch, node_name, env, expected):
         monkeypatch.setenv("NODE_NAME", env)
     monkeypatch.setattr(config_mod.socket, "gethostname", lambda: "the-hostname")
     assert Config(nodeName=node_name).node == expected
+
+
+@pytest.mark.parametrize("text, key", [
+    ("tls: {certFile: /etc/tls.crt}\n", "tls"),
+    ("standalone: true\nmetricsAuth: {enabled: true}\n", "metricsAuth.enabled"),
+    ("metricsAuth: {cacheTTL: -1}\n", "metricsAuth.cacheTTL"),
+])
+def test_exposure_settings_are_checked(tmp_path, text, key):
+    with pytest.raises(FoveaError) as exc:
+        config_mod.load(write(tmp_path, text)).validate(REGISTRY)
+    assert exc.value.problem == f"config key {key!r} is invalid"
 
 
 def dotted_keys(cls, prefix: str = "") -> list[str]:

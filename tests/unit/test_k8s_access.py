@@ -15,3 +15,12 @@ def test_declaration_is_least_privilege():
         assert "*" not in a.verbs and a.resource != "*" and a.group != "*"
         if a.resource == "secrets":
             assert a.verbs == ("get",), "Secrets are read by name only"
+
+
+def test_token_reviews_only_with_metrics_auth():
+    from agent.k8s.access import agent_access
+
+    reviews = {"tokenreviews", "subjectaccessreviews"}
+    assert not reviews & {a.resource for a in agent_access()}
+    assert {(a.resource, a.verbs) for a in agent_access(metrics_auth=True) if a.resource in reviews} == {
+        ("tokenreviews", ("create",)), ("subjectaccessreviews", ("create",))}
