@@ -388,11 +388,12 @@ class CaptureController:
             return
         if mine.get("phase") in (st.PENDING, st.RUNNING):
             # Ours, running, but no job here: this agent restarted during the capture.
+            # Discard what it had before the status says so.
+            shutil.rmtree(self.base / uid, ignore_errors=True)
             self._report(Job(uid, plural, meta.get("namespace", ""), meta["name"], spec), {
                 "phase": st.FAILED, "completionTime": st.now(),
                 "message": f"the agent on node {self.node} restarted during the capture; what it had captured "
                            "was discarded"})
-            shutil.rmtree(self.base / uid, ignore_errors=True)
             return
         self._start(plural, obj, spec)
 

@@ -112,8 +112,11 @@ def test_churn_of_200_pods(root, tmp_path):
                 assert tc_filters(ep.host_if, hook).count("fovea-node-a-pod_") == 1
         links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
         assert f"{lab.prefix}c" not in links
-        # Python keeps some freed memory in its allocator: allow 20 MiB over the baseline.
-        assert rss_kib(agent.proc.pid) - baseline < 20 * 1024
+        # Python keeps some freed memory in its allocator, and the flow stream's ring
+        # (4,096 records) fills during the run: allow 32 MiB over the baseline. A leak
+        # per pod would show far beyond that (200 pods, each with two interfaces, series
+        # and flows), and the series and filter checks above are exact.
+        assert rss_kib(agent.proc.pid) - baseline < 32 * 1024
     finally:
         stop.set()
         code = agent.stop() if agent is not None else 0

@@ -78,8 +78,13 @@ def test_dns_queries_are_one_span_each_with_rcode_and_status(lab, dns_span_agent
         asked = {name: ask(lab, web.netns, server_pod.ipv4, name, qtype) for name, (qtype, _) in PLAN.items()}
     finally:
         server.close()
-    spans = receiver.wait(lambda s: s.name.startswith("dns ") and s.attributes.get("source.address") == web.ipv4,
-                          timeout=TIMEOUT * 5 + 20)
+    # Unanswered queries end only after the timeout and the next read: wait for all of
+    # them (or the deadline), then for a moment more to see that no extra span comes.
+    ours = lambda s: s.name.startswith("dns ") and s.attributes.get("source.address") == web.ipv4  # noqa: E731
+    deadline = time.monotonic() + TIMEOUT * 5 + 20
+    while len([s for s in receiver.where() if ours(s)]) < len(PLAN) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    spans = receiver.wait(ours, timeout=5)
     by_name = {s.attributes["dns.question.name"].rstrip("."): s for s in spans}
     assert len(spans) == len(PLAN) and set(by_name) == set(PLAN)
     for name, (qtype, rcode) in PLAN.items():
