@@ -105,6 +105,19 @@ class Tracefs:
                 "the probe that needs it is disabled",
             ) from None
 
+    def lacks(self, category: str, event: str, fields: dict[str, int]) -> str | None:
+        """Why the tracepoint cannot serve C code that reads `fields` (name -> size in
+        bytes), or None if it can."""
+        if not self.exists(category, event):
+            return f"tracepoint {category}:{event} is missing"
+        fmt = self.format(category, event)
+        for f, size in fields.items():
+            if f not in fmt.fields:
+                return f"{category}:{event} has no {f!r} field on this kernel"
+            if fmt.fields[f].size != size:
+                return f"{category}:{event} field {f!r} is {fmt.fields[f].size} bytes, expected {size}"
+        return None
+
     def offset_flags(self, category: str, event: str, fields: list[str]) -> list[str]:
         """-D flags TP_<EVENT>_<FIELD>_OFF for each field the C code reads."""
         fmt = self.format(category, event)

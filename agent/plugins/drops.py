@@ -66,15 +66,10 @@ class DropsPlugin(Plugin):
         self._budget = (0, 0)  # drop events over the rate, and lost to a full ring buffer
 
     def check(self, tracefs) -> str | None:
-        if not tracefs.exists(*TRACEPOINT):
-            return "tracepoint skb:kfree_skb is missing"
-        fmt = tracefs.format(*TRACEPOINT)
-        for f, size in FIELDS.items():
-            if f not in fmt.fields:
-                return f"skb:kfree_skb has no {f!r} field (kernel older than 5.17?)"
-            if fmt.fields[f].size != size:
-                return f"skb:kfree_skb field {f!r} is {fmt.fields[f].size} bytes, expected {size}"
-        return None
+        why = tracefs.lacks(*TRACEPOINT, FIELDS)
+        if why and "has no" in why:
+            return f"{why} (kernel older than 5.17?)"  # the reason field came in 5.17
+        return why
 
     def cflags(self, ctx: PluginContext) -> list[str]:
         flags = ctx.tracefs.offset_flags(*TRACEPOINT, list(FIELDS))

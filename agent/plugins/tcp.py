@@ -112,14 +112,9 @@ class TcpPlugin(Plugin):
 
     def check(self, tracefs) -> str | None:
         for (category, event), (_fn, fields) in TRACEPOINTS.items():
-            if not tracefs.exists(category, event):
-                return f"tracepoint {category}:{event} is missing"
-            fmt = tracefs.format(category, event)
-            for f, size in fields.items():
-                if f not in fmt.fields:
-                    return f"{category}:{event} has no {f!r} field on this kernel"
-                if fmt.fields[f].size != size:
-                    return f"{category}:{event} field {f!r} is {fmt.fields[f].size} bytes, expected {size}"
+            why = tracefs.lacks(category, event, fields)
+            if why:
+                return why
         return None
 
     def cflags(self, ctx: PluginContext) -> list[str]:

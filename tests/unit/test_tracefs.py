@@ -239,3 +239,18 @@ def test_drop_reasons_from_tree(fake_tracefs):
     reasons = Tracefs(root=fake_tracefs).drop_reasons()
     assert reasons == parse_format(KFREE_SKB).symbols("reason")
     assert (reasons[12], reasons[3]) == ("NETFILTER_DROP", "NO_SOCKET")
+
+
+def test_lacks_names_the_missing_tracepoint_field_or_size(tmp_path):
+    events = tmp_path / "events" / "skb" / "kfree_skb"
+    events.mkdir(parents=True)
+    (events / "format").write_text(
+        "name: kfree_skb\nID: 1\nformat:\n"
+        "\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n"
+        "\tfield:unsigned short protocol;\toffset:16;\tsize:2;\tsigned:0;\n"
+        "\nprint fmt: \"\"\n")
+    t = Tracefs(tmp_path)
+    assert t.lacks("skb", "kfree_skb", {"skbaddr": 8, "protocol": 2}) is None
+    assert t.lacks("skb", "kfree_skb", {"reason": 4}) == "skb:kfree_skb has no 'reason' field on this kernel"
+    assert t.lacks("skb", "kfree_skb", {"protocol": 4}) == "skb:kfree_skb field 'protocol' is 2 bytes, expected 4"
+    assert t.lacks("tcp", "tcp_probe", {}) == "tracepoint tcp:tcp_probe is missing"
