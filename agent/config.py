@@ -113,6 +113,10 @@ class CapturesConfig:
     uploadAllowlist: tuple[str, ...] = ()  # s3/azureBlob endpoints allowed (host, *.suffix, CIDR...); empty: none
     gracePeriod: float = 60.0  # seconds after a capture's duration before missing nodes count as failed
     namespace: str = ""  # where a ClusterCapture's Secrets are read; default: $POD_NAMESPACE, else fovea-system
+    nodeQuota: int = 0  # bytes running captures (twice maxBytes) and finished files may take; 0: min(5Gi, 10% of fs)
+    maxConcurrent: int = 2  # captures running at once on a node; more wait, Pending
+    retention: float = 86400.0  # seconds finished node-local files are kept (then deleted; the status says so)
+    ringMemory: int = 64 << 20  # bytes of locked ring memory per capture, all its interfaces together
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,10 @@ class Config:
             ("metricsAuth.enabled", not (self.metricsAuth.enabled and self.standalone),
              "off when standalone (tokens are checked with the Kubernetes API)"),
             ("captures.gracePeriod", self.captures.gracePeriod >= 0, "zero or more seconds"),
+            ("captures.nodeQuota", self.captures.nodeQuota >= 0, "zero (the default rule) or more bytes"),
+            ("captures.maxConcurrent", self.captures.maxConcurrent >= 1, "at least 1"),
+            ("captures.retention", self.captures.retention > 0, "a positive number of seconds"),
+            ("captures.ringMemory", self.captures.ringMemory >= 1 << 20, "at least 1048576 bytes (1Mi)"),
             ("captures.baseDir", os.path.isabs(self.captures.baseDir) and self.captures.baseDir != "/",
              "an absolute directory other than /"),
             ("logLevel", self.logLevel.lower() in ("debug", "info", "warning", "error"),

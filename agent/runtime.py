@@ -191,6 +191,10 @@ class Agent:
                                        "Records flow-stream clients could not keep up with")
             lost.add_metric([], s["lost"] + s["hub_full"])
             out += [followers, lost]
+        if self.captures is not None:
+            from capture.quota import metric_families
+
+            out += metric_families(self.captures.stats())
         return out
 
     def _start_captures(self) -> None:
@@ -203,6 +207,7 @@ class Agent:
         from capture import node
         from capture.controller import CaptureController
         from capture.engine import check_filter
+        from capture.quota import NodeLimits
 
         uplinks = list(cfg.uplinks) or default_route_interfaces()
         endpoints = Endpoints(exclude=set(uplinks))
@@ -210,9 +215,10 @@ class Agent:
         controller = CaptureController(
             make_api_client(cfg.kubeconfig or None), cfg.node, c.baseDir, cfg.agent_namespace, c.gracePeriod,
             run_job=lambda job, target, secret, directory, started: node.run_job(
-                job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
+                job, target, secret, directory, started, cfg.node, c.uploadAllowlist, c.ringMemory),
             local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
-            check_filter=check_filter, publish=self.events.publish)
+            check_filter=check_filter, publish=self.events.publish,
+            limits=NodeLimits(c.nodeQuota, c.maxConcurrent, c.retention, c.ringMemory))
         controller.start()  # creates the base directory first: a failure there starts nothing
         self.captures = controller
         self.server.captures = controller.artifact

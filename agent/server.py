@@ -1,9 +1,11 @@
 """HTTP(S) on the metrics port: /metrics, /healthz, /readyz, and finished hostPath
-capture files under /captures/<uid>/<file>?token=<download token>.
+capture files under /captures/<uid>/<file>, for the download token in the
+X-Fovea-Token header.
 
 /metrics may ask for a Kubernetes token (agent/auth.py); the probes never do,
 so the kubelet reaches them without credentials. Capture files carry their own
-download token.
+download token, only ever in a header: the API server's audit log and proxies
+keep URLs, so a token in the URL is refused.
 """
 
 from __future__ import annotations
@@ -70,17 +72,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _capture(self, key: str, query: str) -> None:
         """A capture file, only for its download token. The key is looked up, never joined
         to a path, so nothing outside the registered files can be reached."""
-        token = parse_qs(query).get("token", [""])[0] or self.headers.get("X-Fovea-Token", "")
+        if "token" in parse_qs(query):
+            self._plain(400, "the download token goes in the X-Fovea-Token header, never in the URL (audit logs "
+                             "and proxies keep URLs): use kubectl fovea capture download")
+            return
+        token = self.headers.get(TOKEN_HEADER, "")
         lookup = self.server.captures
         path = lookup(key, token) if lookup is not None and _CAPTURE_KEY.fullmatch(key) else None
         if path is None:
             # One answer for "no such file" and "wrong token": nothing to probe.
-            body = b"no capture file for this path and token\n"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._plain(404, "no capture file for this path and token (an expired file is gone: see the "
+                             "capture's status)")
             return
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -91,10 +93,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             shutil.copyfileobj(f, self.wfile, 1 << 20)
 
+    def _plain(self, code: int, text: str) -> None:
+        body = (text + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, fmt, *args):
         log.debug("http: " + fmt, *args)
 
 
+TOKEN_HEADER = "X-Fovea-Token"  # the download token of a capture file: a header, never a query parameter
 _CAPTURE_KEY = re.compile(r"[0-9a-f-]{1,64}/[A-Za-z0-9][A-Za-z0-9._-]{0,250}")
 
 

@@ -304,6 +304,16 @@ def cmd_download(api: Api, args) -> int:
     obj = _api_call(f"read capture {args.name}", api.get, args.name, args.cluster)
     status = obj.get("status") or {}
     arts = {n: r["artifact"] for n, r in (status.get("nodes") or {}).items() if (r or {}).get("artifact")}
+    expired = {n: a for n, a in arts.items() if a.get("expired")}
+    arts = {n: a for n, a in arts.items() if not a.get("expired")}
+    if expired and not arts:
+        node, art = sorted(expired.items())[0]
+        raise FoveaError(f"capture {args.name}: its file on node {node} was deleted at {art.get('expiresAt', '?')} "
+                         "(the agents' captures.retention)", "run the capture again; download sooner, or use an "
+                         "s3 or azureBlob output to keep files longer")
+    for node in sorted(expired):
+        print(f"{node}: the file was deleted at {expired[node].get('expiresAt', '?')} (captures.retention)",
+              file=sys.stderr)
     if not arts:
         raise FoveaError(f"capture {args.name} has no file to download yet (phase {status.get('phase', 'Pending')})",
                          "wait for it: kubectl fovea capture get " + args.name)
@@ -404,9 +414,10 @@ def _from_agent(api: Api, agent_ns: str, node: str, location: str, token: str):
                 for c in pod.spec.containers or [])
     target = f"{'https:' if https else ''}{pod.metadata.name}:{port}"
     path = f"/api/v1/namespaces/{agent_ns}/pods/{target}/proxy/captures/{key}"
+    # The token rides in a header, never in the URL: the API server's audit log and proxies keep URLs.
     resp = _api_call(f"download {key} from node {node}", api.client.call_api, path, "GET",
-                     query_params=[("token", token)], auth_settings=["BearerToken"], _preload_content=False,
-                     _return_http_data_only=True)
+                     header_params={"X-Fovea-Token": token}, auth_settings=["BearerToken"],
+                     _preload_content=False, _return_http_data_only=True)
     return resp.stream(1 << 20)
 
 

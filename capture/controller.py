@@ -16,6 +16,12 @@ it messages through a queue, so nothing here needs a lock. For each capture:
 5. any agent finalizes a capture whose duration + grace have passed with nodes
    that never reported (PartiallySucceeded, or Failed if none did).
 
+The node is protected (capture/quota.py): past captures.maxConcurrent a capture
+waits, Pending with a message, and starts when a slot frees (for what is left of
+its window: startTime + duration); one that does not fit captures.nodeQuota (or
+its namespace's share) ends Failed with the reason; finished node-local files
+are deleted after captures.retention, and the status says so.
+
 Deleting the resource stops the capture and removes its files. A node report
 left Running by an agent that restarted is turned into Failed by that agent
 when it sees the capture again: nothing stays Running forever.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import hmac
 import json
 import logging
@@ -43,6 +50,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from agent.errors import FoveaError
 from agent.events import CaptureReport
+from capture import quota as qt
 from capture import status as st
 from capture.spec import GROUP, KINDS, VERSION, CaptureSpec, SpecError, parse
 
@@ -73,16 +81,18 @@ class Job:
     thread: threading.Thread | None = None
     deleted: bool = False
     began: float = 0.0  # wall-clock seconds this node's part started
+    late: float = 0.0  # seconds it waited for a capture slot (its window was that much shorter)
 
 
 class CaptureController:
     def __init__(self, api_client: k8s_client.ApiClient, node: str, base_dir: str, agent_namespace: str,
                  grace: float, run_job: Callable, local_target: Callable, check_filter=None,
-                 tick: float = 1.0, publish: Callable | None = None):
+                 tick: float = 1.0, publish: Callable | None = None, limits: qt.NodeLimits | None = None):
         """run_job(job, target, secret, directory, started) -> the node report (dict), calling
         started() once capturing; local_target(pods, spec) -> LocalTarget.;
         Both come from capture/node.py; tests may pass their own. publish(CaptureReport)
-        hands each finished part on (a span per capture run)."""
+        hands each finished part on (a span per capture run). limits: quota, concurrency,
+        retention (capture/quota.py)."""
         self.api = k8s_client.CustomObjectsApi(api_client)
         self.core = k8s_client.CoreV1Api(api_client)
         self.node = node
@@ -94,7 +104,12 @@ class CaptureController:
         self.check_filter = check_filter
         self.tick = tick
         self.publish = publish
+        self.limits = limits or qt.NodeLimits()
+        self.quota = self.limits.quota  # resolved at start() when 0
         self.jobs: dict[str, Job] = {}
+        self.waiting: dict[str, float] = {}  # uid -> since when (monotonic), in arrival order
+        self.refused: dict[str, int] = {}  # reason -> captures refused on this node
+        self._expiry: dict[str, float] = {}  # uid -> when its finished node-local files go (wall clock)
         self.objects: dict[str, tuple[str, dict]] = {}  # uid -> (plural, newest object seen)
         self._artifacts: dict[str, tuple[Path, str]] = {}  # "<uid>/<file>" -> (path, token)
         self._artifacts_lock = threading.Lock()  # read by the HTTP server's threads
@@ -113,13 +128,16 @@ class CaptureController:
         except OSError as e:
             raise FoveaError(f"cannot create the capture directory {self.base}: {e.strerror}",
                              "set captures.baseDir to a writable directory") from None
+        if not self.quota:
+            self.quota = qt.default_quota(self.base)
         for plural in KINDS.values():
             t = threading.Thread(target=self._watch, args=(plural,), name=f"capture-watch-{plural}", daemon=True)
             self._threads.append(t)
         self._threads.append(threading.Thread(target=self._work, name="capture-controller", daemon=True))
         for t in self._threads:
             t.start()
-        log.info("capture controller: node %s, files under %s", self.node, self.base)
+        log.info("capture controller: node %s, files under %s (quota %s, at most %d at once, kept %ss)",
+                 self.node, self.base, qt.show(self.quota), self.limits.max_concurrent, self.limits.retention)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching; a capture still running is stopped and reported Failed."""
@@ -165,7 +183,7 @@ class CaptureController:
         art = ((status.get("nodes") or {}).get(self.node) or {}).get("artifact") or {}
         location, token = art.get("location", ""), art.get("downloadToken", "")
         prefix = f"hostpath://{self.node}/"
-        if not location.startswith(prefix) or not token:
+        if not location.startswith(prefix) or not token or art.get("expired"):
             return
         key = location[len(prefix):]
         path = self.base / key
@@ -174,6 +192,12 @@ class CaptureController:
             return
         with self._artifacts_lock:
             self._artifacts[key] = (path, token)
+        mine = (status.get("nodes") or {}).get(self.node) or {}
+        try:
+            self._expiry[uid] = st.parse_time(art.get("expiresAt") or mine.get("completionTime") or st.now()) \
+                + (0 if art.get("expiresAt") else self.limits.retention)
+        except ValueError:
+            self._expiry[uid] = time.time() + self.limits.retention
 
     def _unpublish(self, uid: str) -> None:
         with self._artifacts_lock:
@@ -283,11 +307,15 @@ class CaptureController:
         elif msg[0] == "done":
             _, job, report = msg
             self.jobs.pop(job.uid, None)
-            if job.deleted:
-                shutil.rmtree(self.base / job.uid, ignore_errors=True)
-                return
-            self._report(job, report)
-            self._hand_on(job, report)
+            art = report.get("artifact") or {}
+            if job.deleted or not art.get("location", "").startswith("hostpath://"):
+                shutil.rmtree(self.base / job.uid, ignore_errors=True)  # nothing of it stays on the node
+            if not job.deleted:
+                if art.get("downloadToken"):
+                    art["expiresAt"] = st.at(time.time() + self.limits.retention)
+                self._report(job, report)
+                self._hand_on(job, report)
+            self._start_waiting()
 
     def _hand_on(self, job: Job, report: dict) -> None:
         if self.publish is None:
@@ -311,6 +339,8 @@ class CaptureController:
         if uid is None:
             return
         self.objects.pop(uid, None)
+        self.waiting.pop(uid, None)
+        self._expiry.pop(uid, None)
         self._unpublish(uid)
         job = self.jobs.get(uid)
         if job is not None:
@@ -326,13 +356,15 @@ class CaptureController:
         is retried, not left until the next event)."""
         now = time.time()
         self._ticks += 1
+        self._expire(now)
+        self._start_waiting()
         if self._ticks % 5 == 0:
             for uid, (plural, obj) in list(self.objects.items()):
                 if uid not in self.jobs and (obj.get("status") or {}).get("phase") not in st.TERMINAL:
                     self._reconcile(plural, obj)
         for uid, (plural, obj) in list(self.objects.items()):
             status = obj.get("status") or {}
-            if status.get("phase") != st.RUNNING or not status.get("startTime") or uid in self.jobs:
+            if status.get("phase") not in st.OPEN or not status.get("startTime") or uid in self.jobs:
                 continue
             try:
                 duration = parse(obj).duration
@@ -340,7 +372,7 @@ class CaptureController:
                 continue
             if now < st.parse_time(status["startTime"]) + duration + self.grace:
                 continue
-            updated = self._update_status(plural, obj, lambda s: None if s.get("phase") != st.RUNNING
+            updated = self._update_status(plural, obj, lambda s: None if s.get("phase") not in st.OPEN
                                           else st.aggregate(s, overdue=True))
             if updated is not None:
                 log.info("capture %s: finalized after duration + grace: %s", _ref_of(plural, obj),
@@ -352,6 +384,7 @@ class CaptureController:
         meta, status = obj["metadata"], obj.get("status") or {}
         uid = meta["uid"]
         if status.get("phase") in st.TERMINAL:
+            self.waiting.pop(uid, None)
             self._publish(uid, status)
             return
         if meta.get("deletionTimestamp"):
@@ -386,7 +419,7 @@ class CaptureController:
         mine = (status.get("nodes") or {}).get(self.node) or {}
         if uid in self.jobs or mine.get("phase") in st.NODE_DONE:
             return
-        if mine.get("phase") in (st.PENDING, st.RUNNING):
+        if mine.get("phase") == st.RUNNING or (mine.get("phase") == st.PENDING and not st.waiting(mine)):
             # Ours, running, but no job here: this agent restarted during the capture.
             # Discard what it had before the status says so.
             shutil.rmtree(self.base / uid, ignore_errors=True)
@@ -395,11 +428,113 @@ class CaptureController:
                 "message": f"the agent on node {self.node} restarted during the capture; what it had captured "
                            "was discarded"})
             return
-        self._start(plural, obj, spec)
+        self._admit(plural, obj, spec)
 
-    def _start(self, plural: str, obj: dict, spec: CaptureSpec) -> None:
-        meta = obj["metadata"]
-        job = Job(meta["uid"], plural, meta.get("namespace", ""), meta["name"], spec)
+    # --- the node's limits
+
+    def _admit(self, plural: str, obj: dict, spec: CaptureSpec) -> None:
+        """Start the capture if a slot is free and it fits the quota; else wait, or fail."""
+        meta, status = obj["metadata"], obj.get("status") or {}
+        uid, m = meta["uid"], self.limits.max_concurrent
+        job = Job(uid, plural, meta.get("namespace", ""), meta["name"], spec)
+        window_end = st.parse_time(status["startTime"]) + spec.duration if status.get("startTime") else None
+        now = time.time()
+        queue = list(self.waiting)
+        ahead = queue.index(uid) if uid in self.waiting else len(queue)  # first come, first served
+        if len(self.jobs) + ahead >= m or (uid in self.waiting and window_end is not None and now >= window_end):
+            if window_end is not None and now >= window_end:
+                self.waiting.pop(uid, None)
+                self._refuse(job, "concurrency", f"no capture slot freed on node {self.node} during the capture's "
+                             f"window ({len(self.jobs)} running, captures.maxConcurrent {m})")
+            elif uid not in self.waiting:
+                self.waiting[uid] = time.monotonic()
+                log.info("capture %s waits for a slot on node %s", _ref_of(plural, obj), self.node)
+                self._report(job, {"phase": st.PENDING, "message": f"waiting for a capture slot on node {self.node}: "
+                                   f"{len(self.jobs)} running, {ahead} waiting before it (captures.maxConcurrent {m})"})
+            return
+        since = self.waiting.pop(uid, None)
+        reason, message = qt.refusal(qt.PEAK_FACTOR * spec.max_bytes, spec.namespace, self.node, self.quota,
+                                     self._usage(), self._namespace_quota(spec.namespace))
+        if reason:
+            self._refuse(job, reason, message)
+            return
+        if since is not None and window_end is not None:  # it waited: it captures what is left of its window
+            job.late = max(0.0, now - st.parse_time(status["startTime"]))
+            job.spec = dataclasses.replace(spec, duration=window_end - now)
+        self._start(plural, obj, job)
+
+    def _start_waiting(self) -> None:
+        for uid in list(self.waiting):
+            if len(self.jobs) >= self.limits.max_concurrent:
+                return
+            plural, obj = self.objects.get(uid, (None, None))
+            if obj is None:
+                self.waiting.pop(uid, None)
+                continue
+            self._reconcile(plural, obj)
+
+    def _refuse(self, job: Job, reason: str, message: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        log.info("capture %s refused on node %s: %s", _ref(job.plural, job.namespace, job.name), self.node, message)
+        self._report(job, {"phase": st.FAILED, "completionTime": st.now(), "message": message})
+
+    def _usage(self) -> list[qt.Usage]:
+        """What each capture holds of the node: running ones their peak, finished ones their files."""
+        usage = [qt.Usage(j.namespace, qt.PEAK_FACTOR * j.spec.max_bytes, True) for j in self.jobs.values()]
+        for d in self.base.iterdir():
+            if d.name in self.jobs or d.is_symlink() or not d.is_dir():
+                continue
+            plural, obj = self.objects.get(d.name, ("", {}))
+            ns = (obj.get("metadata") or {}).get("namespace", "") if plural == "captures" else ""
+            usage.append(qt.Usage(ns, qt.du(d), False))
+        return usage
+
+    def _namespace_quota(self, namespace: str) -> int | None:
+        """The namespace's share of each node's quota (its annotation, set by an admin), or None."""
+        if not namespace:
+            return None
+        ns = self.core.read_namespace(namespace, _request_timeout=(5, 30))
+        text = (ns.metadata.annotations or {}).get(qt.NAMESPACE_QUOTA)
+        if text is None:
+            return None
+        value = qt.size(text)
+        if value is None:
+            self._warn_once(f"nsquota:{namespace}:{text}", "namespace %s: annotation %s=%r is not a size (e.g. 2Gi): "
+                            "its captures get no share of the quota", namespace, qt.NAMESPACE_QUOTA, text)
+            return 0
+        return value
+
+    def _expire(self, now: float) -> None:
+        """Delete finished node-local files past captures.retention, and say so in the status."""
+        for uid, at in list(self._expiry.items()):
+            if now < at:
+                continue
+            plural, obj = self.objects.get(uid, (None, None))
+            self._unpublish(uid)
+            shutil.rmtree(self.base / uid, ignore_errors=True)
+            if obj is not None:
+                node = self.node
+
+                def expired(s: dict):
+                    mine = (s.get("nodes") or {}).get(node) or {}
+                    art = mine.get("artifact")
+                    if not art or art.get("expired"):
+                        return None
+                    art = {k: v for k, v in art.items() if k != "downloadToken"}
+                    s["nodes"][node] = dict(mine, artifact=dict(art, expired=True))
+                    return s
+
+                self._update_status(plural, obj, expired)  # an API error: tried again on the next tick
+                log.info("capture %s: its files on node %s expired (captures.retention)", _ref_of(plural, obj), node)
+            self._expiry.pop(uid, None)
+
+    def stats(self) -> dict:
+        """For fovea_capture_* (read from another thread: copies only)."""
+        return {"node_bytes": qt.du(self.base), "quota_bytes": self.quota, "running": len(self.jobs),
+                "waiting": len(self.waiting), "refused": dict(self.refused)}
+
+    def _start(self, plural: str, obj: dict, job: Job) -> None:
+        spec = job.spec
         try:
             target = self.local_target(self._target_pods(spec, self.node), spec)
         except SpecError as e:
@@ -409,8 +544,8 @@ class CaptureController:
             log.warning("capture %s: cannot list its pods: API error %s", _ref_of(plural, obj), e.status)
             return  # the next event or relist tries again
         self.jobs[job.uid] = job
-        updated = self._report(job, {"phase": st.PENDING})
-        if updated is None or (updated.get("status") or {}).get("phase") != st.RUNNING:
+        updated = self._report(job, {"phase": st.PENDING, "message": ""})
+        if updated is None or (updated.get("status") or {}).get("phase") not in st.OPEN:
             self.jobs.pop(job.uid, None)
             return
         log.info("capture %s: capturing on %s", _ref_of(plural, obj), ", ".join(i for i, _ in target.interfaces))
@@ -423,6 +558,9 @@ class CaptureController:
             secret = self._secret(job) if job.spec.output.secret else {}
             report = self.run_job(job, target, secret, self.base / job.uid,
                                   lambda: self._queue.put(("running", job)))
+            if job.late:
+                report["message"] = (report.get("message", "") + f"; started {job.late:.0f}s late: waited for a "
+                                     f"capture slot (captures.maxConcurrent {self.limits.max_concurrent})").lstrip("; ")
         except SpecError as e:
             report = {"phase": st.FAILED, "message": str(e)}
         except ApiException as e:

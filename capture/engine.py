@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 RING_BUFFER_BYTES = 8 << 20  # per interface: absorbs bursts while the file catches up
-RING_BUDGET_BYTES = 64 << 20  # all interfaces of one capture: rings are locked kernel memory
+RING_BUDGET_BYTES = 64 << 20  # default for all interfaces of one capture (captures.ringMemory): locked memory
 MIN_RING_BYTES = 1 << 20
 MAX_FILTER_LENGTH = 4096
 BLOCK_TIMEOUT_MS = 100  # the kernel hands over a partly filled ring block after this
@@ -110,7 +110,8 @@ def _fsync_dir(directory: Path) -> None:
 class CaptureRun:
     """One capture on this node: start(), then wait() (or stop() early)."""
 
-    def __init__(self, interfaces: list[Interface], filter_expr: str | None, limits: Limits, path: Path):
+    def __init__(self, interfaces: list[Interface], filter_expr: str | None, limits: Limits, path: Path,
+                 ring_budget: int = RING_BUDGET_BYTES):
         if not interfaces:
             raise FoveaError("nothing to capture on", "the capture matched no interface on this node")
         if limits.duration <= 0:
@@ -123,6 +124,7 @@ class CaptureRun:
         self.filter_expr = filter_expr or ""
         self.limits = limits
         self.path = Path(path)
+        self.ring_budget = ring_budget
         self._handles: list[libpcap.Handle] = []
         self._raw = [self.path.with_name(f"{self.path.name}.if{i}{PARTIAL}") for i in range(len(interfaces))]
         self._lock = threading.Lock()
@@ -144,7 +146,7 @@ class CaptureRun:
         nothing left behind), then capture in the background."""
         if self.filter_expr:
             check_filter(self.filter_expr)
-        ring = min(RING_BUFFER_BYTES, max(MIN_RING_BYTES, RING_BUDGET_BYTES // len(self.interfaces)))
+        ring = min(RING_BUFFER_BYTES, max(MIN_RING_BYTES, self.ring_budget // len(self.interfaces)))
         try:
             for iface in self.interfaces:
                 handle = libpcap.Handle(iface.name, self.limits.snap_length, ring, BLOCK_TIMEOUT_MS)

@@ -66,10 +66,10 @@ def sha256_of(path: Path) -> str:
 
 
 def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, started, node: str,
-            allowlist: tuple[str, ...]) -> dict:
+            allowlist: tuple[str, ...], ring_memory: int | None = None) -> dict:
     """Capture, bundle, deliver; returns the node report. A stopped job (resource deleted,
     agent stopping) leaves its files for the controller to remove."""
-    from capture.engine import CaptureRun, Interface, Limits, clean_partials
+    from capture.engine import RING_BUDGET_BYTES, CaptureRun, Interface, Limits, clean_partials
 
     spec = job.spec
     endpoint = _endpoint(spec, secret)
@@ -85,9 +85,10 @@ def run_job(job: Job, target: LocalTarget, secret: dict, directory: Path, starte
     clean_partials(directory)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = f"{spec.name}-{node}-{stamp}"
-    pcap = directory / f"{base}.pcapng"
+    pcap = directory / f"{base}.pcap"  # pcapng inside (one block per interface); readers go by content
     run = CaptureRun([Interface(name, comment) for name, comment in target.interfaces], spec.filter,
-                     Limits(spec.duration, spec.max_bytes, spec.max_packets or None, spec.snap_length), pcap)
+                     Limits(spec.duration, spec.max_bytes, spec.max_packets or None, spec.snap_length), pcap,
+                     ring_budget=ring_memory or RING_BUDGET_BYTES)
     start_time = st.now()
     run.start()
     started()

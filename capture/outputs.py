@@ -4,9 +4,11 @@ The rules that make outputs safe to hand to application teams:
 - hostPath: a path built from a spec never leaves the agent's base directory
   (no `..`, no absolute parts, no symlinks on the way);
 - uploads: only to endpoints on the cluster admin's allowlist, and never to a
-  link-local or cloud metadata address, whatever the allowlist says (checked on
-  the addresses the name resolves to); plain http only where the allowlist says
-  so; credentials and SAS tokens never appear in messages.
+  loopback, link-local or cloud metadata address, whatever the allowlist says
+  (checked on the addresses the name resolves to); the client then connects to
+  the very address that was checked (`pinned`), with TLS still verified for the
+  name, so a second DNS answer cannot move the upload; plain http only where
+  the allowlist says so; credentials and SAS tokens never appear in messages.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from agent.errors import FoveaError
 
 log = logging.getLogger(__name__)
 
-# Always refused: link-local (where cloud metadata services live) and the known metadata
-# and host-agent addresses that are not link-local.
+# Always refused: loopback (the node's own services: the agent runs on the host network),
+# link-local (where cloud metadata services live) and the known metadata and host-agent
+# addresses that are not link-local.
 FORBIDDEN_NETWORKS = [ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "::1/128",  # loopback
     "169.254.0.0/16",  # IPv4 link-local, incl. 169.254.169.254 (AWS, GCP, Azure IMDS)
     "fe80::/10",  # IPv6 link-local
     "fd00:ec2::254/128",  # AWS IMDS over IPv6
@@ -122,9 +126,10 @@ def _matches(entry: str, scheme: str, host: str, port: int, addresses: list[str]
     return host == pattern
 
 
-def check_endpoint(url: str, allowlist: list[str]) -> None:
-    """Refuse (FoveaError) an upload URL that is not on the allowlist or that resolves to a
-    link-local or metadata address. Entries: `host`, `host:port`, `*.domain`,
+def check_endpoint(url: str, allowlist: list[str]) -> str:
+    """The address to connect to for an upload URL (the first the name resolved to; every
+    one was checked), or FoveaError if the URL is not on the allowlist or resolves to a
+    loopback, link-local or metadata address. Entries: `host`, `host:port`, `*.domain`,
     `scheme://host[:port]`, or a network (`10.0.0.0/8`). Without a scheme, https only."""
     shown = _without_query(url)
     parts = urlsplit(url)
@@ -145,14 +150,18 @@ def check_endpoint(url: str, allowlist: list[str]) -> None:
     if not by_name and not networks:  # refused without even a DNS query
         raise _not_allowed(shown, allowlist)
     try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        answers = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
     except (socket.gaierror, UnicodeError) as e:
         raise FoveaError(f"upload endpoint {shown!r}: cannot resolve {host}: {e}") from None
+    addresses = list(dict.fromkeys(answers))  # in the resolver's order: the first is the one used
+    if not addresses:
+        raise FoveaError(f"upload endpoint {shown!r}: {host} resolves to no address")
     bad = [a for a in addresses if _forbidden(a)]
     if bad:
         raise _metadata(shown, ", ".join(bad))
     if not by_name and not any(_matches(e, parts.scheme, host, port, addresses) for e in networks):
         raise _not_allowed(shown, allowlist)
+    return addresses[0]
 
 
 def _is_address(host: str) -> bool:
@@ -164,8 +173,8 @@ def _is_address(host: str) -> bool:
 
 
 def _metadata(shown: str, addresses: str) -> FoveaError:
-    return FoveaError(f"upload endpoint {shown!r} resolves to {addresses}, a link-local or metadata address",
-                      "uploads never go there")
+    return FoveaError(f"upload endpoint {shown!r} resolves to {addresses}, a loopback, link-local or metadata "
+                      "address", "uploads never go there, whatever the allowlist says")
 
 
 def _not_allowed(shown: str, allowlist: list[str]) -> FoveaError:
@@ -190,20 +199,83 @@ def _object_name(name: str) -> str:
     return name
 
 
+# -- pinning: connect to the checked address, speak TLS to the name --------------------
+
+
+class _Pinned:
+    """A urllib3 connection that opens its socket to `address` (the one check_endpoint
+    passed) instead of resolving its host again; Host, SNI and the certificate check
+    still use the name."""
+
+    address = ""
+
+    def _new_conn(self):
+        name = self._dns_host
+        self._dns_host = self.address  # urllib3 resolves only this attribute
+        try:
+            return super()._new_conn()
+        finally:
+            self._dns_host = name
+
+
+def pinned_pools(address: str, http_pool, https_pool) -> dict:
+    """urllib3 pool classes by scheme (for a PoolManager's pool_classes_by_scheme) whose
+    connections all go to `address`."""
+    def pin(pool):
+        conn = type(f"Pinned{pool.ConnectionCls.__name__}", (_Pinned, pool.ConnectionCls), {"address": address})
+        return type(f"Pinned{pool.__name__}", (pool,), {"ConnectionCls": conn})
+
+    return {"http": pin(http_pool), "https": pin(https_pool)}
+
+
+def _pin_boto(client, address: str) -> None:
+    from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
+
+    session = client._endpoint.http_session  # botocore has no public hook for its connection pools
+    session._manager.pool_classes_by_scheme = pinned_pools(address, AWSHTTPConnectionPool, AWSHTTPSConnectionPool)
+    session._proxy_managers.clear()
+
+
+def _pinned_requests_session(address: str):
+    """A requests session (for azure-core's transport) whose every connection goes to
+    `address`, with no proxy taken from the environment."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.util.retry import Retry
+
+    class PinnedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pinned_pools(address, HTTPConnectionPool, HTTPSConnectionPool)
+
+    session = requests.Session()
+    session.trust_env = False  # a proxy from the environment would be a different target
+    for scheme in ("http://", "https://"):  # azure-core retries itself, urllib3 must not (as its own adapter)
+        session.mount(scheme, PinnedAdapter(max_retries=Retry(total=False, redirect=False, raise_on_status=False)))
+    return session
+
+
 # -- S3 -------------------------------------------------------------------------------
 
 
 def upload_s3(path: Path, *, endpoint: str, bucket: str, key: str, region: str | None,
               access_key: str, secret_key: str, allowlist: list[str]) -> Artifact:
-    """Upload to any S3-compatible endpoint (path-style addressing); the object carries its
-    sha256 in its metadata."""
+    """Upload to any S3-compatible endpoint (path-style addressing), once it passed
+    check_endpoint; the object carries its sha256 in its metadata."""
+    return put_s3(path, check_endpoint(endpoint, allowlist), endpoint=endpoint, bucket=bucket, key=key,
+                  region=region, access_key=access_key, secret_key=secret_key)
+
+
+def put_s3(path: Path, address: str, *, endpoint: str, bucket: str, key: str, region: str | None,
+           access_key: str, secret_key: str) -> Artifact:
+    """upload_s3 to an address already checked: every connection goes to `address`."""
     import boto3
     from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    check_endpoint(endpoint, allowlist)
     key = _object_name(key)
     local = file_digest(path)
     client = boto3.client(
@@ -214,8 +286,10 @@ def upload_s3(path: Path, *, endpoint: str, bucket: str, key: str, region: str |
             retries={"max_attempts": 3, "mode": "standard"},
             # Not every S3-compatible store accepts the newer default CRC checksums.
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
+            proxies={},  # straight to the checked address, never through a proxy from the environment
         ),
     )
+    _pin_boto(client, address)
     try:
         client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": local.sha256}},
                            Config=TransferConfig(multipart_threshold=64 << 20, max_concurrency=2))
@@ -237,17 +311,26 @@ def blob_url(sas_url: str, blob_name: str) -> str:
 
 
 def upload_azure_blob(path: Path, *, sas_url: str, blob_name: str, allowlist: list[str]) -> Artifact:
-    """Upload into the container of a container SAS URL; the SAS token never leaves this call."""
+    """Upload into the container of a container SAS URL, once it passed check_endpoint; the
+    SAS token never leaves this call."""
+    return put_azure_blob(path, check_endpoint(sas_url, allowlist), sas_url=sas_url, blob_name=blob_name)
+
+
+def put_azure_blob(path: Path, address: str, *, sas_url: str, blob_name: str) -> Artifact:
+    """upload_azure_blob to an address already checked: every connection goes to `address`."""
     from azure.core.exceptions import AzureError
+    from azure.core.pipeline.transport import RequestsTransport
     from azure.storage.blob import BlobClient
 
-    check_endpoint(sas_url, allowlist)
     url = blob_url(sas_url, blob_name)
     local = file_digest(path)
     query = urlsplit(sas_url).query
     try:
+        transport = RequestsTransport(session=_pinned_requests_session(address), session_owner=True,
+                                      use_env_settings=False)
         with BlobClient.from_blob_url(url, permit_redirects=False, connection_timeout=TIMEOUT,
-                                      read_timeout=TIMEOUT, retry_total=3) as blob, open(path, "rb") as f:
+                                      read_timeout=TIMEOUT, retry_total=3, transport=transport) as blob, \
+                open(path, "rb") as f:
             blob.upload_blob(f, length=local.size, overwrite=True, metadata={"sha256": local.sha256},
                              max_concurrency=2)
     except AzureError as e:

@@ -12,11 +12,22 @@ import datetime
 
 PENDING, RUNNING, SUCCEEDED, FAILED, PARTIAL = "Pending", "Running", "Succeeded", "Failed", "PartiallySucceeded"
 TERMINAL = (SUCCEEDED, FAILED, PARTIAL)
+OPEN = (PENDING, RUNNING)
 NODE_DONE = (SUCCEEDED, FAILED)
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def at(seconds: float) -> str:
+    """A wall-clock time (seconds since the epoch) as the status writes times."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def waiting(node: dict) -> bool:
+    """A node report of a capture that waits for a slot: Pending, with the reason."""
+    return node.get("phase") == PENDING and bool(node.get("message"))
 
 
 def parse_time(text: str) -> float:
@@ -63,7 +74,12 @@ def aggregate(status: dict, overdue: bool = False) -> dict:
         status.update(phase=phase, message=message, completionTime=now())
         _condition(status, phase, message)
     elif expected:
-        status["phase"] = RUNNING
+        queued = [n for n in expected if waiting(nodes.get(n) or {})]
+        active = [n for n in expected if (nodes.get(n) or {}).get("phase") in (RUNNING, *NODE_DONE)]
+        # Pending while every node that reported waits for a slot; the message says why.
+        status["phase"] = PENDING if queued and not active else RUNNING
+        status["message"] = "; ".join(f"{n}: {nodes[n]['message']}" for n in queued) if len(queued) > 1 else \
+            nodes[queued[0]]["message"] if queued else ""
     return status
 
 

@@ -9,7 +9,8 @@ from capture import status as st
 
 def status(expected, **nodes):
     return {"expectedNodes": list(expected), "phase": "Running",
-            "nodes": {n: ({"phase": p, "packets": 1, "message": f"{n} said so"} if p else {}) for n, p in nodes.items()}}
+            "nodes": {n: ({"phase": p, "packets": 1, "message": f"{n} said so" if p != "Pending" else ""} if p else {})
+                      for n, p in nodes.items()}}
 
 
 @pytest.mark.parametrize("reports, phase", [
@@ -61,3 +62,16 @@ def test_reports_of_unexpected_nodes_do_not_count():
 def test_fail_before_any_node():
     s = st.fail({}, "spec.duration is required")
     assert s["phase"] == "Failed" and s["message"] == "spec.duration is required" and s["expectedNodes"] == []
+
+
+def test_a_node_waiting_for_a_slot_makes_the_capture_pending_with_its_reason():
+    s = status(["a", "b"])
+    s["nodes"] = {"a": {"phase": "Pending", "message": "waiting for a capture slot on node a"}}
+    s = st.aggregate(s)
+    assert s["phase"] == "Pending" and s["message"] == "waiting for a capture slot on node a"
+    s["nodes"]["b"] = {"phase": "Running"}
+    s = st.aggregate(s)
+    assert s["phase"] == "Running" and s["message"] == "waiting for a capture slot on node a"
+    s["nodes"]["a"] = {"phase": "Running", "message": ""}
+    s = st.aggregate(s)
+    assert s["phase"] == "Running" and s["message"] == ""

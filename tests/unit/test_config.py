@@ -49,7 +49,8 @@ def test_defaults():
     assert top["tls"] == {"certFile": "", "keyFile": ""}
     assert top["metricsAuth"] == {"enabled": False, "cacheTTL": 60.0}
     assert top["captures"] == {"enabled": True, "baseDir": "/var/lib/fovea/captures", "uploadAllowlist": (),
-                               "gracePeriod": 60.0, "namespace": ""}
+                               "gracePeriod": 60.0, "namespace": "", "nodeQuota": 0, "maxConcurrent": 2,
+                               "retention": 86400.0, "ringMemory": 64 << 20}
     assert cfg.validate(REGISTRY) is cfg
 
 
