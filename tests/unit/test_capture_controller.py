@@ -12,6 +12,7 @@ from kubernetes import client
 
 from capture import status as st
 from capture.controller import CaptureController, LocalTarget
+from capture.quota import NodeLimits
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod
 
@@ -50,18 +51,19 @@ def api():
     api.stop()
 
 
-def controller(api, node: str, tmp_path: Path, fake: FakeNode, grace: float = 30.0) -> CaptureController:
+def controller(api, node: str, tmp_path: Path, fake: FakeNode, grace: float = 30.0,
+               limits: NodeLimits | None = None) -> CaptureController:
     c = CaptureController(client.ApiClient(api.client_configuration()), node, str(tmp_path / node), "fovea-system",
-                          grace, fake.run_job, fake.local_target, tick=0.1)
+                          grace, fake.run_job, fake.local_target, tick=0.1, limits=limits)
     c.start()
     return c
 
 
-def create(api, name: str, duration: str = "1s", **target) -> dict:
+def create(api, name: str, duration: str = "1s", max_bytes: str = "100Mi", **target) -> dict:
     return api.create({"apiVersion": "fovea.dev/v1alpha1", "kind": "Capture",
                        "metadata": {"name": name, "namespace": "shop"},
                        "spec": {"target": target or {"podSelector": {"matchLabels": {"app": "web"}}},
-                                "duration": duration}})
+                                "duration": duration, "maxBytes": max_bytes}})
 
 
 def wait(api, name: str, until, timeout: float = 15) -> dict:
@@ -190,3 +192,98 @@ def test_concurrent_first_sight(api, tmp_path):
     finally:
         for c in ctrls:
             c.stop()
+
+
+def node_phase(node: str, phase: str):
+    return lambda s: (s.get("nodes") or {}).get(node, {}).get("phase") == phase
+
+
+def test_past_max_concurrent_a_capture_waits_pending_then_runs(api, tmp_path):
+    ca = controller(api, "node-a", tmp_path, FakeNode(hold=1.5), limits=NodeLimits(max_concurrent=1))
+    try:
+        create(api, "first", duration="10s", podNames=["a-1"])
+        wait(api, "first", node_phase("node-a", "Running"))
+        create(api, "second", duration="10s", podNames=["a-1"])
+        s = wait(api, "second", lambda s: s.get("phase") == "Pending")
+        assert s["message"] == s["nodes"]["node-a"]["message"] == (
+            "waiting for a capture slot on node node-a: 1 running, 0 waiting before it (captures.maxConcurrent 1)")
+        assert ca.stats()["waiting"] == 1 and ca.stats()["running"] == 1
+        assert wait(api, "first", done)["phase"] == "Succeeded"
+        s = wait(api, "second", done)
+        assert s["phase"] == "Succeeded", s
+        assert "s late: waited for a capture slot (captures.maxConcurrent 1)" in s["nodes"]["node-a"]["message"]
+        assert ca.stats()["waiting"] == 0 and ca.stats()["refused"] == {}
+    finally:
+        ca.stop()
+
+
+def test_a_capture_whose_window_ends_while_it_waits_fails(api, tmp_path):
+    ca = controller(api, "node-a", tmp_path, FakeNode(hold=4), limits=NodeLimits(max_concurrent=1))
+    try:
+        create(api, "long", duration="10s", podNames=["a-1"])
+        wait(api, "long", node_phase("node-a", "Running"))
+        create(api, "short", duration="1s", podNames=["a-1"])
+        s = wait(api, "short", done, timeout=10)
+        assert s["phase"] == "Failed" and s["message"] == (
+            "no capture slot freed on node node-a during the capture's window (1 running, captures.maxConcurrent 1)")
+        assert ca.stats()["refused"] == {"concurrency": 1}
+    finally:
+        ca.stop()
+
+
+def test_the_node_quota_counts_running_captures_twice_their_max_bytes(api, tmp_path):
+    ca = controller(api, "node-a", tmp_path, FakeNode(hold=2), limits=NodeLimits(quota=300 << 20))
+    try:
+        create(api, "fits", podNames=["a-1"], max_bytes="100Mi")
+        wait(api, "fits", node_phase("node-a", "Running"))
+        create(api, "too-much", podNames=["a-1"], max_bytes="100Mi")
+        s = wait(api, "too-much", done)
+        assert s["phase"] == "Failed" and s["message"] == (
+            "the capture needs 200Mi of node node-a's capture quota (twice its maxBytes while it is written); "
+            "100Mi of captures.nodeQuota 300Mi is free (200Mi held by running captures, 0 bytes kept by finished "
+            "ones)"), s
+        assert wait(api, "fits", done)["phase"] == "Succeeded"
+        create(api, "never", podNames=["a-1"], max_bytes="151Mi")  # more than the quota even on an empty node
+        s = wait(api, "never", done)
+        assert s["phase"] == "Failed" and "needs 302Mi" in s["message"] and "captures.nodeQuota 300Mi" in s["message"]
+        create(api, "now-fits", podNames=["a-1"], max_bytes="100Mi")
+        assert wait(api, "now-fits", done)["phase"] == "Succeeded"
+        assert ca.stats()["refused"] == {"node_quota": 2}
+    finally:
+        ca.stop()
+
+
+def test_a_namespace_share_set_by_an_annotation(api, tmp_path):
+    ns = api.get("namespaces", "shop")
+    ns["metadata"].setdefault("annotations", {})["fovea.dev/capture-quota"] = "150Mi"
+    api.update(ns)
+    ca = controller(api, "node-a", tmp_path, FakeNode(), limits=NodeLimits(quota=1 << 30))
+    try:
+        create(api, "small", podNames=["a-1"], max_bytes="75Mi")
+        assert wait(api, "small", done)["phase"] == "Succeeded"
+        create(api, "big", podNames=["a-1"], max_bytes="100Mi")
+        s = wait(api, "big", done)
+        assert s["phase"] == "Failed" and "namespace shop has" in s["message"] and (
+            "of its share 150Mi (annotation fovea.dev/capture-quota)") in s["message"], s
+        assert ca.stats()["refused"] == {"namespace_quota": 1}
+    finally:
+        ca.stop()
+
+
+def test_finished_files_expire_after_the_retention(api, tmp_path):
+    ca = controller(api, "node-a", tmp_path, FakeNode(), limits=NodeLimits(retention=1.0))
+    try:
+        obj = create(api, "brief", podNames=["a-1"])
+        uid = obj["metadata"]["uid"]
+        s = wait(api, "brief", done)
+        art = s["nodes"]["node-a"]["artifact"]
+        assert s["phase"] == "Succeeded" and art["downloadToken"] == "tok" and not art.get("expired")
+        expires = st.parse_time(art["expiresAt"])
+        assert abs(expires - (st.parse_time(s["completionTime"]) + 1)) <= 1
+        s = wait(api, "brief", lambda s: s["nodes"]["node-a"]["artifact"].get("expired"), timeout=10)
+        assert "downloadToken" not in s["nodes"]["node-a"]["artifact"] and s["phase"] == "Succeeded"
+        assert not (tmp_path / "node-a" / uid).exists()
+        assert ca.artifact(f"{uid}/x.pcapng", "tok") is None
+        assert ca.stats()["node_bytes"] == 0
+    finally:
+        ca.stop()
