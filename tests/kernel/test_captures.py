@@ -8,6 +8,7 @@ agents under simulated node names over one node lab, real packets, and the real
     pod3  shop/api-0     app=multi     node-a
           shop/hostnet   app=hostnet   node-a   (hostNetwork)
           shop/ghost-0   app=ghost     node-c   (no agent runs there)
+    pod1  team/t-1                     node-q   (an agent with a small quota and retention)
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import pytest
 import requests
 import yaml
 
+from capture import status as st
 from tests.conftest import REPO, RunningAgent, node_lab, require
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
-from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, moto_s3
+from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, local_address, moto_s3
 from tests.otlp_receiver import HttpReceiver
 
 pytestmark = pytest.mark.kernel
@@ -46,13 +48,14 @@ class Cluster:
     def base(self, node: str) -> Path:
         return self.tmp / f"captures-{node}"
 
-    def start_agent(self, node: str) -> RunningAgent:
+    def start_agent(self, node: str, **captures) -> RunningAgent:
         cfg = self.tmp / f"fovea-{node}.yaml"
         cfg.write_text(yaml.safe_dump({
             "plugins": ["forward"],
             "pods": {"interfaces": [f"{self.lab.prefix}p*"]},
+            # Loopback on the allowlist changes nothing: uploads never go there.
             "captures": {"baseDir": str(self.base(node)), "gracePeriod": 3.0,
-                         "uploadAllowlist": ["http://127.0.0.1"]},
+                         "uploadAllowlist": ["http://127.0.0.1", f"http://{local_address()}"], **captures},
             "otlp": {"enabled": True, "protocol": "http/protobuf", "endpoint": self.traces.endpoint},
         }))
         agent = RunningAgent("--uplink", self.lab.uplink, "--kubeconfig", str(self.kubeconfig), "--node-name", node,
@@ -74,10 +77,10 @@ class Cluster:
         obj = self.api.get(kind, name, namespace if kind == "Capture" else "")
         return (obj or {}).get("status") or {}
 
-    def wait(self, name: str, until, kind: str = "Capture", timeout: float = 60) -> dict:
+    def wait(self, name: str, until, kind: str = "Capture", timeout: float = 60, namespace: str = "shop") -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            s = self.status(name, kind)
+            s = self.status(name, kind, namespace)
             if until(s):
                 return s
             if time.monotonic() > deadline:
@@ -85,9 +88,9 @@ class Cluster:
                 raise AssertionError(f"capture {name}: status still {s}\n{logs}")
             time.sleep(0.1)
 
-    def done(self, name: str, kind: str = "Capture", timeout: float = 60) -> dict:
+    def done(self, name: str, kind: str = "Capture", timeout: float = 60, namespace: str = "shop") -> dict:
         return self.wait(name, lambda s: s.get("phase") in ("Succeeded", "Failed", "PartiallySucceeded"), kind,
-                         timeout)
+                         timeout, namespace)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def unpack(artifact: Path, into: Path) -> tuple[Path, list[str]]:
     from capture.cli import safe_extract
 
     names = safe_extract(artifact, into)
-    pcap = next(into.rglob("*.pcapng"))
+    pcap = next(into.rglob("*.pcap"))
     return pcap, names
 
 
@@ -208,19 +211,32 @@ def test_capture_of_a_pod_holds_exactly_its_filtered_packets(cluster, tmp_path):
     assert spans[0].attributes["fovea.capture.location"] == art["location"]
     assert spans[0].attributes["fovea.capture.filter"] == f"tcp port {P}"
 
-    # The agent serves it only with the token, and nothing else under /captures/.
+    assert path.name.startswith("web-debug-node-a-") and path.name.endswith("Z.tar.gz")
+    assert pcap.name == path.name.removesuffix(".tar.gz") + ".pcap"
+    assert st.parse_time(art["expiresAt"]) == st.parse_time(node["completionTime"]) + 86400  # captures.retention
+
+    # The agent serves it only for the token in its header, and nothing else under /captures/.
     url = cluster.agents["node-a"].url + "/captures/"
-    assert requests.get(url + key, params={"token": art["downloadToken"]}).content == path.read_bytes()
-    assert requests.get(url + key, params={"token": "wrong"}).status_code == 404
+    token = art["downloadToken"]
+    assert requests.get(url + key, headers={"X-Fovea-Token": token}).content == path.read_bytes()
+    assert requests.get(url + key, headers={"X-Fovea-Token": "wrong"}).status_code == 404
     assert requests.get(url + key).status_code == 404
+    in_url = requests.get(url + key, params={"token": token}, headers={"X-Fovea-Token": token})
+    assert in_url.status_code == 400 and "X-Fovea-Token header, never in the URL" in in_url.text
     for escape in ("../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", key.split("/")[0] + "/../../fovea.yaml"):
-        assert requests.get(url + escape, params={"token": art["downloadToken"]}).status_code == 404
+        assert requests.get(url + escape, headers={"X-Fovea-Token": token}).status_code == 404
 
     # kubectl fovea capture download: through the emulator's pod proxy, sha256 verified.
     out = run_kubectl(cluster, "fovea", "capture", "download", "web-debug", "-o", str(tmp_path / "dl"))
     assert "sha256 verified" in out.stdout, out.stdout + out.stderr
     assert (tmp_path / "dl" / path.name).read_bytes() == path.read_bytes()
     assert any(r.resource == "pods" and r.subresource == "proxy" for r in cluster.api.requests)
+    assert_no_token_in_urls(cluster, token)
+
+
+def assert_no_token_in_urls(cluster, token: str) -> None:
+    """The API server's audit log (here: the emulator's request log) never holds the token."""
+    assert token and not [r for r in cluster.api.requests if token in r.path + repr(r.query)]
 
 
 def test_cluster_capture_of_a_node_captures_its_uplink_and_the_node_state(cluster, tmp_path):
@@ -316,6 +332,18 @@ def test_bad_filter_and_endpoint_off_the_allowlist_fail_with_the_reason(cluster)
     s = cluster.done("metadata-endpoint")
     assert s["phase"] == "Failed" and "169.254.169.254" in s["message"], s
     assert "artifact" not in s["nodes"]["node-a"]
+    # Loopback (the node's own services), though the agents' allowlist names http://127.0.0.1.
+    trap = socket.create_server(("127.0.0.1", 0))
+    trap.settimeout(0.5)
+    try:
+        cluster.capture("loopback-endpoint", target={"podNames": ["web-1"]}, output={"s3": {
+            "endpoint": f"http://127.0.0.1:{trap.getsockname()[1]}", "bucket": "steal", "secretRef": {"name": "s3"}}})
+        s = cluster.done("loopback-endpoint")
+        assert s["phase"] == "Failed" and "a loopback, link-local or metadata address" in s["message"], s
+        with pytest.raises(TimeoutError):
+            trap.accept()  # nobody connected
+    finally:
+        trap.close()
 
 
 def test_several_nodes_report_at_once_and_a_silent_node_makes_it_partial(cluster):
@@ -421,6 +449,7 @@ def test_kubectl_runs_the_plugin(cluster):
                 if "open it with Wireshark" in line)
     read = subprocess.run(["tshark", "-r", pcap], capture_output=True, text=True)
     assert read.returncode == 0, read.stderr
+    assert_no_token_in_urls(cluster, cluster.status("from-kubectl")["nodes"]["node-a"]["artifact"]["downloadToken"])
     r = run_kubectl(cluster, "fovea", "capture", "list")
     assert "from-kubectl" in r.stdout and "Succeeded" in r.stdout
     r = run_kubectl(cluster, "fovea", "capture", "get", "from-kubectl")
@@ -434,6 +463,74 @@ def test_kubectl_runs_the_plugin(cluster):
     assert cluster.api.get("captures", "from-kubectl", "shop") is None
     r = run_kubectl(cluster, "fovea", "capture", "get", "from-kubectl", check=False)
     assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_the_node_quota_a_namespace_share_and_the_retention(cluster):
+    """An agent on node-q with captures.nodeQuota 400000 bytes and a retention of 8 s."""
+    lab, api = cluster.lab, cluster.api
+    api.create(make_node("node-q"))
+    api.create(make_namespace("team"))
+    api.create(make_pod("t-1", "team", "node-q", lab.pods[1].ipv4))
+    agent = cluster.start_agent("node-q", nodeQuota=400_000, retention=8.0)
+    try:
+        def capture(name: str, max_bytes: int, wait: bool = True, **spec) -> dict:
+            cluster.capture(name, namespace="team", target={"podNames": ["t-1"]}, maxBytes=max_bytes,
+                            includeMetadata=False, **spec)
+            return cluster.done(name, namespace="team") if wait else {}
+
+        # Within the quota (2 x 100000 while it is written): it runs...
+        capture("q-a", 100_000, wait=False, duration="30s", filter=f"tcp port {P + 5}")
+        cluster.wait("q-a", lambda s: (s.get("nodes") or {}).get("node-q", {}).get("phase") == "Running",
+                     namespace="team")
+        # ... and a second one that does not fit beside it fails, with the quota in the reason.
+        s = capture("q-b", 150_000)
+        assert s["phase"] == "Failed" and "captures.nodeQuota 390.6Ki" in s["message"] and \
+            "195.3Ki held by running captures" in s["message"], s
+        # The first writes far past its share: it is stopped at its limit, exactly.
+        converse(lab, lab.pods[1], P + 5, rounds=400)
+        s = cluster.done("q-a", namespace="team", timeout=30)
+        node = s["nodes"]["node-q"]
+        assert s["phase"] == "Succeeded" and node["message"] == "stopped by maxBytes", s
+        path = cluster.base("node-q") / node["artifact"]["location"].removeprefix("hostpath://node-q/")
+        from scapy.all import rdpcap
+
+        largest = max(len(bytes(p)) for p in rdpcap(str(path)))
+        size = path.stat().st_size
+        assert size == node["artifact"]["size"] and 100_000 - (32 + largest + 3 + 4) < size <= 100_000
+        # Its file is kept, and counted: a capture that would fit an empty node does not fit now.
+        s = capture("q-d", 160_000)
+        assert s["phase"] == "Failed" and f"{size / 1024:.4g}Ki kept by finished ones" in s["message"], s
+
+        # The retention: the file goes, the status says so, a download says why it cannot.
+        s = cluster.wait("q-a", lambda s: s["nodes"]["node-q"]["artifact"].get("expired"), timeout=20,
+                         namespace="team")
+        assert "downloadToken" not in s["nodes"]["node-q"]["artifact"] and not path.parent.exists()
+        r = run_kubectl(cluster, "fovea", "capture", "download", "q-a", "-n", "team", "-o",
+                        str(cluster.tmp / "q-a"), check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"its file on node node-q was deleted at {s['nodes']['node-q']['artifact']['expiresAt']}" in r.stderr
+        assert "captures.retention" in r.stderr
+        assert capture("q-e", 160_000)["phase"] == "Succeeded"  # the space came back
+
+        # A namespace's share, set by an admin on the namespace.
+        ns = api.get("namespaces", "team")
+        ns["metadata"].setdefault("annotations", {})["fovea.dev/capture-quota"] = "200000"
+        api.update(ns)
+        s = capture("q-f", 120_000)
+        assert s["phase"] == "Failed" and "namespace team has" in s["message"] and \
+            "of its share 195.3Ki (annotation fovea.dev/capture-quota)" in s["message"], s
+
+        metrics = requests.get(agent.url + "/metrics").text
+        for line in ('fovea_capture_refused_total{reason="node_quota"} 2.0',
+                     'fovea_capture_refused_total{reason="namespace_quota"} 1.0',
+                     'fovea_capture_refused_total{reason="concurrency"} 0.0',
+                     "fovea_capture_quota_bytes 400000.0", "fovea_capture_running 0.0", "fovea_capture_waiting 0.0"):
+            assert line + "\n" in metrics, line
+        kept = sum(p.stat().st_size for p in cluster.base("node-q").rglob("*") if p.is_file())
+        assert f"fovea_capture_node_bytes {float(kept)}\n" in metrics
+    finally:
+        assert agent.stop() == 0, agent.output()[-3000:]
+        cluster.agents.pop("node-q")
 
 
 def _secret(cluster, name: str, data: dict[str, str]) -> None:
