@@ -29,13 +29,13 @@ class FakeNode:
 
     def run_job(self, job, target, secret, directory: Path, started):
         directory.mkdir(parents=True)
-        (directory / "x.pcapng").write_bytes(b"x")
+        (directory / "x.pcap").write_bytes(b"x")
         self.ran.append(job.name)
         started()
         if job.stop.wait(self.hold):
             return {"phase": st.FAILED, "message": "stopped before the end"}
         return {"phase": st.SUCCEEDED, "packets": self.packets,
-                "artifact": {"location": f"hostpath://{directory.parent.name}/{job.uid}/x.pcapng", "size": 1,
+                "artifact": {"location": f"hostpath://{directory.parent.name}/{job.uid}/x.pcap", "size": 1,
                              "sha256": "0" * 64, "downloadToken": "tok"}}
 
 
@@ -103,11 +103,11 @@ def test_two_agents_one_capture(api, tmp_path):
         assert expected_nodes_history(api, "two") == [["node-a", "node-b"]]
         uid = obj["metadata"]["uid"]
         deadline = time.monotonic() + 5
-        while ca.artifact(f"{uid}/x.pcapng", "tok") is None:
+        while ca.artifact(f"{uid}/x.pcap", "tok") is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert ca.artifact(f"{uid}/x.pcapng", "bad") is None and ca.artifact(f"{uid}/x.pcapng", "") is None
-        assert ca.artifact(f"{uid}/../../x.pcapng", "tok") is None
+        assert ca.artifact(f"{uid}/x.pcap", "bad") is None and ca.artifact(f"{uid}/x.pcap", "") is None
+        assert ca.artifact(f"{uid}/../../x.pcap", "tok") is None
     finally:
         ca.stop()
         cb.stop()
@@ -283,7 +283,7 @@ def test_finished_files_expire_after_the_retention(api, tmp_path):
         s = wait(api, "brief", lambda s: s["nodes"]["node-a"]["artifact"].get("expired"), timeout=10)
         assert "downloadToken" not in s["nodes"]["node-a"]["artifact"] and s["phase"] == "Succeeded"
         assert not (tmp_path / "node-a" / uid).exists()
-        assert ca.artifact(f"{uid}/x.pcapng", "tok") is None
+        assert ca.artifact(f"{uid}/x.pcap", "tok") is None
         assert ca.stats()["node_bytes"] == 0
     finally:
         ca.stop()

@@ -35,6 +35,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The agent's config file: .Values.config with the exposure settings the chart owns. */}}
 {{- define "fovea.config" -}}
 {{- $config := deepCopy .Values.config -}}
+{{- $_ := set $config "captures" (merge (deepCopy (default dict .Values.config.captures)) .Values.captures) -}}
 {{- $_ := set $config "port" .Values.metrics.port -}}
 {{- $_ := set $config "bindAddress" .Values.metrics.bindAddress -}}
 {{- if .Values.metrics.tls.enabled -}}
