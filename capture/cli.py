@@ -194,7 +194,7 @@ def wait(api: Api, name: str, cluster: bool, timeout: float) -> int:
             if seen.get(node) != key:
                 seen[node] = key
                 extra = f", {n['packets']} packets" if n.get("packets") is not None else ""
-                msg = f" ({n['message']})" if n.get("message") and key[0] == st.FAILED else ""
+                msg = f" ({n['message']})" if n.get("message") and key[0] in (st.FAILED, st.PENDING) else ""
                 print(f"  {node}: {key[0]}{extra}{msg}", flush=True)
         phase = status.get("phase")
         if phase in st.TERMINAL:
@@ -283,6 +283,9 @@ def cmd_get(api: Api, args) -> int:
         art = n.get("artifact") or {}
         if art:
             lines.append(f"    artifact: {art.get('location')} ({art.get('size')} bytes, sha256 {art.get('sha256')})")
+            if art.get("expiresAt"):
+                lines.append(f"    {'deleted' if art.get('expired') else 'kept until'} {art['expiresAt']} "
+                             "(captures.retention)")
     print("\n".join(lines))
     return 0
 

@@ -510,6 +510,8 @@ def test_the_node_quota_a_namespace_share_and_the_retention(cluster):
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert f"its file on node node-q was deleted at {s['nodes']['node-q']['artifact']['expiresAt']}" in r.stderr
         assert "captures.retention" in r.stderr
+        r = run_kubectl(cluster, "fovea", "capture", "get", "q-a", "-n", "team")
+        assert f"deleted {s['nodes']['node-q']['artifact']['expiresAt']} (captures.retention)" in r.stdout, r.stdout
         assert capture("q-e", 160_000)["phase"] == "Succeeded"  # the space came back
 
         # A namespace's share, set by an admin on the namespace.
