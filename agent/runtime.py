@@ -218,7 +218,7 @@ class Agent:
                 job, target, secret, directory, started, cfg.node, c.uploadAllowlist, c.ringMemory),
             local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
             check_filter=check_filter, publish=self.events.publish,
-            limits=NodeLimits(c.nodeQuota, c.maxConcurrent, c.retention, c.ringMemory))
+            limits=NodeLimits(c.nodeQuota, c.maxConcurrent, c.retention))
         controller.start()  # creates the base directory first: a failure there starts nothing
         self.captures = controller
         self.server.captures = controller.artifact

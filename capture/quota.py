@@ -68,7 +68,6 @@ class NodeLimits:
     quota: int = 0  # bytes; 0: default_quota(base directory)
     max_concurrent: int = 2
     retention: float = 86400.0  # seconds a finished node-local file stays
-    ring_memory: int = 64 << 20  # bytes of locked ring memory per capture, all its interfaces together
 
 
 @dataclass(frozen=True)
