@@ -260,11 +260,15 @@ class CaptureController:
             self._warned[key] = time.monotonic()
             log.warning(msg, *args)
 
-    def _backoff(self, what: str, why: str, delay: float) -> None:
+    def _warn_rarely(self, what: str, message: str) -> None:
+        """A warning at most once a minute per `what`."""
         now = time.monotonic()
-        if now - self._warned.get(what, -1e9) > 60:  # rate-limited
-            log.warning("capture controller: watching %s failed: %s; retrying", what, why)
+        if now - self._warned.get(what, -1e9) > 60:
+            log.warning("%s", message)
             self._warned[what] = now
+
+    def _backoff(self, what: str, why: str, delay: float) -> None:
+        self._warn_rarely(what, f"capture controller: watching {what} failed: {why}; retrying")
         self._stop.wait(delay / 2 + random.uniform(0, delay / 2))
 
     # --- the worker: all state changes happen here
@@ -452,9 +456,10 @@ class CaptureController:
                 self._report(job, {"phase": st.PENDING, "message": f"waiting for a capture slot on node {self.node}: "
                                    f"{len(self.jobs)} running, {ahead} waiting before it (captures.maxConcurrent {m})"})
             return
+        share = self._namespace_quota(spec.namespace)  # an API error: tried again later, still in the queue
         since = self.waiting.pop(uid, None)
         reason, message = qt.refusal(qt.PEAK_FACTOR * spec.max_bytes, spec.namespace, self.node, self.quota,
-                                     self._usage(), self._namespace_quota(spec.namespace))
+                                     self._usage(), share)
         if reason:
             self._refuse(job, reason, message)
             return
@@ -524,7 +529,12 @@ class CaptureController:
                     s["nodes"][node] = dict(mine, artifact=dict(art, expired=True))
                     return s
 
-                self._update_status(plural, obj, expired)  # an API error: tried again on the next tick
+                try:
+                    self._update_status(plural, obj, expired)
+                except Exception as e:  # noqa: BLE001 (an API outage: tried again on the next tick)
+                    self._warn_rarely(f"expire:{uid}", f"capture {_ref_of(plural, obj)}: cannot mark its files "
+                                       f"expired yet: {e}")
+                    continue
                 log.info("capture %s: its files on node %s expired (captures.retention)", _ref_of(plural, obj), node)
             self._expiry.pop(uid, None)
 
