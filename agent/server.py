@@ -72,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _capture(self, key: str, query: str) -> None:
         """A capture file, only for its download token. The key is looked up, never joined
         to a path, so nothing outside the registered files can be reached."""
-        if "token" in parse_qs(query):
+        if "token" in parse_qs(query, keep_blank_values=True):
             self._plain(400, "the download token goes in the X-Fovea-Token header, never in the URL (audit logs "
                              "and proxies keep URLs): use kubectl fovea capture download")
             return
