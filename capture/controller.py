@@ -110,6 +110,7 @@ class CaptureController:
         self.waiting: dict[str, float] = {}  # uid -> since when (monotonic), in arrival order
         self.refused: dict[str, int] = {}  # reason -> captures refused on this node
         self._expiry: dict[str, float] = {}  # uid -> when its finished node-local files go (wall clock)
+        self._listed: set[str] = set()  # plurals listed since the start
         self.objects: dict[str, tuple[str, dict]] = {}  # uid -> (plural, newest object seen)
         self._artifacts: dict[str, tuple[Path, str]] = {}  # "<uid>/<file>" -> (path, token)
         self._artifacts_lock = threading.Lock()  # read by the HTTP server's threads
@@ -298,6 +299,10 @@ class CaptureController:
                     self._deleted(uid)  # deleted while the watch was down
             for obj in items:
                 self._seen(plural, obj)
+            if self._listed != set(KINDS.values()):
+                self._listed.add(plural)
+                if self._listed == set(KINDS.values()):
+                    self._sweep()
         elif msg[0] == "event":
             _, plural, type_, obj = msg
             if type_ == "DELETED":
@@ -353,6 +358,17 @@ class CaptureController:
             job.stop.set()  # the job's thread ends; "done" removes its files
         else:
             shutil.rmtree(self.base / uid, ignore_errors=True)
+
+    def _sweep(self) -> None:
+        """Once every kind is listed: remove the files of captures deleted while this agent
+        was down (they would hold the quota forever)."""
+        for d in self.base.iterdir():
+            if d.name not in self.objects and d.name not in self.jobs:
+                log.info("capture files %s: their capture is gone, removing them", d.name)
+                if d.is_dir() and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
 
     def _tick(self) -> None:
         """Finalize captures whose nodes did not all report in time (any agent may); every

@@ -287,3 +287,21 @@ def test_finished_files_expire_after_the_retention(api, tmp_path):
         assert ca.stats()["node_bytes"] == 0
     finally:
         ca.stop()
+
+
+def test_files_of_captures_deleted_while_the_agent_was_down_are_removed(api, tmp_path):
+    kept = create(api, "kept", podNames=["a-1"])  # finished: its files stay
+    api.patch("captures", "kept", {"status": {"phase": "Succeeded", "expectedNodes": ["node-a"]}}, "shop")
+    for uid in ("0d1e7e7e-dead-4bee-8f00-000000000001", kept["metadata"]["uid"]):
+        (tmp_path / "node-a" / uid).mkdir(parents=True)
+        (tmp_path / "node-a" / uid / "x.pcap").write_bytes(b"x" * 100)
+    ca = controller(api, "node-a", tmp_path, FakeNode())
+    try:
+        deadline = time.monotonic() + 5
+        while (tmp_path / "node-a" / "0d1e7e7e-dead-4bee-8f00-000000000001").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert (tmp_path / "node-a" / kept["metadata"]["uid"] / "x.pcap").exists()
+    finally:
+        ca.stop()
