@@ -43,13 +43,13 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from agent.addresses import canonical_ip
 from agent.errors import FoveaError
 from agent.k8s.records import (
     NamespaceRecord,
     NodeRecord,
     PodRecord,
     ServiceRecord,
-    canonical_ip,
     namespace_record,
     node_record,
     pod_record,
