@@ -8,7 +8,8 @@ newline-delimited JSON. Protocol: the client sends one JSON line
 
 and reads one JSON record per line; without "follow" the server closes after
 the last record. A follower that cannot keep up loses records (counted, and
-told with a {"type": "lost"} line), never slows the agent down.
+told with a {"type": "lost"} line), never slows the agent down. The client is
+agent/cli/observe.py.
 """
 
 from __future__ import annotations
