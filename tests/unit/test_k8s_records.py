@@ -71,12 +71,12 @@ def test_pod_record_from_api_json():
     assert pod_record(obj) == PodRecord(
         namespace="shop", name="web-7d9c-abcde", uid="u1", node="n1", ips=("10.0.0.5", "fd00::5"),
         host_network=False, observe=True, workload_kind="Deployment", workload_name="web", phase="Running",
-        created="2025-01-01T00:00:00Z", terminating=False)
+        created=1735689600, terminating=False)
     bare = pod_record({"metadata": {"name": "p", "namespace": "n", "annotations": {"fovea.dev/observe": "yes"},
                                     "deletionTimestamp": "2025-01-01T00:00:00Z"},
                        "spec": {"hostNetwork": True}, "status": {"podIP": "192.168.0.1"}})
     assert bare.ips == ("192.168.0.1",) and bare.host_network and not bare.observe and bare.terminating
-    assert bare.workload_kind == "Pod" and bare.node == "" and bare.phase == ""
+    assert bare.workload_kind == "Pod" and bare.node == "" and bare.phase == "" and bare.created == 0
 
 
 def test_records_are_slim():
