@@ -47,7 +47,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.kinds, self.events = kinds, events
         self.cond = threading.Condition()
-        self.batches: list[bytes] = []  # pod watch events, each batch a block of JSON lines
+        self.batches: list[list[bytes]] = []  # pod watch events, each a JSON line
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -95,7 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
                     new = self.server.batches[seen:] if kind.plural == "pods" else []
                     seen = len(self.server.batches)
                 for batch in new:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(batch), batch))
+                    for line in batch:  # a chunk an event, as the API server sends them
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -106,11 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"message": "POST /bench/events only"})
         ask = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         events, last_ip = self.server.events(ask["n"], ask["seed"])
-        batch = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events)
+        batch = [json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events]
         with self.server.cond:
             self.server.batches.append(batch)
             self.server.cond.notify_all()
-        self._send(200, {"events": len(events), "bytes": len(batch), "last_ip": last_ip})
+        self._send(200, {"events": len(events), "bytes": sum(map(len, batch)), "last_ip": last_ip})
 
     def _send(self, code: int, doc: dict) -> None:
         self._send_bytes(code, json.dumps(doc).encode())
