@@ -73,7 +73,7 @@ from agent.server import MetricsServer  # noqa: E402
 from bench.k8s_synthetic import Kind, SyntheticApi  # noqa: E402
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod, make_service  # noqa: E402
 
-CACHE_MEMORY_GOAL_MB = 100.0  # for a 10k-pod cluster
+CACHE_MEMORY_GOAL_MB = 100.0  # for a 10k-pod cluster (emulator), and for 150k pods (--synthetic)
 SCRAPE_GOAL_MS = 250.0  # at 10k series
 NODES = 50
 LOCAL_NODE = "node-a"
@@ -473,7 +473,7 @@ def bench_events(args, api: K8sEmulator, cluster: Cluster, cache: KubeCache, res
 
     # Did the cache end where the emulator is?
     want = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in api.list("pods")}
-    have = cache._pods
+    have = {(p.namespace, p.name): p for p in list(cache._pods.values())}
     consistent = set(want) == set(have) and all(
         have[k].observe == ((o["metadata"].get("annotations") or {}).get(OBSERVE) == "true")
         for k, o in want.items())
