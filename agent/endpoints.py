@@ -11,9 +11,11 @@ appears on the host.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 from agent.nsenter import in_netns
 
 log = logging.getLogger(__name__)
+
+# Test only: seconds every scan waits first (FOVEA_TEST_SCAN_DELAY), to show that a slow
+# scan never holds up the read loop or a scrape. Never set it in production.
+SCAN_DELAY = float(os.environ.get("FOVEA_TEST_SCAN_DELAY") or 0)
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,13 @@ class Endpoints:
         self._events: IPRoute | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.problem = ""  # why the last scan could not see every pod's addresses, in one line
 
     def scan(self) -> dict[int, PodInterface]:
+        if SCAN_DELAY:
+            time.sleep(SCAN_DELAY)
         found = {}
+        self._problems: list[str] = []
         with IPRoute() as ipr:
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
@@ -58,6 +68,7 @@ class Endpoints:
                 peer = link.get_attr("IFLA_LINK")
                 ips = self._peer_ips(path, peer) if path and peer else ()
                 found[link["index"]] = PodInterface(link["index"], name, path, ips)
+        self.problem = self._problems[0] if self._problems else ""
         return found
 
     def _netns_path(self, ipr: IPRoute, nsid: int) -> str:
@@ -99,15 +110,19 @@ class Endpoints:
                 out.setdefault(nsid, str(path))
         return out
 
-    @staticmethod
-    def _peer_ips(path: str, peer_index: int) -> tuple[str, ...]:
+    def _peer_ips(self, path: str, peer_index: int) -> tuple[str, ...]:
         try:
             with in_netns(path), IPRoute() as ipr:
                 addrs = ipr.get_addr(index=peer_index)
                 return tuple(
                     a.get_attr("IFA_ADDRESS") for a in addrs if a.get_attr("IFA_ADDRESS") and a["scope"] == 0
                 )
-        except (OSError, NetlinkError):
+        except OSError as e:
+            if e.errno == errno.EPERM:  # not a pod going away: the agent may not enter namespaces
+                self._problems.append(f"{e.strerror}: missing capability CAP_SYS_ADMIN (needed to enter pod "
+                                      "network namespaces and read their addresses)")
+            return ()
+        except NetlinkError:
             return ()
 
     def watch(self, on_change: Callable[[], None]) -> None:
