@@ -17,7 +17,7 @@ WHY = {
     "CAP_BPF": "load eBPF programs and maps",
     "CAP_PERFMON": "read kernel memory from eBPF programs and attach to tracepoints",
     "CAP_NET_ADMIN": "attach tc programs to interfaces",
-    "CAP_SYS_ADMIN": "enter pod network namespaces and load programs that read kernel structures",
+    "CAP_SYS_ADMIN": "enter pod network namespaces",
     "CAP_SYS_PTRACE": "find the network namespaces of processes under /proc",
     "CAP_SYS_RESOURCE": "raise the locked-memory limit for BPF maps on older kernels",
     "CAP_NET_RAW": "capture packets",
@@ -34,9 +34,14 @@ def effective(status: str = "/proc/self/status") -> set[str]:
     return set()
 
 
+# The kernel lets CAP_SYS_ADMIN stand in for these (bpf_capable(), perfmon_capable()).
+STAND_IN = {"CAP_BPF": "CAP_SYS_ADMIN", "CAP_PERFMON": "CAP_SYS_ADMIN"}
+
+
 def missing(needed: Iterable[str], held: set[str] | None = None) -> list[str]:
+    """The needed capabilities this process lacks (a stand-in the kernel accepts counts as held)."""
     held = effective() if held is None else held
-    return [c for c in needed if c not in held]
+    return [c for c in needed if c not in held and STAND_IN.get(c) not in held]
 
 
 def describe_missing(caps: list[str]) -> str:

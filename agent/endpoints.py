@@ -47,6 +47,7 @@ class Endpoints:
         self.netns_dir = Path(netns_dir)
         self.proc = Path(proc)
         self._paths: dict[int, str] = {}  # nsid -> namespace path
+        self._denied = False  # the last look under /proc was refused for some process
         self._events: IPRoute | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -65,6 +66,10 @@ class Endpoints:
                 if name in self.exclude or nsid is None or info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
                     continue
                 path = self._netns_path(ipr, nsid)
+                if not path and self._denied:
+                    self._problems.append(f"the network namespace of {name} was not found: missing capability "
+                                          "CAP_SYS_PTRACE (needed to find the network namespaces of processes "
+                                          "under /proc)")
                 peer = link.get_attr("IFLA_LINK")
                 ips = self._peer_ips(path, peer) if path and peer else ()
                 found[link["index"]] = PodInterface(link["index"], name, path, ips)
@@ -97,9 +102,13 @@ class Endpoints:
         candidates += sorted(self.proc.glob("[0-9]*/ns/net"))
         out: dict[int, str] = {}
         seen_inodes = set()
+        self._denied = False
         for path in candidates:
             try:
                 inode = os.stat(path).st_ino
+            except PermissionError:
+                self._denied = True  # another user's process: reading its namespace needs CAP_SYS_PTRACE
+                continue
             except OSError:
                 continue  # a process that exited
             if inode in seen_inodes:

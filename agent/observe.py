@@ -40,6 +40,9 @@ FOLLOWER_QUEUE = 10_000
 CLIENT_TIMEOUT = 30  # seconds a client may take to send its request, or to take a line
 
 
+_KIND = {int: "an integer", str: "a string", bool: "a boolean", dict: "an object"}
+
+
 class BadRequest(ValueError):
     pass
 
@@ -73,8 +76,7 @@ def _check_types(obj: dict, types: dict, prefix: str) -> None:
             raise BadRequest(f"unknown key {prefix}{key!r}: known keys are {', '.join(prefix + k for k in types)}")
         # bool is an int in Python; JSON true is no port number
         if value is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise BadRequest(f"{prefix}{key} is {json.dumps(value)[:40]}, not a{'n' if want is int else ''} "
-                             f"{ {int: 'integer', str: 'string', bool: 'boolean', dict: 'object'}[want]}")
+            raise BadRequest(f"{prefix}{key} is {json.dumps(value)[:40]}, not {_KIND[want]}")
 
 
 def _time(seconds: float) -> str:
@@ -217,7 +219,9 @@ class ObserveServer:
 
             def handle(self):
                 try:
-                    server._serve(self.rfile, self.wfile)
+                    server._serve(self.rfile, self.wfile, self.request)
+                    self.wfile.flush()
+                    _close_gently(self.request)
                 except (OSError, ValueError):
                     pass  # the client went away or stalled (ValueError: its file was closed)
                 except Exception as e:  # one client request never takes the stream down
@@ -258,7 +262,7 @@ class ObserveServer:
         _write(wfile, {"type": "error", "message": message})
         wfile.flush()
 
-    def _serve(self, rfile, wfile) -> None:
+    def _serve(self, rfile, wfile, sock=None) -> None:
         fault("observe-request")  # tests only
         try:
             filt, last, follow = parse_request(rfile.readline(MAX_REQUEST))
@@ -284,6 +288,8 @@ class ObserveServer:
                 try:
                     line = follower.queue.get(timeout=1.0)
                 except queue.Empty:
+                    if sock is not None and _hung_up(sock):
+                        break  # a quiet stream: let go of a follower that left without a write failing
                     continue
                 if follower.lost > reported:
                     _write(wfile, {"type": "lost", "records": follower.lost - reported})
@@ -313,6 +319,25 @@ class ObserveServer:
                     "refused": self.refused}
 
 
+def _hung_up(sock) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _close_gently(sock) -> None:
+    """End our side, and read what the client still sends (a bounded amount): closing
+    with unread input would reset the connection before the client reads our error."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(1)
+    left = 4 * MAX_REQUEST
+    while left > 0 and (chunk := sock.recv(65536)):
+        left -= len(chunk)
+
+
 def _line(d: dict) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode() + b"\n"
 
@@ -323,11 +348,13 @@ def _write(wfile, d: dict) -> None:
 
 class _TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
+    request_queue_size = 128  # a burst of clients waits in the backlog instead of being refused
     allow_reuse_address = True
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128
 
 
 def _unix_server(path: str, handler) -> _UnixServer:

@@ -169,8 +169,8 @@ class Agent:
                 log.exception("plugin %s failed to start", name)
                 why = f"{type(e).__name__}: {e}"
             self._plugin_down(name, plugin, why)
-        if not self.plugins:
-            raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+        if not self.plugins:  # keep serving: plugin_up and /readyz say why, and the alerts fire
+            log.error("no plugin could start: see the errors above, and run 'fovea doctor'")
 
     def _plugin_down(self, name: str, plugin: Plugin, why: str) -> None:
         try:
