@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import socketserver
 import threading
@@ -320,10 +321,10 @@ class ObserveServer:
 
 
 def _hung_up(sock) -> bool:
+    """Has the client closed its end? (Without waiting: the socket's timeout would apply to recv.)"""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
 

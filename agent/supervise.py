@@ -88,10 +88,11 @@ class Supervisor:
         with self._lock:
             return self.clock() < self._resume_at.get(component, 0.0)
 
-    def call(self, component: str, fn: Callable[[], object]) -> bool:
-        """Run fn unless the component is backing off; True if it ran and returned."""
+    def call(self, component: str, fn: Callable[[], object]) -> bool | None:
+        """Run fn unless the component is backing off: True if it ran and returned,
+        False if it raised (logged, counted), None if it was not run (backing off)."""
         if self.waiting(component):
-            return False
+            return None
         try:
             fault(component)
             fn()
