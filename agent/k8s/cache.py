@@ -10,6 +10,10 @@ the fovea.dev/observe annotation). With `cluster_wide`, one watch of all pods
 (this node's among them) replaces the node's, and Services and Nodes are
 added, to name the other end of a flow.
 
+Sized for 150,000 pods on every node (about 560 bytes a pod, docs/performance.md):
+pods are keyed by uid, an IP claimed once is one dict entry, and records share
+their repeated strings (agent/k8s/records.py).
+
 pod_by_ip: a hostNetwork pod claims its node's IP only when no pod of the pod
 network does; when two pods claim an IP (the old one terminating), a live pod
 wins over a terminating one, then Running over Pending over finished, then the
