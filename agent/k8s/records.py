@@ -4,7 +4,7 @@ A `kubernetes` client model object of a pod holds ~49 KiB; a record holds the
 few fields attribution needs, in __slots__ (no per-record dict). Records are
 built straight from the API's JSON and never from model objects. The strings
 that repeat across records (namespace, node, workload, phase) are interned:
-150,000 pods share one copy of each, and a remote pod costs about 500 bytes
+150,000 pods share one copy of each, and a pod costs about 520 bytes of objects
 (docs/performance.md, "Kubernetes cache at cluster scale").
 """
 
