@@ -522,7 +522,11 @@ def test_the_node_quota_a_namespace_share_and_the_retention(cluster):
         assert s["phase"] == "Failed" and "namespace team has" in s["message"] and \
             "of its share 195.3Ki (annotation fovea.dev/capture-quota)" in s["message"], s
 
-        metrics = requests.get(agent.url + "/metrics").text
+        deadline = time.monotonic() + 20  # /metrics renders the snapshot of the agent's last read
+        while 'fovea_capture_refused_total{reason="namespace_quota"} 1.0' not in (
+                metrics := requests.get(agent.url + "/metrics").text):
+            assert time.monotonic() < deadline, metrics[-3000:]
+            time.sleep(0.5)
         for line in ('fovea_capture_refused_total{reason="node_quota"} 2.0',
                      'fovea_capture_refused_total{reason="namespace_quota"} 1.0',
                      'fovea_capture_refused_total{reason="concurrency"} 0.0',
