@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from pyroute2 import IPRoute
 
 from agent.config import Config
-from agent.enrich import Resolver
+from agent.attribution import Attribution
 from agent.errors import FoveaError
 from agent.events import EventHub
 from agent.kernel.headers import find_headers
@@ -72,7 +72,7 @@ class Agent:
         self.pod_source = None
         self.captures = None
         self.server: MetricsServer | None = None
-        self.resolver: Resolver | None = None
+        self.attribution: Attribution | None = None
         self.traces = None  # agent/traces.py TraceExporter, when OTLP is on
         self.observe = None  # agent/observe.py ObserveServer
         self._stop = threading.Event()
@@ -127,8 +127,9 @@ class Agent:
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
         self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
-        resolver = self.resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
-        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake, self.events)
+        attribution = self.attribution = Attribution(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods,
+                                                     pending_window=cfg.podLevel.pendingWindow)
+        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, attribution, self.wake, self.events)
         # Plugins that extend other plugins' tc programs register before those compile.
         for name in sorted(cfg.plugins, key=lambda n: not REGISTRY[n].extends_tc):
             plugin = REGISTRY[name]()
@@ -158,15 +159,22 @@ class Agent:
 
         cfg = self.config
         if otlp_enabled(cfg):
-            self.traces = TraceExporter(cfg, self.events, self.resolver)
+            self.traces = TraceExporter(cfg, self.events, self.attribution)
         if cfg.observe.socket or cfg.observe.port:
-            self.observe = ObserveServer(cfg, self.events, self.resolver, cfg.node)
+            self.observe = ObserveServer(cfg, self.events, self.attribution, cfg.node)
 
     def extra_metrics(self) -> list:
         """Self-metrics of the record consumers (fovea_agent_*)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         out = []
+        if self.attribution is not None:
+            unattributed = CounterMetricFamily(
+                "fovea_agent_unattributed", "Traffic of an address still unknown after podLevel.pendingWindow "
+                "(or past the pending store's bound), in the signal's unit", labels=["signal"])
+            for signal, n in sorted(self.attribution.unattributed.items()):
+                unattributed.add_metric([signal], n)
+            out.append(unattributed)
         if self.traces is not None:
             c = self.traces.counts()
             exported = CounterMetricFamily("fovea_agent_spans_exported", "Spans the OTLP collector accepted")

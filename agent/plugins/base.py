@@ -11,7 +11,7 @@ from prometheus_client.core import Metric
 
 from agent.compiler import compile_program
 from agent.config import Config
-from agent.enrich import Resolver
+from agent.attribution import Attribution
 from agent.errors import FoveaError
 from agent.events import EventHub
 from agent.kernel.btf import BTF
@@ -51,16 +51,15 @@ class PluginContext:
     """What the agent hands each plugin when it starts."""
 
     def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, tc: TcAttacher,
-                 uplinks: list[str], resolver: Resolver, wake: Callable[[], None], events: EventHub):
+                 uplinks: list[str], attribution: Attribution, wake: Callable[[], None], events: EventHub):
         self.config = config
         self.events = events  # records for the OTLP exporter and the flow stream
         self.uplinks = uplinks
-        self.resolver = resolver  # names addresses: pods, services, nodes
+        self.attribution = attribution  # every counting rule: names, NAT, the pending window
         self.wake = wake  # asks the read loop to call reconcile() soon (from any thread)
         self.headers = headers
         self.tracefs = tracefs
         self.tc = tc
-        self.pod_addresses: set[str] = set()  # addresses of the pod interfaces (pods plugin keeps it)
         self.tc_extensions: list[TcExtension] = []  # registered by plugins that extend tc programs
 
     def load_tc_programs(self, program: str, cflags: list[str], functions: dict[str, bytes]):
