@@ -184,8 +184,8 @@ class Attribution:
         """The traffic map's (sender, receiver) for a packet seen at a pod interface
         (to_pod: sent to the pod), None when another node counts it, or WAIT."""
         local = self.owner(dst if to_pod else src)
-        if local is WAIT:
-            return WAIT
+        if local is WAIT or self.unknown(src if to_pod else dst):
+            return WAIT  # the other end may be a local pod not known yet, too
         if local is None:
             return None  # not a pod of this node: its own node counts it
         sender = self.peer(src)
