@@ -205,3 +205,15 @@ def test_endpoint_names_local_pods_peers_and_services():
     svc = a.endpoint(SVC)
     assert (svc.namespace, svc.workload, svc.pod) == ("shop", "db-svc", "")
     assert a.endpoint(OUT).workload == EXTERNAL
+
+
+def test_pending_counts_keep_what_is_not_taken_and_add_up():
+    a, _ = stage()
+    p = a.pending("pod_packets")
+    p.add({"k1": (1, 10), "k2": (2, 20)})
+    p.add({"k1": (1, 10)})
+    taken = []
+    p.drain(lambda key, packets, nbytes: key == "k1" and not taken.append((key, packets, nbytes)))
+    assert taken == [("k1", 2, 20)] and len(p) == 1
+    p.drain(lambda key, packets, nbytes: taken.append((key, packets, nbytes)) or True)
+    assert taken[-1] == ("k2", 2, 20) and len(p) == 0 and a.unattributed["pod_packets"] == 0
