@@ -15,7 +15,7 @@ adds them to series so that:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily
 
