@@ -278,10 +278,10 @@ class HeldRecords:
             self._publish(record)
             return
         with self._lock:
-            if len(self._held) < a.max_pending:
+            if a.pending_window > 0 and len(self._held) < a.max_pending:
                 self._held.append((a.clock(), record))
                 return
-        a.count_unattributed(self.signal, 1)  # no room to wait: on, without the pod's name
+        a.count_unattributed(self.signal, 1)  # no waiting, or no room: on, without the pod's name
         self._publish(record)
 
     def release(self) -> None:

@@ -127,8 +127,10 @@ class Agent:
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
         self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node)
         self.pod_source = self._pod_source()
+        # A static pods file never learns a pod: standalone, nothing waits for one.
+        window = 0.0 if cfg.standalone else cfg.podLevel.pendingWindow
         attribution = self.attribution = Attribution(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods,
-                                                     pending_window=cfg.podLevel.pendingWindow)
+                                                     pending_window=window)
         ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, attribution, self.wake, self.events)
         # Plugins that extend other plugins' tc programs register before those compile.
         for name in sorted(cfg.plugins, key=lambda n: not REGISTRY[n].extends_tc):

@@ -217,3 +217,19 @@ def test_pending_counts_keep_what_is_not_taken_and_add_up():
     assert taken == [("k1", 2, 20)] and len(p) == 1
     p.drain(lambda key, packets, nbytes: taken.append((key, packets, nbytes)) or True)
     assert taken[-1] == ("k2", 2, 20) and len(p) == 0 and a.unattributed["pod_packets"] == 0
+
+
+def test_without_a_window_nothing_waits():
+    """Standalone: a pods file never learns a pod, so records go on at once, counted."""
+    from tests.unit.test_traces import flow
+
+    a, _ = stage(**CLUSTER, window=0.0)
+    a.set_pod_interfaces({7: ("10.0.0.7",)})
+    out = []
+    held = a.holding("flow", out.append, lambda r: (r.source, r.destination))
+    held.publish(flow(source="10.0.0.7", destination=OUT))
+    assert len(out) == 1 and a.unattributed["flow"] == 1
+    pending = a.pending("pod_packets")
+    pending.add({7: (3, 300)})
+    pending.drain(lambda key, p, b: a.interface_owner(key) is not WAIT)
+    assert a.unattributed["pod_packets"] == 3 and len(pending) == 0
