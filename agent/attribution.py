@@ -200,18 +200,25 @@ class Attribution:
     # -- the pending window -------------------------------------------------------------
 
     def pending(self, signal: str) -> "PendingCounts":
-        self.unattributed.setdefault(signal, 0)  # exported from the start: rates need a first 0
+        with self._lock:
+            self.unattributed.setdefault(signal, 0)  # exported from the start: rates need a first 0
         return PendingCounts(self, signal)
 
     def holding(self, signal: str, publish: Callable[[object], None],
                 addresses: Callable[[object], tuple[str, ...]]) -> "HeldRecords":
-        self.unattributed.setdefault(signal, 0)
+        with self._lock:
+            self.unattributed.setdefault(signal, 0)
         return HeldRecords(self, signal, publish, addresses)
 
     def count_unattributed(self, signal: str, n: int) -> None:
         if n:
             with self._lock:
                 self.unattributed[signal] += n
+
+    def unattributed_counts(self) -> dict[str, int]:
+        """fovea_agent_unattributed_total{signal}: a copy, safe from any thread."""
+        with self._lock:
+            return dict(self.unattributed)
 
 
 class PendingCounts:

@@ -174,7 +174,7 @@ class Agent:
             unattributed = CounterMetricFamily(
                 "fovea_agent_unattributed", "Traffic of an address still unknown after podLevel.pendingWindow "
                 "(or past the pending store's bound), in the signal's unit", labels=["signal"])
-            for signal, n in sorted(self.attribution.unattributed.items()):
+            for signal, n in sorted(self.attribution.unattributed_counts().items()):
                 unattributed.add_metric([signal], n)
             out.append(unattributed)
         if self.traces is not None:
