@@ -137,9 +137,11 @@ def sent(lab, ep, *match: str) -> tuple[int, int]:
     raise AssertionError(listing)
 
 
-def traffic(agent, src, dst_namespace, dst_workload) -> tuple[float, float]:
-    labels = dict(source_namespace=src["namespace"], source_workload=src["workload_name"],
-                  destination_namespace=dst_namespace, destination_workload=dst_workload, protocol="tcp")
+def traffic(agent, source: str, destination: str) -> tuple[float, float]:
+    """The traffic map's TCP series source -> destination ("namespace/workload" each)."""
+    (sns, swl), (dns_, dwl) = source.split("/"), destination.split("/")
+    labels = dict(source_namespace=sns, source_workload=swl, destination_namespace=dns_,
+                  destination_workload=dwl, protocol="tcp")
     return (agent.settled("fovea_workload_flow_packets_total", **labels),
             agent.settled("fovea_workload_flow_bytes_total", **labels))
 
@@ -153,9 +155,9 @@ def test_a_service_exchange_is_counted_once_and_is_one_span_per_connection(lab, 
     # Ground truth: what each sender's namespace sent (small messages: one segment each, no GSO).
     sent(lab, web, "-d", vip, "-p", "tcp", "--dport", "80")
     sent(lab, db, "-s", db.ipv4, "-p", "tcp", "--sport", "8080")
-    pairs = {"web>db-svc": (WEB, "shop", "db-svc"), "db>web": (DB, "shop", "web"),
-             "web>db": (WEB, "shop", "db"), "db-svc>web": (DB, "shop", "db-svc")}
-    before = {k: traffic(agent, *v) for k, v in pairs.items()}
+    pairs = ("shop/web>shop/db-svc", "shop/db>shop/web", "shop/db-svc>shop/web", "shop/web>shop/db")
+    before = {k: traffic(agent, *k.split(">")) for k in pairs}
+    assert before["shop/db-svc>shop/web"] == (0, 0)
     server = Server(lab, db, 8080, 500)
     try:
         with dnat:
@@ -167,13 +169,13 @@ def test_a_service_exchange_is_counted_once_and_is_one_span_per_connection(lab, 
     assert requests[0] >= 4 * n and replies[0] >= 4 * n  # handshake, data, close
 
     def delta(key):
-        now = traffic(agent, *pairs[key])
+        now = traffic(agent, *key.split(">"))
         return (now[0] - before[key][0], now[1] - before[key][1])
 
-    assert delta("web>db-svc") == requests  # the request, named by the ClusterIP before DNAT
-    assert delta("db>web") == replies  # the reply, where the backend sent it
-    assert delta("db-svc>web") == (0, 0)  # never again under the Service's name
-    assert delta("web>db") == (0, 0)  # the request after DNAT is not counted twice
+    assert delta("shop/web>shop/db-svc") == requests  # the request, named by the ClusterIP before DNAT
+    assert delta("shop/db>shop/web") == replies  # the reply, where the backend sent it
+    assert delta("shop/db-svc>shop/web") == (0, 0)  # never again under the Service's name
+    assert delta("shop/web>shop/db") == (0, 0)  # the request after DNAT is not counted twice
 
     spans = receiver.wait(lambda s: s.attributes.get("source.address") == web.ipv4
                           and s.attributes.get("source.port") in {m[0] for m in made}, timeout=IDLE * 5 + 20)
