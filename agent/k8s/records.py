@@ -1,16 +1,16 @@
 """What the agent keeps of Kubernetes objects: slim, frozen records.
 
 A `kubernetes` client model object of a pod holds ~49 KiB; a record holds the
-few fields enrichment needs. Records are built straight from the API's JSON
+few fields attribution needs. Records are built straight from the API's JSON
 and never from model objects.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.addresses import canonical_ip
 from agent.k8s.workload import workload_of
 
 OBSERVE_ANNOTATION = "fovea.dev/observe"
@@ -59,7 +59,7 @@ class NodeRecord:
 
 
 class PodDirectory(Protocol):
-    """The lookups enrichment uses: KubeCache (from the API) and StaticPods (from a file)."""
+    """The lookups attribution uses: KubeCache (from the API) and StaticPods (from a file)."""
 
     @property
     def synced(self) -> bool: ...
@@ -70,17 +70,6 @@ class PodDirectory(Protocol):
     def service_by_ip(self, ip: str) -> ServiceRecord | None: ...
     def node_by_ip(self, ip: str) -> NodeRecord | None: ...
     def stats(self) -> dict[str, int]: ...
-
-
-def canonical_ip(ip: str) -> str:
-    """One spelling per address, so that '::ffff:...' or '2001:DB8::1' find the same entry."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
 
 
 def _meta(obj: dict) -> dict:
