@@ -16,8 +16,9 @@ rule of its own. The rules:
   backend pod, so it is counted where that pod's node counts it, never again
   at the receiver under the Service's name. The API server is the exception:
   its backends are not pods, so its replies count at the receiver;
-- the pending window: an address of one of this node's pod interfaces that
-  the pod source does not name yet (a new pod's first packets) is held for
+- the pending window: a pod's address that the pod source does not name yet
+  (a new pod's first packets), one that a pod interface of this node holds or
+  that lies in a node's pod CIDR (spec.podCIDRs), is held for
   `podLevel.pendingWindow` seconds and credited to the pod when it appears;
   what is still unknown then, or does not fit the bounded store, is counted
   in fovea_agent_unattributed_total{signal} in the signal's own unit.
@@ -99,8 +100,9 @@ class Attribution:
         return pod
 
     def unknown(self, ip: str) -> bool:
-        """An address of a pod interface here that the pod source does not name (yet)."""
-        return ip in self.pod_addresses and self.source.pod_by_ip(ip) is None
+        """A pod's address the pod source does not name (yet): one of this node's pod
+        interfaces holds it, or it lies in a node's pod CIDR."""
+        return self.source.pod_by_ip(ip) is None and (ip in self.pod_addresses or self.source.in_pod_network(ip))
 
     def owner(self, ip: str):
         """The local pod of `ip`; None if it is no local pod's; WAIT if it may become one."""

@@ -20,6 +20,7 @@ class Source:
         self.services = {ip: s for s in services for ip in s.cluster_ips}
         self.nodes = {ip: n for n in nodes for ip in n.ips}
         self.observed_namespaces = set()
+        self.pod_networks = ("10.0.",)  # the nodes' pod CIDRs, as text prefixes
 
     def pod_by_ip(self, ip):
         return self.pods.get(ip)
@@ -29,6 +30,9 @@ class Source:
 
     def node_by_ip(self, ip):
         return self.nodes.get(ip)
+
+    def in_pod_network(self, ip):
+        return any(ip.startswith(prefix) for prefix in self.pod_networks)
 
     def pod_observed(self, p):
         return p.observe or p.namespace in self.observed_namespaces
@@ -117,7 +121,7 @@ def test_traffic_map_counts_at_the_receiver_what_no_pod_sent():
     assert (sender.workload, receiver.workload) == (EXTERNAL, "web")
     sender, _ = a.workload_pair(API, WEB, to_pod=True)  # the API server is no pod: its replies count here
     assert sender.workload == APISERVER
-    assert a.workload_pair("10.0.9.9", OUT, to_pod=False) is None  # not a pod of this node, not one of its interfaces
+    assert a.workload_pair("172.16.0.9", OUT, to_pod=False) is None  # no pod, no pod network: not ours
 
 
 def test_an_unknown_pod_address_waits_and_is_credited_when_the_pod_appears():
@@ -233,3 +237,15 @@ def test_without_a_window_nothing_waits():
     pending.add({7: (3, 300)})
     pending.drain(lambda key, p, b: a.interface_owner(key) is not WAIT)
     assert a.unattributed["pod_packets"] == 3 and len(pending) == 0
+
+
+def test_a_remote_address_in_a_pod_cidr_waits_for_its_pod_too():
+    """A new pod of another node sends to web: until the API names it, the receiver
+    cannot tell whether its node counts it (a pod) or it is the receiver's to count."""
+    a, clock = stage(**CLUSTER, window=5.0)
+    a.set_pod_interfaces({5: (WEB,)})
+    remote = "10.0.9.9"
+    assert a.workload_pair(remote, WEB, to_pod=True) is WAIT
+    a.source.pods[remote] = pod("new-1", remote, node="n2")
+    assert a.workload_pair(remote, WEB, to_pod=True) is None  # a pod sent it: its node counts it
+    assert a.workload_pair("192.0.2.1", WEB, to_pod=True)[0].workload == EXTERNAL  # outside every pod CIDR
