@@ -29,7 +29,7 @@ from capture import status as st
 from tests.conftest import REPO, RunningAgent, node_lab, require
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
-from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, local_address, moto_s3
+from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, store_address, moto_s3
 from tests.otlp_receiver import HttpReceiver
 
 pytestmark = pytest.mark.kernel
@@ -55,7 +55,7 @@ class Cluster:
             "pods": {"interfaces": [f"{self.lab.prefix}p*"]},
             # Loopback on the allowlist changes nothing: uploads never go there.
             "captures": {"baseDir": str(self.base(node)), "gracePeriod": 3.0,
-                         "uploadAllowlist": ["http://127.0.0.1", f"http://{local_address()}"], **captures},
+                         "uploadAllowlist": ["http://127.0.0.1", f"http://{store_address()}"], **captures},
             "otlp": {"enabled": True, "protocol": "http/protobuf", "endpoint": self.traces.endpoint},
         }))
         agent = RunningAgent("--uplink", self.lab.uplink, "--kubeconfig", str(self.kubeconfig), "--node-name", node,

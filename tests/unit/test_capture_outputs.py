@@ -16,7 +16,7 @@ import pytest
 from agent.errors import FoveaError
 from capture.outputs import check_endpoint, host_path, pinned_pools, upload_azure_blob, upload_s3
 from tests.conftest import free_port, self_signed_cert
-from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, local_address, moto_s3
+from tests.object_stores import AZURITE_ACCOUNT, AZURITE_KEY, azurite_blob, moto_s3, store_address, store_host
 
 # -- hostPath ----------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class Listener:
 
 
 def test_refused_endpoints_are_never_contacted(artifact, monkeypatch):
-    address = local_address()
+    address = store_host().host_side
     listener = Listener(host=address)
     try:
         url = f"http://{address}:{listener.port}"
@@ -264,7 +264,7 @@ def test_an_upload_goes_to_the_checked_address_never_to_a_second_answer(artifact
     the trap sees nothing, and the name was resolved once."""
     import boto3
 
-    address, port = local_address(), free_port()
+    address, port = store_address(), free_port()
     with moto_s3(address, port) as endpoint:
         trap = Listener(port)
         try:
@@ -291,7 +291,7 @@ def test_an_upload_goes_to_the_checked_address_never_to_a_second_answer(artifact
 def test_azure_upload_goes_to_the_checked_address(artifact, monkeypatch):
     from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
-    address, port = local_address(), free_port()
+    address, port = store_address(), free_port()
     with azurite_blob(address, port) as url:
         trap = Listener(port)
         try:
