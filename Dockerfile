@@ -32,7 +32,7 @@ RUN --mount=type=secret,id=apt.conf,target=/etc/apt/apt.conf.d/99build-host \
 FROM ${DEBIAN} AS build
 RUN --mount=type=secret,id=apt.conf,target=/etc/apt/apt.conf.d/99build-host \
     apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-wheel
 WORKDIR /src
 COPY requirements.lock ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
