@@ -47,7 +47,12 @@ COPY bpf ./bpf
 RUN /opt/fovea/bin/pip install --no-cache-dir --disable-pip-version-check --no-index \
       --no-deps --no-build-isolation . \
  && /opt/fovea/bin/pip uninstall -q -y pip setuptools \
- && /opt/fovea/bin/python -c "import agent.cli, capture.cli, pyroute2, kubernetes, boto3, azure.storage.blob"
+ # botocore describes some 400 AWS services (28 MB); captures upload to S3 and take
+ # credentials from STS (web identity): keep those two and the shared files.
+ && find /opt/fovea/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+      ! -name s3 ! -name sts -exec rm -rf {} + \
+ && /opt/fovea/bin/python -c "import agent.cli, capture.cli, pyroute2, kubernetes, azure.storage.blob, boto3; \
+      [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]"
 
 FROM ${DEBIAN}
 # python3-bpfcc brings libbpfcc (with its clang/LLVM); captures use libpcap, and their
