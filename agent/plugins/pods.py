@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import logging
 
+from agent.addresses import ip_text
 from agent.endpoints import Endpoints, PodInterface
 from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import CounterHash, read_percpu_array
@@ -19,9 +19,6 @@ POD_LABELS = ("namespace", "pod", "workload_kind", "workload_name")
 FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload", "protocol")
 DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
 
-
-def _address(family: int, raw: bytes) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
 
 
 class PodsPlugin(Plugin):
@@ -59,7 +56,7 @@ class PodsPlugin(Plugin):
         self._endpoints.watch(ctx.wake)
 
     def _decode_flow(self, k) -> tuple:
-        return (_address(k.family, bytes(k.saddr)), _address(k.family, bytes(k.daddr)),
+        return (ip_text(k.family, bytes(k.saddr)), ip_text(k.family, bytes(k.daddr)),
                 protocol_name(k.l4proto), bool(k.to_pod))
 
     def _wanted(self, iface: PodInterface) -> bool:
