@@ -51,7 +51,7 @@ RUN /opt/fovea/bin/pip install --no-cache-dir --disable-pip-version-check --no-i
  # credentials from STS (web identity): keep those two and the shared files.
  && find /opt/fovea/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
       ! -name s3 ! -name sts -exec rm -rf {} + \
- && /opt/fovea/bin/python -c "import agent.cli, capture.cli, pyroute2, kubernetes, azure.storage.blob, boto3; \
+ && /opt/fovea/bin/python -c "import agent.cli.fovea, agent.cli.kubectl, pyroute2, kubernetes, azure.storage.blob, boto3; \
       [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]"
 
 FROM ${DEBIAN}
