@@ -28,7 +28,7 @@ RUN --mount=type=secret,id=apt.conf,target=/etc/apt/apt.conf.d/99build-host \
  && rm -rf /out/*/include/drm /out/*/include/sound /out/*/include/media \
            /out/*/include/dt-bindings /out/*/include/soc /out/*/include/xen
 
-# The virtual environment, from the hashed lock file only; then without pip.
+# The virtual environment, from the hashed lock file only.
 FROM ${DEBIAN} AS build
 RUN --mount=type=secret,id=apt.conf,target=/etc/apt/apt.conf.d/99build-host \
     apt-get update \
@@ -39,20 +39,28 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     --mount=type=secret,id=ca.crt \
     python3 -m venv --system-site-packages /opt/fovea \
  && /opt/fovea/bin/pip install --no-cache-dir --disable-pip-version-check \
-      --require-hashes --no-deps -r requirements.lock
+      --require-hashes --no-deps -r requirements.lock \
+ # botocore describes some 400 AWS services (28 MB); captures upload to S3 and take
+ # credentials from STS (web identity): keep those two and the shared files.
+ && find /opt/fovea/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+      ! -name s3 ! -name sts -exec rm -rf {} + \
+ && /opt/fovea/bin/python -c "import pyroute2, kubernetes, azure.storage.blob, boto3; \
+      [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]"
+
+# The dependencies without pip: a layer that changes only with the lock file.
+FROM build AS venv
+RUN /opt/fovea/bin/pip uninstall -q -y pip setuptools
+
+# Fovea itself, apart (under /out), so that a change to it makes a small layer.
+FROM build AS fovea
 COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY capture ./capture
 COPY bpf ./bpf
 RUN /opt/fovea/bin/pip install --no-cache-dir --disable-pip-version-check --no-index \
-      --no-deps --no-build-isolation . \
- && /opt/fovea/bin/pip uninstall -q -y pip setuptools \
- # botocore describes some 400 AWS services (28 MB); captures upload to S3 and take
- # credentials from STS (web identity): keep those two and the shared files.
- && find /opt/fovea/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
-      ! -name s3 ! -name sts -exec rm -rf {} + \
- && /opt/fovea/bin/python -c "import agent.cli.fovea, agent.cli.kubectl, pyroute2, kubernetes, azure.storage.blob, boto3; \
-      [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]"
+      --no-deps --no-build-isolation --prefix /out . \
+ && PYTHONPATH="$(echo /out/lib/python3*/site-packages)" /opt/fovea/bin/python -c \
+      "import agent.cli.fovea, agent.cli.kubectl, agent.runtime"
 
 FROM ${DEBIAN}
 # python3-bpfcc brings libbpfcc (with its clang/LLVM); captures use libpcap, and their
@@ -69,7 +77,8 @@ RUN --mount=type=secret,id=apt.conf,target=/etc/apt/apt.conf.d/99build-host \
 # Found by agent/kernel/headers.py when the host has no headers of its own; out of the
 # way of the host directories the chart mounts (/host/lib/modules, /host/usr/src).
 COPY --from=headers /out /usr/share/fovea/kernel-headers
-COPY --from=build /opt/fovea /opt/fovea
+COPY --from=venv /opt/fovea /opt/fovea
+COPY --from=fovea /out /opt/fovea
 ENV PATH=/opt/fovea/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 ARG DEBIAN VERSION=0.1.0 REVISION=unknown SOURCE=https://github.com/fovea-dev/fovea
 LABEL org.opencontainers.image.title="fovea" \
