@@ -73,9 +73,10 @@ class Metrics:
 
 class RunningAgent:
     def __init__(self, *args: str, port: int | None = None, env: dict | None = None, wrapper: tuple[str, ...] = (),
-                 ca: str | None = None, token: str | None = None):
+                 ca: str | None = None, token: str | None = None, command: tuple[str, ...] = (FOVEA, "agent")):
         """wrapper: a command the agent runs under (e.g. setpriv); ca: it serves HTTPS with a
-        certificate this CA file verifies; token: a bearer token for /metrics."""
+        certificate this CA file verifies; token: a bearer token for /metrics; command: how
+        the agent is started (e.g. `podman run ... IMAGE agent`)."""
         self.port = port or free_port()
         self.verify = ca or True
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -87,7 +88,7 @@ class RunningAgent:
         self.observe_socket = str(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-observe-{self.port}.sock"))
         stream = [] if "--observe-port" in args else [
             "--observe-port", str(self.observe_port), "--observe-socket", self.observe_socket]
-        self.args = [*wrapper, FOVEA, "agent", *mode, *node, "--port", str(self.port), "--interval", "1", *stream, *args]
+        self.args = [*wrapper, *command, *mode, *node, "--port", str(self.port), "--interval", "1", *stream, *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp"), f"fovea-agent-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

@@ -91,7 +91,8 @@ def _capture_checks() -> list[Check]:
         pcap = Check("libpcap", True, "loaded", "captures")
     except FoveaError as e:
         pcap = Check("libpcap", False, str(e), "captures")
-    tools = {"nsenter": "util-linux", "iptables-save": "iptables", "nft": "nftables",
+    tools = {"nsenter": "util-linux", "iptables-save": "iptables",
+             "ip6tables-save": "iptables", "nft": "nftables",
              "conntrack": "conntrack", "ss": "iproute2"}
     missing = [f"{t} ({pkg})" for t, pkg in tools.items() if shutil.which(t) is None]
     bundle = Check("capture metadata tools", not missing,

@@ -1,11 +1,18 @@
 """Find kernel headers for bcc, or prepare them from the distribution's.
 
-Order: an explicit directory; the running kernel's own headers
-(/lib/modules/$(uname -r)/build); the kernel's built-in kheaders archive;
-otherwise the newest distribution headers under /usr/src. Debian splits those
-into an arch part (generated files) and a common part; bcc wants one tree, so
-a tree of symlinks that merges both is built in the agent's cache directory
-and passed to bcc as BCC_KERNEL_SOURCE. Nothing outside the cache is touched.
+The host's headers come first, the image's own last. Order: an explicit
+directory; the running kernel's own headers (lib/modules/$(uname -r)/build) on
+the host; the kernel's built-in kheaders archive; the newest distribution
+headers under the host's usr/src; the headers the image ships
+(/usr/share/fovea/kernel-headers). "The host" is each of HOST_ROOTS: /host, where
+the chart mounts the node's /lib/modules and /usr/src (so they never hide the
+image's copy), then / (the agent run on the node itself). A host's absolute
+symlinks (Debian's build -> /usr/src/...) are followed inside its root.
+
+Debian splits headers into an arch part (generated files) and a common part;
+bcc wants one tree, so a tree of symlinks that merges both is built in the
+agent's cache directory and passed to bcc as BCC_KERNEL_SOURCE. Nothing outside
+the cache is touched.
 
 Headers of another kernel version are fine for what Fovea compiles: UAPI
 structs and helpers are stable, tracepoint fields are read at the offsets the
@@ -19,15 +26,19 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import FoveaError
 
+HOST_ROOTS = ("/host", "/")
+IMAGE_HEADERS = "/usr/share/fovea/kernel-headers"
+
 
 @dataclass(frozen=True)
 class Headers:
-    kind: str  # "running", "explicit", "kheaders", "distribution"
+    kind: str  # "explicit", "running", "kheaders", "distribution" (the host's), "image"
     path: Path | None  # None: bcc finds them itself
     env: dict[str, str]  # to set before compiling
     description: str
@@ -37,12 +48,23 @@ def _version_key(name: str) -> tuple:
     return tuple(int(x) for x in re.findall(r"\d+", name))
 
 
+def _in_root(root: Path, path: Path) -> Path:
+    """`path` (inside root) with its symlinks followed as the host sees them: an
+    absolute target means root/target, not the agent's own file system."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path
+        target = Path(os.readlink(path))
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    return path
+
+
 def find_headers(
     explicit: str | None = None,
     release: str | None = None,
-    modules: str = "/lib/modules",
-    usr_src: str = "/usr/src",
+    hosts: Sequence[str] = HOST_ROOTS,
     kheaders: str = "/sys/kernel/kheaders.tar.xz",
+    image: str = IMAGE_HEADERS,
     cache: str = "/var/cache/fovea",
 ) -> Headers:
     release = release or os.uname().release
@@ -55,30 +77,62 @@ def find_headers(
             )
         return Headers("explicit", p, {"BCC_KERNEL_SOURCE": str(p)}, f"{p} (configured)")
 
-    for d in (Path(modules, release, "build"), Path(modules, release, "source")):
-        if (d / "include").is_dir():
-            return Headers("running", d, {}, f"{d} (running kernel {release})")
-    build = Path(modules, release, "build")
+    roots = [Path(h) for h in hosts if Path(h).is_dir()]
+    for root in roots:
+        found = _running(root, release, cache)
+        if found:
+            return found
 
     if Path(kheaders).exists():
         return Headers("kheaders", None, {}, f"{kheaders} (built into the kernel)")
 
-    pair = _distribution_pair(Path(usr_src))
-    if pair is None:
-        raise FoveaError(
-            f"no kernel headers found for {release} (looked in {build}, {kheaders}, {usr_src})",
-            "install the distribution's headers, e.g. 'apt-get install linux-headers-amd64' "
-            "on Debian, or mount the host's /lib/modules and /usr/src into the agent",
-        )
+    for root in roots:
+        pair = _distribution_pair(root / "usr" / "src")
+        if pair:
+            return _distribution(pair, release, cache, "the host's distribution headers")
+    pair = _distribution_pair(Path(image))
+    if pair:
+        return _distribution(pair, release, cache, "the image's own headers", kind="image")
+
+    looked = [str(Path(h, "lib/modules", release, "build")) for h in hosts] + [kheaders] + [
+        str(Path(h, "usr/src")) for h in hosts] + [image]
+    raise FoveaError(
+        f"no kernel headers found for {release} (looked in {', '.join(looked)})",
+        "install the distribution's headers, e.g. 'apt-get install linux-headers-amd64' "
+        "on Debian, or mount the host's /lib/modules and /usr/src at /host/lib/modules "
+        "and /host/usr/src",
+    )
+
+
+def _running(root: Path, release: str, cache: str) -> Headers | None:
+    """The running kernel's headers under root: build (and Debian's separate source)."""
+    build = _in_root(root, root / "lib" / "modules" / release / "build")
+    source = _in_root(root, root / "lib" / "modules" / release / "source")
+    parts = [d for d in (build, source) if (d / "include").is_dir()]
+    if not parts:
+        return None
+    if root == Path("/"):  # where bcc looks itself
+        return Headers("running", parts[0], {}, f"{parts[0]} (running kernel {release})")
+    tree = parts[0]
+    if len(parts) == 2 and parts[0].resolve() != parts[1].resolve():
+        tree = Path(cache, "kernel-headers", f"host-{release}")
+        if not (tree / "include").is_dir():
+            _merge_tree(tree, parts)
+    return Headers("running", tree, {"BCC_KERNEL_SOURCE": str(tree)},
+                   f"{parts[0]} (the host's, running kernel {release})")
+
+
+def _distribution(pair: tuple[Path, Path], release: str, cache: str, whose: str,
+                  kind: str = "distribution") -> Headers:
     arch_dir, common_dir = pair
     tree = Path(cache, "kernel-headers", arch_dir.name)
     if not (tree / "include").is_dir():
         _merge_tree(tree, [arch_dir, common_dir])
     return Headers(
-        "distribution",
+        kind,
         tree,
         {"BCC_KERNEL_SOURCE": str(tree)},
-        f"{arch_dir.name} + {common_dir.name} (distribution headers, not {release}; "
+        f"{arch_dir.name} + {common_dir.name} ({whose}, not {release}; "
         "internal layouts come from BTF)",
     )
 

@@ -129,6 +129,10 @@ def test_daemonset_runs_on_every_node_with_the_documented_capabilities():
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src",
                           "/run/netns", "/var/lib/fovea/captures"}
+    # The host's header directories never cover the image's own (agent/kernel/headers.py).
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    assert (mounts["modules"], mounts["usr-src"]) == ("/host/lib/modules", "/host/usr/src")
+    assert not any(p.startswith(("/usr/share/fovea", "/opt/fovea")) for p in mounts.values())
     privileged = of_kind(EVERYTHING, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]
     assert privileged["securityContext"] == {"privileged": True}
     assert privileged["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"

@@ -1,4 +1,4 @@
-"""agent/kernel/headers.py on fake /lib/modules, /usr/src and cache trees."""
+"""agent/kernel/headers.py on fake host roots (lib/modules, usr/src), image and cache trees."""
 
 from __future__ import annotations
 
@@ -41,19 +41,23 @@ def debian_pair(usr_src: Path, version: str) -> tuple[Path, Path]:
 
 @pytest.fixture
 def roots(tmp_path) -> dict[str, Path]:
-    """Keyword arguments for find_headers pointing into an empty fake system."""
-    (tmp_path / "modules").mkdir()
-    (tmp_path / "src").mkdir()
+    """An empty fake host (mounted at "host"), image and cache."""
+    (tmp_path / "host" / "lib" / "modules").mkdir(parents=True)
+    (tmp_path / "host" / "usr" / "src").mkdir(parents=True)
+    (tmp_path / "image").mkdir()
     return {
-        "modules": tmp_path / "modules",
-        "usr_src": tmp_path / "src",
+        "host": tmp_path / "host",
+        "modules": tmp_path / "host" / "lib" / "modules",
+        "usr_src": tmp_path / "host" / "usr" / "src",
         "kheaders": tmp_path / "kheaders.tar.xz",
+        "image": tmp_path / "image",
         "cache": tmp_path / "cache",
     }
 
 
 def find(roots, **kw) -> Headers:
-    args = {k: str(v) for k, v in roots.items()}
+    args = {"hosts": [str(roots["host"])], "kheaders": str(roots["kheaders"]),
+            "image": str(roots["image"]), "cache": str(roots["cache"])}
     return find_headers(release=RELEASE, **{**args, **kw})
 
 
@@ -94,15 +98,48 @@ def test_running_kernel_build_dir_preferred(roots):
     (roots["modules"] / "6.1.0-56-amd64" / "build" / "include").mkdir(parents=True)
     touch(roots["kheaders"])
     debian_pair(roots["usr_src"], "6.1.0-56")
+    debian_pair(roots["image"], "6.1.0-57")
     h = find(roots)
-    assert h == Headers("running", build, {}, f"{build} (running kernel {RELEASE})")
+    assert h == Headers("running", build, {"BCC_KERNEL_SOURCE": str(build)},
+                        f"{build} (the host's, running kernel {RELEASE})")
     assert not roots["cache"].exists()
 
 
 def test_running_kernel_source_dir_counts(roots):
-    (roots["modules"] / RELEASE / "source" / "include").mkdir(parents=True)
+    source = roots["modules"] / RELEASE / "source"
+    (source / "include").mkdir(parents=True)
     h = find(roots)
-    assert (h.kind, h.env) == ("running", {})
+    assert (h.kind, h.env) == ("running", {"BCC_KERNEL_SOURCE": str(source)})
+
+
+def test_host_symlinks_followed_inside_the_host_root(tmp_path, roots):
+    """Debian's build -> /usr/src/...-amd64 and source -> /usr/src/...-common are the
+    host's paths: both halves are found under the host root and merged."""
+    arch, common = debian_pair(roots["usr_src"], RELEASE)
+    # The agent's own /usr/src has a decoy of the same name that must not be used.
+    (roots["modules"] / RELEASE).mkdir()
+    (roots["modules"] / RELEASE / "build").symlink_to(f"/usr/src/{arch.name}")
+    (roots["modules"] / RELEASE / "source").symlink_to(f"/usr/src/{common.name}")
+    h = find(roots)
+    tree = roots["cache"] / "kernel-headers" / f"host-{RELEASE}"
+    assert h == Headers("running", tree, {"BCC_KERNEL_SOURCE": str(tree)},
+                        f"{arch} (the host's, running kernel {RELEASE})")
+    assert (tree / "include/generated/autoconf.h").resolve() == arch / "include/generated/autoconf.h"
+    assert (tree / "include/linux/skbuff.h").resolve() == common / "include/linux/skbuff.h"
+
+
+def test_image_headers_when_the_host_has_none(roots):
+    """Empty host directories (what the chart mounts on most managed nodes) fall back to
+    the image's own copy; any host headers win over it."""
+    debian_pair(roots["image"], "6.1.0-57")
+    h = find(roots)
+    tree = roots["cache"] / "kernel-headers" / "linux-headers-6.1.0-57-amd64"
+    assert h == Headers("image", tree, {"BCC_KERNEL_SOURCE": str(tree)},
+                        "linux-headers-6.1.0-57-amd64 + linux-headers-6.1.0-57-common (the image's own "
+                        f"headers, not {RELEASE}; internal layouts come from BTF)")
+    assert (tree / "include/linux/skbuff.h").read_text() == "/* 6.1.0-57 common */\n"
+    debian_pair(roots["usr_src"], "6.1.0-9")
+    assert find(roots).kind == "distribution"
 
 
 def test_kheaders_used_when_no_build_dir(roots):
@@ -125,7 +162,7 @@ def test_debian_pair_merged_into_cache(roots):
     assert h.path == tree
     assert h.env == {"BCC_KERNEL_SOURCE": str(tree)}
     assert h.description.startswith(
-        "linux-headers-6.1.0-56-amd64 + linux-headers-6.1.0-56-common (distribution headers, "
+        "linux-headers-6.1.0-56-amd64 + linux-headers-6.1.0-56-common (the host's distribution headers, "
         f"not {RELEASE}; ")
     # Both halves resolve through the one tree.
     resolved = {
