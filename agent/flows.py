@@ -12,6 +12,15 @@ and decides what ends:
 - any flow ends after `idleTimeout` seconds without a packet;
 - a flow still running is reported every `reportInterval` seconds.
 
+Address translation never makes two flows of one connection (DESIGN.md): the
+tc programs skip what a pod interface already kept (bpf/flows.inc), and a
+connection to a Service whose backend is a local pod is seen as two halves,
+the client's request to the ClusterIP (before DNAT) and the backend's replies
+(kept where the backend sent them). The tracker pairs them: a new flow that
+only carries replies to a client end (address, port) which has a live flow to
+a ClusterIP joins that flow, so the connection is one record, named by the
+Service, with the backend's replies as its reply counts.
+
 Only the entries of ended flows are deleted from the kernel, with
 lookup-and-delete, so whatever arrived until the delete is in the record.
 """
@@ -36,6 +45,7 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SYN_ONLY = 0x100
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
+NAT_REPLIES = 65536  # reply tuples of masqueraded pod flows the uplink programs remember (an LRU)
 MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
 
 
@@ -126,6 +136,8 @@ class Flow:
     window_start_ns: int = 0  # first packet of the window being counted
     window_opened_ns: int = 0  # when this window began (monotonic), for report intervals
     last_seen: tuple = ()  # totals at the previous read: closing flows end once unchanged
+    joined: tuple = ()  # flow keys of the halves joined to this one (a Service's backend replies)
+    client: tuple = ()  # (family, l4proto, address, port) of a Service connection's client
 
     def forward(self, key: Key) -> bool:
         return (key.src, key.sport) == self.source
@@ -173,8 +185,9 @@ class Flow:
         return None
 
 
-def keep_point(key: Key, pod_addresses: set[str]) -> bool:
-    """One observation point per packet (DESIGN.md counting rules)."""
+def keep_point(key: Key, pod_addresses: frozenset[str] | set[str]) -> bool:
+    """One observation point per packet (DESIGN.md counting rules); the kernel
+    applies the same rules, and those by interface (flows.inc), first."""
     if key.point == POD_SENT:
         return True
     if key.point == POD_RECEIVED:
@@ -222,6 +235,20 @@ class KernelFlowTable:
             return leaf
         return None
 
+    def set_pod_interfaces(self, add: set[int], remove: set[int]) -> None:
+        """The host-side pod interfaces: what came in through one was kept there (flows.inc)."""
+        table = self.bpf["flow_pod_ifaces"]
+        for ifindex in add:
+            try:
+                table[ct.c_uint32(ifindex)] = ct.c_uint8(1)
+            except Exception as e:  # a full table: that interface's NATed packets are kept twice
+                log.debug("flow_pod_ifaces add %d: %s", ifindex, e)
+        for ifindex in remove:
+            try:
+                del table[ct.c_uint32(ifindex)]
+            except KeyError:
+                pass
+
     def set_pod_addresses(self, add: set[str], remove: set[str]) -> None:
         """The addresses of local pods, so the kernel keeps each packet at one point only."""
         table = self.bpf["flow_pod_addrs"]
@@ -247,11 +274,12 @@ class FlowTracker:
     """Reads one program's flow table and ring buffer; hands out FlowRecords."""
 
     def __init__(self, table: KernelFlowTable, cfg, publish: Callable[[FlowRecord], None],
-                 pod_addresses: Callable[[], set[str]], clock: Callable[[], int] = time.monotonic_ns):
+                 attribution, clock: Callable[[], int] = time.monotonic_ns):
+        """attribution: pod_addresses, pod_interfaces and service(ip), as agent/attribution.py has them."""
         self.kernel = table
         self.cfg = cfg
         self.publish = publish
-        self.pod_addresses = pod_addresses
+        self.attribution = attribution
         self.clock = clock
         self.max_entries = table.max_entries
         self.entries = 0
@@ -259,7 +287,10 @@ class FlowTracker:
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
-        self._pods_in_kernel: set[str] = set()
+        self._pods_in_kernel: frozenset[str] = frozenset()
+        self._ifaces_in_kernel: set[int] = set()
+        self._joined: dict[tuple, tuple] = {}  # flow key of a backend's replies -> the Service flow's key
+        self._clients: dict[tuple, tuple] = {}  # client end of a live Service flow -> its flow key
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
@@ -306,10 +337,14 @@ class FlowTracker:
     def read(self) -> None:
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        pods = self.pod_addresses()
+        pods = self.attribution.pod_addresses
         if pods != self._pods_in_kernel:
             self.kernel.set_pod_addresses(pods - self._pods_in_kernel, self._pods_in_kernel - pods)
-            self._pods_in_kernel = set(pods)
+            self._pods_in_kernel = pods
+        ifaces = set(self.attribution.pod_interfaces)
+        if ifaces != self._ifaces_in_kernel:
+            self.kernel.set_pod_interfaces(ifaces - self._ifaces_in_kernel, self._ifaces_in_kernel - ifaces)
+            self._ifaces_in_kernel = ifaces
         snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
         decoded = {}
@@ -322,15 +357,26 @@ class FlowTracker:
             if not keep_point(key, pods):
                 self._delete(raw)  # counted at another point
                 continue
-            flow = self._flows.get(key.flow)
+            flow = self._flows.get(self._joined.get(key.flow, key.flow))
             if flow is not None:
                 flow.keys[raw] = key
                 flow.totals[raw] = stats
             else:
                 fresh.setdefault(key.flow, []).append((raw, key, stats))
         self._decoded = decoded
-        for fkey, parts in fresh.items():
-            self._flows[fkey] = self._new_flow(parts)
+        # Service connections first, so that their backends' replies can join them.
+        for fkey in sorted(fresh, key=lambda k: not self._client_end(fresh[k])):
+            parts = fresh[fkey]
+            target = self._flows.get(self._join_target(fkey, parts))
+            if target is not None:
+                for raw, key, stats in parts:
+                    target.keys[raw] = key
+                    target.totals[raw] = stats
+                continue
+            flow = self._flows[fkey] = self._new_flow(parts)
+            flow.client = self._client_end(parts) or ()
+            if flow.client:
+                self._clients[flow.client] = fkey
         self._closed = {raw: until for raw, until in self._closed.items() if until > now}
 
         for fkey, flow in list(self._flows.items()):
@@ -359,6 +405,29 @@ class FlowTracker:
         flow.window_opened_ns = self.clock()
         return flow
 
+    def _client_end(self, parts) -> tuple | None:
+        """(family, l4proto, address, port) of the client of a connection to a ClusterIP."""
+        key = parts[0][1]
+        for (addr, port), other in (((key.src, key.sport), key.dst), ((key.dst, key.dport), key.src)):
+            if self.attribution.service(other) is not None and self.attribution.service(addr) is None:
+                return (key.family, key.l4proto, addr, port)
+        return None
+
+    def _join_target(self, fkey: tuple, parts) -> tuple | None:
+        """The Service flow these packets are the backend's replies of: every one
+        is sent to the client end of a live Service flow (none comes from it)."""
+        if self._client_end(parts):
+            return None
+        family, l4proto = fkey[0], fkey[1]
+        ends = {(k.dst, k.dport) for _, k, _ in parts}
+        if len(ends) != 1 or any((k.src, k.sport) in ends for _, k, _ in parts):
+            return None
+        target = self._clients.get((family, l4proto, *next(iter(ends))))
+        if target is not None:
+            self._joined[fkey] = target
+            self._flows[target].joined += (fkey,)
+        return target
+
     def _delete(self, raw: bytes) -> Stats:
         """Lookup-and-delete one kernel key; what it held (ring-buffer part included)."""
         out = Stats()
@@ -377,6 +446,10 @@ class FlowTracker:
                 flow.totals[raw] = final
         self._report(flow, final=True, reason=reason)
         del self._flows[fkey]
+        for joined in flow.joined:
+            self._joined.pop(joined, None)
+        if self._clients.get(flow.client) == fkey:
+            del self._clients[flow.client]
         if reason in ("fin", "rst"):
             until = self.clock() + int(self.cfg.idleTimeout * 1e9)
             for raw in flow.keys:
@@ -428,7 +501,8 @@ def flow_cflags(cfg) -> list[str]:
     if not cfg.enabled:
         return []
     return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
-            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}"]
+            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}", f"-DFLOW_NAT_REPLIES={NAT_REPLIES}",
+            f"-DFLOW_NAT_TTL_NS={int(cfg.idleTimeout * 1e9)}ULL"]
 
 
 # Self-observation of a plugin's tracker (fovea_agent_*), keyed by the plugin's name.

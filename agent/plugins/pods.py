@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 from agent.addresses import ip_text
+from agent.attribution import WAIT, flow_addresses
 from agent.endpoints import PodInterface
 from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
-from agent.series import Pending, SeriesStore
+from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +31,28 @@ class PodsPlugin(Plugin):
         self._interfaces: dict[int, PodInterface] = {}
         self._attach_errors: dict[int, str] = {}  # ifindex -> why attaching failed (retried each round)
         self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
+        self._records = None
         self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
         self._ctx = ctx
         cfg = ctx.config
-        self.resolver = ctx.resolver
+        self.attribution = ctx.attribution
         self.pod_series = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries,
                                       cfg.podLevel.seriesTTL, keep_on_overflow=("direction",))
         self.flow_series = SeriesStore(FLOW_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                        keep_on_overflow=("protocol",))
-        self._pod_pending = Pending()
-        self._flow_pending = Pending()
+        self._pod_pending = self.attribution.pending("pod_packets")
+        self._flow_pending = self.attribution.pending("workload_flow")
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
             *flow_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
+        # Flow records naming a pod not known yet wait for it (the pending window).
+        self._records = self.attribution.holding("flow", ctx.events.publish, flow_addresses)
         if cfg.flows.enabled:
-            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, ctx.events.publish,
-                                     lambda: ctx.datapath.pod_addresses)
+            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, self._records.publish, self.attribution)
         self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
         self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
         self.reconcile()
@@ -67,7 +70,7 @@ class PodsPlugin(Plugin):
             for ifindex in gone:
                 self._pod_pending.add(self._pod_counts.retire_where(lambda key: key[0] == ifindex))
                 self._attribute_pod_counts()
-                self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
+                self._pod_pending.give_up(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
                 self._datapath.detach("pods", ifindex, gone=True)
                 log.info("pod interface %s is gone", iface.ifname)
@@ -84,6 +87,7 @@ class PodsPlugin(Plugin):
                 self._attach_errors.pop(ifindex, None)
                 log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
             self._interfaces[ifindex] = iface
+        self.attribution.set_pod_interfaces({i: tuple(f.ips) for i, f in self._interfaces.items()})
 
     def problem(self) -> str | None:
         if self._attach_errors:
@@ -92,16 +96,6 @@ class PodsPlugin(Plugin):
                    "pod interfaces not counted)"
         return self._datapath.problem or None
 
-    def _owner(self, ifindex: int):
-        iface = self._interfaces.get(ifindex)
-        if iface is None:
-            return None
-        for ip in iface.ips:
-            pod = self.resolver.local_pod(ip)
-            if pod is not None:
-                return pod
-        return None
-
     def refresh(self) -> None:
         self._pod_pending.add(self._pod_counts.read())
         self._attribute_pod_counts()
@@ -109,34 +103,33 @@ class PodsPlugin(Plugin):
         self._flow_pending.drain(self._attribute_flow)
         if self.flows is not None:
             self.flows.read()
+        self._records.release()
         overflow = read_percpu_array(self._bpf["overflow"])
         self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
-        present = self.resolver.local_pod_labels()
+        present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
 
     def _attribute_pod_counts(self) -> None:
         def attribute(key, p, b) -> bool:
             ifindex, direction = key
-            pod = self._owner(ifindex)
-            if pod is None:
-                return ifindex not in self._interfaces  # keep it for its pod until it resolves
-            if self.resolver.observed(pod):
-                self.pod_series.add(self.resolver.pod_labels(pod) + (DIRECTIONS[direction],), p, b)
+            labels = self.attribution.labels(self.attribution.interface_owner(ifindex))
+            if labels is WAIT:
+                return False
+            if labels is not None:
+                self.pod_series.add(labels + (DIRECTIONS[direction],), p, b)
             return True
 
         self._pod_pending.drain(attribute)
 
     def _attribute_flow(self, key, p, b) -> bool:
-        """The traffic map counts each packet once per cluster (DESIGN.md): the
-        sender's node when the sender is a pod of the cluster, the receiver's
-        node only when the sender is not (outside, a node, a hostNetwork pod)."""
+        """The traffic map counts each packet once per cluster (agent/attribution.py)."""
         src, dst, proto, to_pod = key
-        if self.resolver.local_pod(dst if to_pod else src) is None:
-            return self.resolver.source.synced  # another node's pod, or not listed yet
-        sender = self.resolver.peer(src)
-        if not to_pod or not sender.is_pod:
-            receiver = self.resolver.peer(dst)
+        pair = self.attribution.workload_pair(src, dst, to_pod)
+        if pair is WAIT:
+            return False
+        if pair is not None:
+            sender, receiver = pair
             self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
         return True
 
@@ -160,6 +153,7 @@ class PodsPlugin(Plugin):
         if self.flows is not None:
             self.flows.close()
             self.flows = None
+            self._records.flush()
         if self._ctx is not None:
             for ifindex in list(self._interfaces):
                 self._datapath.detach("pods", ifindex)
