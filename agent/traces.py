@@ -78,7 +78,8 @@ class BoundedExportProcessor(SpanProcessor):
     is full, a span is dropped and counted (the SDK's batch processor drops
     without a count we could export)."""
 
-    def __init__(self, exporter, queue_size: int, batch_size: int, flush_interval: float = 1.0):
+    def __init__(self, exporter, queue_size: int, batch_size: int, flush_interval: float = 1.0,
+                 supervisor: Supervisor | None = None):
         self.exporter = exporter
         self.queue_size = queue_size
         self.batch_size = batch_size
@@ -90,8 +91,8 @@ class BoundedExportProcessor(SpanProcessor):
         self.dropped = 0
         self._stop = False
         self._deadline = float("inf")  # after shutdown: spans not sent by then are dropped
-        self.thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
-        self.thread.start()
+        # Restarted if it ever raises; it returns (and is not restarted) after shutdown().
+        self.thread = (supervisor or Supervisor()).thread("otlp-export", self._run, threading.Event())
 
     def on_start(self, span, parent_context=None) -> None:
         pass
@@ -308,8 +309,9 @@ class TraceExporter:
         self.cfg = cfg
         resource = Resource.create({"service.name": "fovea", "service.version": __version__,
                                     "k8s.node.name": cfg.node})
+        self.supervisor = supervisor or Supervisor()
         self.processor = BoundedExportProcessor(exporter or make_exporter(cfg), cfg.otlp.queueSize,
-                                                cfg.otlp.batchSize)
+                                                cfg.otlp.batchSize, supervisor=self.supervisor)
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(self.processor)
         self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), attribution)
@@ -321,7 +323,6 @@ class TraceExporter:
         self.hub = hub
         self.sub = hub.subscribe("otlp", maxsize=RECORD_QUEUE)  # records waiting to become spans
         self._stop = threading.Event()
-        self.supervisor = supervisor or Supervisor()
         self.thread = self.supervisor.thread("otlp-spans", self._run, self._stop)
         log.info("exporting spans over OTLP (%s)", otlp_protocol(cfg))
 
