@@ -34,7 +34,6 @@ from tests.dns_server import DnsServer
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
 from tests.kernel.test_dns import ask
 from tests.kernel.test_flows import Server, exchange
-from tests.otlp_receiver import GrpcReceiver
 
 pytestmark = pytest.mark.kernel
 
@@ -49,13 +48,6 @@ DB = {"namespace": "shop", "pod": "db-0", "workload_kind": "StatefulSet", "workl
 def lab(root):
     with node_lab(pods=2, ipv6=False) as lab:
         yield lab
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import yaml
 
 from tests.conftest import RunningAgent
 from tests.dns_server import DnsServer
-from tests.otlp_receiver import GrpcReceiver
 
 pytestmark = pytest.mark.kernel
 
@@ -28,13 +27,6 @@ PLAN = {
     **{f"fail{i}.shop.example": ("A", "SERVFAIL") for i in range(2)},
     **{f"silent{i}.shop.example": ("A", None) for i in range(2)},
 }
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

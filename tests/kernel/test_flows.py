@@ -127,13 +127,6 @@ def exchange(lab, ep, dst: str, port: int, payload: int, timeout: float = 5.0) -
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def flow_agent(lab, receiver, tmp_path_factory):
     d = tmp_path_factory.mktemp("flows")
     cfg = agent_config(lab, d, "fovea.yaml", otlp={"enabled": True, "protocol": "grpc",
