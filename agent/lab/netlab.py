@@ -194,9 +194,11 @@ class NodeLab:
         )
 
     def snmp(self, ns: str, proto: str, field: str) -> int:
-        """A counter of /proc/net/snmp (Tcp: OutSegs...) inside `ns`."""
+        """A counter of /proc/net/snmp or /proc/net/netstat (Tcp: OutSegs,
+        TcpExt: TCPRetransFail...) inside `ns`."""
         with in_netns(ns):
-            lines = [ln.split() for ln in Path("/proc/thread-self/net/snmp").read_text().splitlines()]
+            text = "".join(Path(f"/proc/thread-self/net/{name}").read_text() for name in ("snmp", "netstat"))
+            lines = [ln.split() for ln in text.splitlines()]
         for names, values in zip(lines[::2], lines[1::2]):
             if names[0] == f"{proto}:":
                 return int(values[names.index(field)])
