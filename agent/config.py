@@ -20,7 +20,8 @@ from agent.errors import FoveaError
 
 @dataclass(frozen=True)
 class TcConfig:
-    priority: int = 1  # tc filter priority of Fovea's filters (lower runs first)
+    priority: int = 1  # tc filter priority of Fovea's filters (lower runs first); clsact mode
+    mode: str = "auto"  # auto (tcx when the kernel has it), tcx, or clsact (agent/tc.py)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Config:
             ("idleReads", self.idleReads >= 1, "at least 1"),
             ("drops.mapSize", 1 <= self.drops.mapSize <= 1 << 20, "1 to 1048576"),
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
+            ("tc.mode", self.tc.mode in ("auto", "tcx", "clsact"), "auto, tcx or clsact"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
             ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
             ("drops.eventsPerSecond", 0 <= self.drops.eventsPerSecond <= 1 << 20, "0 to 1048576"),

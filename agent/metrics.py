@@ -71,6 +71,10 @@ class FoveaCollector:
             if agent.pod_source is not None:
                 for kind, n in sorted(agent.pod_source.stats().items()):
                     cache.add_metric([kind], n)
+        attach = GaugeMetricFamily("fovea_agent_attach_mode", "1 for how the tc programs attach: tcx or clsact",
+                                   labels=["mode"])
+        if agent.tc is not None:
+            attach.add_metric([agent.tc.mode], 1.0)
         info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
         info.add_metric([], {"version": __version__, "kernel": os.uname().release})
         duration = GaugeMetricFamily(
@@ -78,4 +82,4 @@ class FoveaCollector:
             "Time this scrape spent reading kernel maps and building metric families (not writing them)",
         )
         duration.add_metric([], time.monotonic() - start)
-        return families + [up, fill, lost, series, overflow, records, cache, info, duration] + agent.extra_metrics()
+        return families + [up, fill, lost, series, overflow, records, cache, attach, info, duration] + agent.extra_metrics()
