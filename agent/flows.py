@@ -42,7 +42,7 @@ MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; pas
 class FlowId(ct.Structure):
     _fields_ = [("family", ct.c_uint8), ("l4proto", ct.c_uint8), ("point", ct.c_uint8), ("pad", ct.c_uint8),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16),
-                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16)]
+                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16), ("ifindex", ct.c_uint32)]
 
 
 class FlowStats(ct.Structure):
@@ -99,11 +99,12 @@ class Key:
     sport: int
     dst: str
     dport: int
+    ifindex: int = 0  # the interface it was seen at
 
     @classmethod
     def decode(cls, k) -> "Key":
         return cls(k.family, k.l4proto, k.point, _address(k.family, bytes(k.saddr)), k.sport,
-                   _address(k.family, bytes(k.daddr)), k.dport)
+                   _address(k.family, bytes(k.daddr)), k.dport, k.ifindex)
 
     @property
     def flow(self) -> tuple:
@@ -265,6 +266,8 @@ class FlowTracker:
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
         self._pods_in_kernel: set[str] = set()
+        self._counted: dict[bytes, tuple[int, int]] = {}  # raw key -> (packets, bytes) handed out by read()
+        self._increments: dict[Key, list[int]] = {}
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
@@ -308,7 +311,21 @@ class FlowTracker:
 
     # -- the read ---------------------------------------------------------------
 
-    def read(self) -> None:
+    def _count(self, raw: bytes, stats: Stats, final: bool = False) -> None:
+        """What the key gained since the last read, into this read's increments."""
+        before = self._counted.pop(raw, (0, 0)) if final else self._counted.get(raw, (0, 0))
+        if not final:
+            self._counted[raw] = (stats.packets, stats.bytes)
+        if (stats.packets, stats.bytes) != before:
+            key = self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw))
+            inc = self._increments.setdefault(key, [0, 0])
+            inc[0] += stats.packets - before[0]
+            inc[1] += stats.bytes - before[1]
+
+    def read(self) -> dict[Key, tuple[int, int]]:
+        """Read the table; returns what each key gained since the previous read (packets,
+        bytes), every observation point included: the per-interface counters come from it."""
+        self._increments = {}
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         pods = self.pod_addresses()
@@ -324,9 +341,13 @@ class FlowTracker:
             if until is not None and not stats.flags & SYN_ONLY:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow
                 continue
-            if not keep_point(key, pods):
-                self._delete(raw)  # counted at another point
+            if not keep_point(key, pods):  # a record of it is kept at another point
+                if self._counted.get(raw) == (stats.packets, stats.bytes):
+                    self._delete(raw)  # and nothing came since the last read
+                else:
+                    self._count(raw, stats)
                 continue
+            self._count(raw, stats)
             flow = self._flows.get(key.flow)
             if flow is not None:
                 flow.keys[raw] = key
@@ -350,6 +371,7 @@ class FlowTracker:
                 self._report(flow, final=False, reason="interval")
                 flow.window_opened_ns = now
             flow.last_seen = counts
+        return {key: (p, b) for key, (p, b) in self._increments.items()}
 
     def _new_flow(self, parts: list[tuple[bytes, Key, Stats]]) -> Flow:
         """Who opened it: the direction that sent a SYN without ACK, else the first packet."""
@@ -373,6 +395,7 @@ class FlowTracker:
         ring = self._ring.pop(raw, None)
         if ring is not None:
             out.merge(ring[1])
+        self._count(raw, out, final=True)
         return out
 
     def _end(self, fkey: tuple, flow: Flow, reason: str) -> None:
@@ -429,10 +452,13 @@ def tcp_flag_names(flags: int) -> str:
 
 
 def flow_cflags(cfg) -> list[str]:
-    """-D flags that build the flow table into a tc program (empty when flows are off)."""
-    if not cfg.enabled:
-        return []
-    return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
+    """-D flags that build the flow table into the forward program (empty when flows are off)."""
+    return ["-DFOVEA_FLOWS", *flow_table_cflags(cfg)] if cfg.enabled else []
+
+
+def flow_table_cflags(cfg) -> list[str]:
+    """The flow table's sizes (the pods program always keeps it: its counters come from it)."""
+    return [f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
             f"-DFLOW_POD_ADDRS={POD_ADDRESSES}"]
 
 

@@ -103,6 +103,7 @@ BPF_PERF_OUTPUT(dns_events);
 
 static __always_inline void dns_stat(int reason)
 {
+    fovea_map_op();
     u64 *v = dns_stats.lookup(&reason);
     if (v)
         *v += 1;
@@ -115,6 +116,7 @@ static __always_inline void dns_count(struct fovea_packet *pkt, u8 kind, u16 qty
                               .transport = pkt->l4proto, .qtype = qtype};
     __builtin_memcpy(k.addr, local, 16);
     struct fovea_counter zero = {};
+    fovea_map_op();
     struct fovea_counter *c = dns_counts.lookup_or_try_init(&k, &zero);
     if (c) {
         c->packets += 1;
@@ -299,6 +301,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
         struct dns_query q = {.ts = now, .ifindex = skb->ifindex, .qtype = qtype,
                               .observer = local_sent ? DNS_AT_SOURCE : DNS_AT_DESTINATION,
                               .sampled = (u64)bpf_get_prandom_u32() < (u64)DNS_SAMPLE_THRESHOLD};
+        fovea_map_op();
         if (dns_inflight.update(&f, &q) != 0)
             dns_stat(DNS_INFLIGHT_FULL);
         else if (q.sampled)
@@ -306,6 +309,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
         return;
     }
 
+    fovea_map_op();
     struct dns_query *found = dns_inflight.lookup(&f);
     if (!found) {
         /* Counted where it reaches its local client from outside the node: a
@@ -318,6 +322,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
     if (found->ifindex != skb->ifindex)
         return; /* its query was counted elsewhere: so is the response */
     struct dns_query q = *found;
+    fovea_map_op();
     if (dns_inflight.delete(&f) != 0)
         return; /* expired meanwhile: counted as unanswered */
     u8 rcode = flags & 0xF;

@@ -22,6 +22,22 @@ struct fovea_counter {
     u64 bytes;
 };
 
+/* Map operations on the packet path, counted only in a test build
+ * (-DFOVEA_COUNT_MAP_OPS), so that a test holds the programs to one lookup
+ * per packet per hook (tests/kernel/test_map_ops.py). */
+#ifdef FOVEA_COUNT_MAP_OPS
+BPF_PERCPU_ARRAY(fovea_map_ops, u64, 1);
+static __always_inline void fovea_map_op(void)
+{
+    int zero = 0;
+    u64 *n = fovea_map_ops.lookup(&zero);
+    if (n)
+        *n += 1;
+}
+#else
+static __always_inline void fovea_map_op(void) {}
+#endif
+
 /* Headers of one segment of a GSO skb: L3 header + L4 header. */
 static __always_inline u32 fovea_l4_header_len(u8 l4proto, u8 tcp_doff_byte)
 {

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import logging
 
 from agent.endpoints import Endpoints, PodInterface
-from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
-from agent.maps import CounterHash, read_percpu_array
+from agent.flows import (POD_RECEIVED, FlowTracker, KernelFlowTable, flow_fill, flow_lost, flow_records,
+                         flow_table_cflags)
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
 from agent.series import Pending, SeriesStore
@@ -20,10 +19,6 @@ FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "
 DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
 
 
-def _address(family: int, raw: bytes) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
-
-
 class PodsPlugin(Plugin):
     name = "pods"
 
@@ -32,7 +27,6 @@ class PodsPlugin(Plugin):
         self._ctx: PluginContext | None = None
         self._endpoints: Endpoints | None = None
         self._interfaces: dict[int, PodInterface] = {}
-        self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
         self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
@@ -46,21 +40,16 @@ class PodsPlugin(Plugin):
         self._pod_pending = Pending()
         self._flow_pending = Pending()
         self._bpf, self._programs = ctx.load_tc_programs("pods", [
-            f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
-            *flow_cflags(cfg.flows),
+            f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
-        if cfg.flows.enabled:
-            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, ctx.events.publish,
-                                     lambda: ctx.pod_addresses)
-        self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
-        self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
+        # The flow table is the program's only per-packet map: the pod counters and the
+        # traffic map are summed from it; flow records are published when flows are on.
+        self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows,
+                                 ctx.events.publish if cfg.flows.enabled else lambda record: None,
+                                 lambda: ctx.pod_addresses)
         self._endpoints = Endpoints(exclude=set(ctx.uplinks))
         self.reconcile()
         self._endpoints.watch(ctx.wake)
-
-    def _decode_flow(self, k) -> tuple:
-        return (_address(k.family, bytes(k.saddr)), _address(k.family, bytes(k.daddr)),
-                protocol_name(k.l4proto), bool(k.to_pod))
 
     def _wanted(self, iface: PodInterface) -> bool:
         return any(fnmatch.fnmatchcase(iface.ifname, p) for p in self._ctx.config.pods.interfaces)
@@ -72,8 +61,6 @@ class PodsPlugin(Plugin):
         if gone:
             self.refresh()  # credit what they counted to their pods before they go
             for ifindex in gone:
-                self._pod_pending.add(self._pod_counts.retire_where(lambda key: key[0] == ifindex))
-                self._attribute_pod_counts()
                 self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
                 self._ctx.tc.forget(ifindex)
@@ -108,14 +95,18 @@ class PodsPlugin(Plugin):
         return None
 
     def refresh(self) -> None:
-        self._pod_pending.add(self._pod_counts.read())
+        pods: dict[tuple, list[int]] = {}
+        flows: dict[tuple, list[int]] = {}
+        for key, (p, b) in self.flows.read().items():
+            to_pod = key.point == POD_RECEIVED
+            for counts in (pods.setdefault((key.ifindex, int(to_pod)), [0, 0]),
+                           flows.setdefault((key.src, key.dst, protocol_name(key.l4proto), to_pod), [0, 0])):
+                counts[0] += p
+                counts[1] += b
+        self._pod_pending.add(pods)
         self._attribute_pod_counts()
-        self._flow_pending.add(self._flow_counts.read())
+        self._flow_pending.add(flows)
         self._flow_pending.drain(self._attribute_flow)
-        if self.flows is not None:
-            self.flows.read()
-        overflow = read_percpu_array(self._bpf["overflow"])
-        self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
         present = self.resolver.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
@@ -151,9 +142,8 @@ class PodsPlugin(Plugin):
 
     def health(self) -> PluginHealth:
         return PluginHealth(
-            map_fill={"pod_counts": self._pod_counts.fill_ratio, "flow_counts": self._flow_counts.fill_ratio,
-                      **flow_fill(self.flows, "pods")},
-            lost={**self._lost, **flow_lost(self.flows, "pods")},
+            map_fill=flow_fill(self.flows, "pods"),
+            lost=flow_lost(self.flows, "pods"),
             records=flow_records(self.flows, "pods"),
             series={"fovea_pod_packets_total": len(self.pod_series),
                     "fovea_workload_flow_packets_total": len(self.flow_series)},

@@ -33,7 +33,7 @@ def test_defaults():
         "standalone": False, "nodeName": "", "kubeconfig": "", "uplinks": (), "port": 9810,
         "bindAddress": "0.0.0.0", "interval": 5.0, "idleReads": 12, "staticPods": "", "logLevel": "info",
     }
-    assert top["tc"] == {"priority": 1}
+    assert top["tc"] == {"priority": 1, "mode": "auto"}
     assert top["drops"] == {"mapSize": 16384, "eventsPerSecond": 200}
     assert top["flows"] == {"enabled": True, "mapSize": 65536, "ringBufferSize": 1 << 20, "idleTimeout": 30.0,
                             "reportInterval": 60.0}
@@ -86,7 +86,7 @@ kernel:
 
 @pytest.mark.parametrize("text, key, known", [
     ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "eventsPerSecond, mapSize"),
-    ("tc:\n  prio: 1\n", "tc.prio", "priority"),
+    ("tc:\n  prio: 1\n", "tc.prio", "mode, priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
     ("prot: 1\n", "prot", ", ".join(sorted(f.name for f in dataclasses.fields(Config)))),
 ])
