@@ -25,8 +25,10 @@ BPF_HASH(dns_pod_ifaces, u32, u8, POD_MAP_SIZE);
 static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct fovea_packet *pkt, int from_pod)
 {
     u32 in = skb->ingress_ifindex;
+    if (from_pod)
+        return 0;
     fovea_map_op();
-    return !from_pod && dns_pod_ifaces.lookup(&in) != NULL;
+    return dns_pod_ifaces.lookup(&in) != NULL;
 }
 #include "dns.h"
 #endif
