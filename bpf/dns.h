@@ -214,19 +214,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
 {
     if (!pkt->l4_offset || (pkt->l4proto != IPPROTO_UDP && pkt->l4proto != IPPROTO_TCP))
         return;
-    /* Every TCP and UDP packet pays for this test: read the ports in place
-     * when the headers are in the linear part (almost always), else copy. */
-    u16 ports[2];
-    u32 l4 = pkt->l4_offset;
-    void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-    if (l4 > 128) /* Ethernet + the largest IPv4 header is 74 */
-        return;
-    if (data + l4 + 4 <= data_end) {
-        __builtin_memcpy(ports, data + l4, 4);
-    } else if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0) {
-        return;
-    }
-    u16 sport = bpf_ntohs(ports[0]), dport = bpf_ntohs(ports[1]);
+    u16 sport = pkt->sport, dport = pkt->dport; /* read once by fovea_tc_parse */
     if (sport != DNS_PORT && dport != DNS_PORT)
         return;
 
@@ -234,10 +222,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
     if (pkt->l4proto == IPPROTO_UDP) {
         off = pkt->l4_offset + sizeof(struct udphdr);
     } else {
-        u8 doff;
-        if (bpf_skb_load_bytes(skb, pkt->l4_offset + 12, &doff, 1) < 0)
-            return;
-        off = pkt->l4_offset + (doff >> 4) * 4;
+        off = pkt->l4_offset + (pkt->tcp_doff >> 4) * 4;
         if (off >= end)
             return; /* no payload: handshake, ACK, FIN */
     }
