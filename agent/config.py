@@ -59,8 +59,7 @@ class ObserveConfig:
 
 @dataclass(frozen=True)
 class PodsConfig:
-    mapSize: int = 8192  # pod counter keys (2 per pod interface)
-    flowMapSize: int = 65536  # (source, destination, protocol) keys for the traffic map
+    mapSize: int = 8192  # pod interfaces the DNS code knows (the counters live in the flow table: flows.mapSize)
     interfaces: tuple[str, ...] = ("*",)  # globs of host-side pod interface names (cali*, lxc*, veth*...)
 
 
@@ -156,7 +155,6 @@ class Config:
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
             ("tc.mode", self.tc.mode in ("auto", "tcx", "clsact"), "auto, tcx or clsact"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
-            ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
             ("drops.eventsPerSecond", 0 <= self.drops.eventsPerSecond <= 1 << 20, "0 to 1048576"),
             ("flows.mapSize", 1 <= self.flows.mapSize <= 1 << 22, "1 to 4194304"),
             ("flows.ringBufferSize", self.flows.ringBufferSize >= 4096
