@@ -193,6 +193,11 @@ def tcx_program_names(ifname: str, hook: str) -> list[str]:
     return names
 
 
+def tc_programs(ifname: str, hook: str) -> str:
+    """What is attached to a hook, either way: tc's listing of clsact filters and the tcx programs' names."""
+    return tc_filters(ifname, hook) + "\n" + "\n".join(tcx_program_names(ifname, hook))
+
+
 def tc_filters(ifname: str, hook: str) -> str:
     return subprocess.run(
         ["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True
