@@ -22,11 +22,11 @@ import ctypes as ct
 import itertools
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.addresses import ip_packed, ip_text
 from agent.events import FlowRecord
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ class Key:
 
     @classmethod
     def decode(cls, k) -> "Key":
-        return cls(k.family, k.l4proto, k.point, _address(k.family, bytes(k.saddr)), k.sport,
-                   _address(k.family, bytes(k.daddr)), k.dport, k.ifindex)
+        return cls(k.family, k.l4proto, k.point, ip_text(k.family, bytes(k.saddr)), k.sport,
+                   ip_text(k.family, bytes(k.daddr)), k.dport, k.ifindex)
 
     @property
     def flow(self) -> tuple:
@@ -112,9 +112,6 @@ class Key:
         a, b = (self.src, self.sport), (self.dst, self.dport)
         return (self.family, self.l4proto, min(a, b), max(a, b))
 
-
-def _address(family: int, raw: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else socket.inet_ntop(socket.AF_INET6, raw)
 
 
 @dataclass
@@ -231,9 +228,7 @@ class KernelFlowTable:
         table = self.bpf["flow_pod_addrs"]
         for address, present in [(a, True) for a in add] + [(a, False) for a in remove]:
             key = table.Key()
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            key.family = 6 if family == socket.AF_INET6 else 4
-            packed = socket.inet_pton(family, address)
+            key.family, packed = ip_packed(address)
             ct.memmove(ct.addressof(key.addr), packed, len(packed))
             try:
                 if present:

@@ -8,7 +8,8 @@ newline-delimited JSON. Protocol: the client sends one JSON line
 
 and reads one JSON record per line; without "follow" the server closes after
 the last record. A follower that cannot keep up loses records (counted, and
-told with a {"type": "lost"} line), never slows the agent down.
+told with a {"type": "lost"} line), never slows the agent down. The client is
+agent/cli/observe.py.
 """
 
 from __future__ import annotations
@@ -283,78 +284,3 @@ def _unix_server(path: str, handler) -> _UnixServer:
         return _UnixServer(path, handler)
     finally:
         os.umask(old)
-
-
-# -- the client: `fovea observe` ------------------------------------------------------
-
-
-def connect(server: str | None, socket_path: str) -> socket.socket:
-    """A connection to an agent's flow stream: `host:port`, else the Unix socket."""
-    from agent.errors import FoveaError
-
-    try:
-        if server:
-            host, _, port = server.rpartition(":")
-            return socket.create_connection((host or "127.0.0.1", int(port)), timeout=10)
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
-        s.connect(socket_path)
-        return s
-    except ValueError:
-        raise FoveaError(f"--server {server!r} is not host:port", "e.g. --server 127.0.0.1:9811") from None
-    except OSError as e:
-        where = server or socket_path
-        raise FoveaError(
-            f"cannot reach the flow stream at {where}: {e.strerror or e}",
-            "is the agent running on this node? From outside the node: "
-            "kubectl fovea observe --node <node> (through kubectl port-forward)",
-        ) from None
-
-
-def stream(conn: socket.socket, request: dict):
-    """Send the request; yield the records (dicts) as they arrive."""
-    conn.sendall(json.dumps(request).encode() + b"\n")
-    if request.get("follow"):
-        conn.settimeout(None)
-    with conn.makefile("rb") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def _end(e: dict) -> str:
-    if e.get("pod"):
-        name = f"{e.get('namespace', '')}/{e['pod']}"
-    elif e.get("workload") and e.get("workload") != "external":
-        name = f"{e.get('namespace') + '/' if e.get('namespace') else ''}{e['workload']}({e['address']})"
-    else:
-        name = e.get("address", "?")
-    return f"{name}:{e.get('port', 0)}" if e.get("port") else name
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def format_human(d: dict) -> str:
-    """One line per record, like `hubble observe`."""
-    kind = d.get("type")
-    if kind == "lost":
-        return f"!! {d['records']} records lost: the stream could not keep up"
-    if kind == "error":
-        return f"!! error: {d.get('message')}"
-    head = f"{d.get('time', '')}  {kind.upper():5} {d.get('protocol', ''):4} {_end(d['source'])} -> {_end(d['destination'])}"
-    if kind == "flow":
-        tail = (f"{d['packets']} pkts {_size(d['bytes'])} / {d['reply_packets']} pkts {_size(d['reply_bytes'])}"
-                f"  {d.get('tcp_flags') or ''}  {d['end_reason'] if d['final'] else 'ongoing'}")
-        return f"{head}  {tail}"
-    if kind == "drop":
-        return f"{head}  DROPPED {d['reason']} ({d['packets']} pkts {_size(d['bytes'])})"
-    if kind == "dns":
-        latency = f"{d['latency'] * 1000:.1f} ms" if d.get("latency") is not None else "no answer"
-        return f"{head}  {d['qtype']} {d.get('name') or '?'} {d.get('rcode') or 'UNANSWERED'} {latency}"
-    return f"{head}  {json.dumps(d)}"

@@ -200,23 +200,11 @@ class Agent:
         if cfg.standalone or not cfg.captures.enabled:
             return
         from agent.endpoints import Endpoints
-        from agent.k8s.cache import make_api_client
-        from capture import node
-        from capture.controller import CaptureController
-        from capture.engine import check_filter
+        from capture.service import start_captures
 
         uplinks = list(cfg.uplinks) or default_route_interfaces()
-        endpoints = Endpoints(exclude=set(uplinks))
-        c = cfg.captures
-        controller = CaptureController(
-            make_api_client(cfg.kubeconfig or None), cfg.node, c.baseDir, cfg.agent_namespace, c.gracePeriod,
-            run_job=lambda job, target, secret, directory, started: node.run_job(
-                job, target, secret, directory, started, cfg.node, c.uploadAllowlist),
-            local_target=lambda pods, spec: node.local_target(pods, spec, endpoints.scan, uplinks),
-            check_filter=check_filter, publish=self.events.publish)
-        controller.start()  # creates the base directory first: a failure there starts nothing
-        self.captures = controller
-        self.server.captures = controller.artifact
+        self.captures = start_captures(cfg, uplinks, Endpoints(exclude=set(uplinks)).scan, self.events.publish)
+        self.server.captures = self.captures.artifact
 
     def _pod_source(self):
         """Who the pods are: the Kubernetes API, or a static file when standalone."""

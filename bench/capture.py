@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.netlab import NodeLab  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
 from capture.engine import RING_BUFFER_BYTES  # noqa: E402
 from capture.pcapng import read_pcap  # noqa: E402
 

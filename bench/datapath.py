@@ -60,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.netlab import NodeLab  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
 
 TCP_GOAL = 0.97
 UDP_GOAL = 0.95

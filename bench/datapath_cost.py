@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What Fovea's tc programs cost a packet, beside the least any flow counter costs.
 
-One run, side by side, on a lab node (agent/netlab.py: a pod routed through
+One run, side by side, on a lab node (agent/lab/netlab.py: a pod routed through
 the host to a "world" namespace behind the lab uplink), with the programs at
 the same hooks (both hooks of the pods' host-side veths and of the uplink):
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from agent.kernel.headers import find_headers  # noqa: E402
-from agent.netlab import NodeLab  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
 from agent.tc import TcAttacher, tcx_program_ids, tcx_supported  # noqa: E402
 from datapath import Agent, iperf, link_stat, progress  # noqa: E402
 from dns_flood import CLIENT, SERVER  # noqa: E402

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from agent.netlab import NodeLab  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
 from datapath import Agent, cpu_seconds, progress  # noqa: E402
 
 QTYPES = {"A": 1, "AAAA": 28, "TXT": 16, "MX": 15}

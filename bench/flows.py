@@ -37,7 +37,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no fork() notices from the r
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.netlab import NodeLab, in_netns  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
+from agent.nsenter import in_netns  # noqa: E402
 from bench.datapath import cpu_seconds, fovea_cli, free_port, progress  # noqa: E402
 from tests.otlp_receiver import GrpcReceiver  # noqa: E402
 

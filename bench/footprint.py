@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The agent's footprint, for sizing the DaemonSet's requests and limits.
 
-On a lab node (agent/netlab.py: two pods and a world behind the lab uplink),
+On a lab node (agent/lab/netlab.py: two pods and a world behind the lab uplink),
 start the agent --starts times with its default plugins and measure, each time:
 seconds and CPU seconds until /readyz (the eBPF compile included) and the peak
 RSS so far (VmHWM). Then keep the last agent running for --seconds with light
@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datapath import Agent, cpu_seconds, progress, vm_hwm_kib  # noqa: E402
 
-from agent.netlab import NodeLab, in_netns  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
+from agent.nsenter import in_netns  # noqa: E402
 
 
 def vm_rss_kib(pid: int) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.netlab import NodeLab  # noqa: E402
+from agent.lab.netlab import NodeLab  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PORT = 7000

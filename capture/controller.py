@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hmac
 import json
 import logging
@@ -39,16 +40,17 @@ from typing import Callable
 
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from agent.errors import FoveaError
 from agent.events import CaptureReport
+from agent.k8s.listwatch import ListWatch, Timing, describe_error
 from capture import status as st
 from capture.spec import GROUP, KINDS, VERSION, CaptureSpec, SpecError, parse
 
 log = logging.getLogger(__name__)
 
 PLURAL_KIND = {v: k for k, v in KINDS.items()}
+WATCH_TIMING = Timing(connect_timeout=5, list_timeout=30, watch_timeout=60, read_slack=15)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class CaptureController:
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._responses: dict[str, object] = {}
+        self._watches: list[ListWatch] = []
         self._warned: dict[str, float] = {}
         self._ticks = 0
 
@@ -114,8 +116,9 @@ class CaptureController:
             raise FoveaError(f"cannot create the capture directory {self.base}: {e.strerror}",
                              "set captures.baseDir to a writable directory") from None
         for plural in KINDS.values():
-            t = threading.Thread(target=self._watch, args=(plural,), name=f"capture-watch-{plural}", daemon=True)
-            self._threads.append(t)
+            watch = self._list_watch(plural)
+            self._watches.append(watch)
+            self._threads.append(watch.thread)
         self._threads.append(threading.Thread(target=self._work, name="capture-controller", daemon=True))
         for t in self._threads:
             t.start()
@@ -124,11 +127,8 @@ class CaptureController:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching; a capture still running is stopped and reported Failed."""
         self._stop.set()
-        for resp in list(self._responses.values()):
-            try:
-                resp.shutdown()
-            except Exception:  # noqa: BLE001 (best effort: the read timeout ends it anyway)
-                pass
+        for watch in self._watches:
+            watch.interrupt()
         self._queue.put(("stop",))
         for t in self._threads:
             t.join(timeout)
@@ -182,66 +182,24 @@ class CaptureController:
 
     # --- watching
 
-    def _watch(self, plural: str) -> None:
-        rv, delay = None, 0.5
-        while not self._stop.is_set():
-            try:
-                if rv is None:
-                    resp = self.api.list_cluster_custom_object(GROUP, VERSION, plural, _preload_content=False,
-                                                               _request_timeout=(5, 30))
-                    data = json.loads(resp.data)
-                    rv = data["metadata"]["resourceVersion"]
-                    self._queue.put(("sync", plural, data.get("items") or []))
-                resp = self.api.list_cluster_custom_object(
-                    GROUP, VERSION, plural, watch=True, resource_version=rv, allow_watch_bookmarks=True,
-                    timeout_seconds=60, _preload_content=False, _request_timeout=(5, 75))
-                self._responses[plural] = resp
-                try:
-                    for line in iter_resp_lines(resp):
-                        if self._stop.is_set():
-                            return
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        obj = event.get("object") or {}
-                        if event.get("type") == "ERROR":
-                            if obj.get("code") == 410:
-                                rv = None  # too old: list again
-                                break
-                            raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
-                        rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
-                        if event.get("type") != "BOOKMARK":
-                            self._queue.put(("event", plural, event["type"], obj))
-                finally:
-                    self._responses.pop(plural, None)
-                    resp.release_conn()
-                delay = 0.5
-            except ApiException as e:
-                if e.status == 410:
-                    rv = None
-                    continue
-                why = f"API error {e.status}: {e.reason}"
-                if e.status == 404:
-                    why = f"the {plural}.{GROUP} CRD is not installed (kubectl apply -f deploy/crds/)"
-                self._backoff(plural, why, delay)
-                delay = min(delay * 2, 30)
-            except Exception as e:  # noqa: BLE001 (an API outage: back off and try again, never die)
-                if self._stop.is_set():
-                    return
-                self._backoff(plural, str(e) or type(e).__name__, delay)
-                delay = min(delay * 2, 30)
+    def _list_watch(self, plural: str) -> ListWatch:
+        """Each (re)list and event of one kind becomes a message for the worker."""
+        def describe(e: Exception) -> str:
+            if isinstance(e, ApiException) and e.status == 404:
+                return f"the {plural}.{GROUP} CRD is not installed (kubectl apply -f deploy/crds/)"
+            return describe_error(e)
+
+        return ListWatch(
+            plural, functools.partial(self.api.list_cluster_custom_object, GROUP, VERSION, plural),
+            on_list=lambda items: self._queue.put(("sync", plural, items)),
+            on_event=lambda type_, obj: self._queue.put(("event", plural, type_, obj)),
+            stop=self._stop, timing=WATCH_TIMING, label=f"capture controller: {plural}", describe=describe,
+            thread_name=f"capture-watch-{plural}")
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:
             self._warned[key] = time.monotonic()
             log.warning(msg, *args)
-
-    def _backoff(self, what: str, why: str, delay: float) -> None:
-        now = time.monotonic()
-        if now - self._warned.get(what, -1e9) > 60:  # rate-limited
-            log.warning("capture controller: watching %s failed: %s; retrying", what, why)
-            self._warned[what] = now
-        self._stop.wait(delay / 2 + random.uniform(0, delay / 2))
 
     # --- the worker: all state changes happen here
 

@@ -17,7 +17,6 @@ Something that cannot be collected is noted in capture.json, never fatal.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import os
@@ -25,14 +24,13 @@ import platform
 import re
 import subprocess
 import tarfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from agent.nsenter import run_in_netns
 from capture.engine import PARTIAL, CaptureResult
 
-CLONE_NEWNET = 0x40000000
 MAX_TEXT = 16 << 20  # per collected file
 MAX_CONNTRACK_LINES = 50_000
 COMMAND_TIMEOUT = 30
@@ -44,37 +42,6 @@ class PodNetns:
     name: str
     netns: str  # path: /proc/<pid>/ns/net or /run/netns/<name>
     ips: tuple[str, ...] = ()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _in_netns(path: str | None, work):
-    """Run `work()` on a thread of its own inside network namespace `path` (None: this
-    process's). The thread that entered the namespace ends with it, so no other thread's
-    namespace ever changes."""
-    box: dict = {}
-
-    def run():
-        try:
-            if path is not None:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"cannot enter network namespace {path}: {os.strerror(err)}")
-                finally:
-                    os.close(fd)
-            box["value"] = work()
-        except Exception as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, name="capture-metadata")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _plain(msg) -> dict:
@@ -119,7 +86,7 @@ def _collect_netns(netns: str | None, conntrack_ips: tuple[str, ...] | None) -> 
     files: dict[str, bytes] = {}
     errors: dict[str, str] = {}
     try:
-        state = _in_netns(netns, _netlink_state)
+        state = run_in_netns(netns, _netlink_state)
         for key, value in state.items():
             files[f"{key}.json"] = json.dumps(value, indent=1, default=str).encode()
     except Exception as e:

@@ -147,7 +147,7 @@ class RunningAgent:
 @contextlib.contextmanager
 def node_lab(pods: int = 2, ipv6: bool = True):
     """A NodeLab with a unique prefix and subnet, removed afterwards whatever happens."""
-    from agent.netlab import NodeLab
+    from agent.lab.netlab import NodeLab
 
     lab = NodeLab(unique_prefix(), pods=pods, ipv6=ipv6, octet=free_octet())
     try:

@@ -1,18 +1,9 @@
 """The agent's Kubernetes cache: list+watch of the API server into slim records.
 
-One thread per kind ("reflector", as client-go calls it) lists, then watches
-from the list's resourceVersion, and applies every event to the store:
-
-- it reads raw JSON (`_preload_content=False`) and keeps only records
-  (agent/k8s/records.py), never the client's model objects (~49 KiB a pod);
-- it resumes a broken watch from the last resourceVersion it saw; bookmarks
-  (allowWatchBookmarks) keep that version fresh when its own objects are quiet,
-  so a resume rarely falls outside the server's history;
-- 410 Gone/Expired means the version is too old: it lists again and replaces
-  the store, reporting removals for objects that vanished in the gap;
-- failures back off exponentially with jitter, reset by the next success, and
-  warn at most once per `warn_interval` per kind;
-- an API outage never stops the agent: lookups answer from the last state.
+One list+watch loop per kind (agent/k8s/listwatch.py: paged raw-JSON lists into
+slim records, watches resumed from the last resourceVersion, 410 -> relist with
+removals reported for objects that vanished in the gap, backoff with jitter);
+an API outage never stops the agent: lookups answer from the last state.
 
 Kinds: the pods of this node (fieldSelector spec.nodeName) and namespaces (for
 the fovea.dev/observe annotation). With `cluster_wide`, one watch of all pods
@@ -27,29 +18,23 @@ newest; removing one claim leaves the others.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import urllib3
 from kubernetes import client as k8s_client
-from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
+from agent.addresses import canonical_ip
 from agent.errors import FoveaError
+from agent.k8s.listwatch import ListWatch, QuietLog, ReflectorStatus, Timing
 from agent.k8s.records import (
     NamespaceRecord,
     NodeRecord,
     PodRecord,
     ServiceRecord,
-    canonical_ip,
     namespace_record,
     node_record,
     pod_record,
@@ -102,35 +87,6 @@ def make_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
     return api
 
 
-@dataclass(frozen=True)
-class ReflectorStatus:
-    kind: str
-    synced: bool  # the first list is done
-    resource_version: str  # the last one seen (list, event or bookmark)
-    lists: int  # lists done (more than 1: relists after 410)
-    failures: int  # consecutive failures, 0 when healthy
-    last_error: str
-
-
-class _Backoff:
-    """Exponential backoff with "equal jitter": half the delay fixed, half random."""
-
-    def __init__(self, initial: float, maximum: float):
-        self.initial, self.maximum, self.attempt = initial, maximum, 0
-
-    def next(self) -> float:
-        delay = min(self.maximum, self.initial * 2 ** min(self.attempt, 30))
-        self.attempt += 1
-        return delay / 2 + random.uniform(0, delay / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-class _Expired(Exception):
-    """410: the resourceVersion is older than the server's history."""
-
-
 class _IpIndex:
     """IP -> the record that owns it. Several records may claim one IP at once (a
     terminating pod and its successor): each keeps its claim, the best one answers,
@@ -173,189 +129,6 @@ def _pod_rank(pod: PodRecord) -> tuple:
     return (not pod.host_network,) + pod.claim_rank()
 
 
-class _Reflector:
-    """List, then watch, one kind into the cache's store."""
-
-    def __init__(self, cache: "KubeCache", kind: str, list_fn, kwargs: dict, to_record):
-        self.cache = cache
-        self.kind = kind
-        self.list_fn = list_fn
-        self.kwargs = kwargs
-        self.to_record = to_record
-        self.rv: str | None = None  # None: list before watching
-        self.synced = False
-        self.lists = 0
-        self.failures = 0
-        self.last_error = ""
-        self.doing = "list"
-        self.backoff = _Backoff(cache.backoff_initial, cache.backoff_max)
-        self.thread = threading.Thread(target=self._run, name=f"k8s-{kind}", daemon=True)
-        self._resp = None
-        self._resp_lock = threading.Lock()
-
-    def status(self) -> ReflectorStatus:
-        return ReflectorStatus(self.kind, self.synced, self.rv or "", self.lists, self.failures, self.last_error)
-
-    def _run(self) -> None:
-        stop = self.cache._stop
-        expired_in_a_row = 0
-        while not stop.is_set():
-            try:
-                if self.rv is None:
-                    self._list()
-                self._watch()
-                expired_in_a_row = 0
-            except _Expired:
-                if stop.is_set():
-                    break
-                log.info("k8s %s: resourceVersion %s is too old for the API server, listing again", self.kind,
-                         self.rv)
-                self.rv = None
-                expired_in_a_row += 1
-                if expired_in_a_row > 1:  # the server keeps expiring fresh versions: do not spin
-                    stop.wait(self.backoff.next())
-            except Exception as e:  # noqa: BLE001 (any failure: back off and try again, never die)
-                if stop.is_set():
-                    break
-                self._failed(e)
-        log.debug("k8s %s: stopped", self.kind)
-
-    def _failed(self, e: Exception) -> None:
-        self.failures += 1
-        self.last_error = f"{self.doing} failed: {_describe(e)}"
-        delay = self.backoff.next()
-        self.cache._warn(self.kind, "k8s %s: %s (failure %d); retrying in %.1fs%s", self.kind, self.last_error,
-                         self.failures, delay, "" if self.synced else "; not synced yet")
-        self.cache._stop.wait(delay)
-
-    def _succeeded(self) -> None:
-        if self.failures:
-            log.info("k8s %s: talking to the API server again after %d failure(s)", self.kind, self.failures)
-        self.failures = 0
-        self.last_error = ""
-        self.backoff.reset()
-
-    def _list(self) -> None:
-        records, rv, cont, pages = [], None, None, 0
-        self.doing = "list"
-        while True:
-            try:
-                resp = self.list_fn(limit=self.cache.page_size, _continue=cont, _preload_content=False,
-                                    _request_timeout=(self.cache.connect_timeout, self.cache.list_timeout),
-                                    **self.kwargs)
-            except ApiException as e:
-                if e.status == 410:
-                    raise _Expired() from None  # the continue token expired: list again from the start
-                raise
-            try:
-                data = json.loads(resp.data)
-            finally:
-                resp.release_conn()
-            meta = data.get("metadata") or {}
-            rv = rv or meta.get("resourceVersion")
-            # Records at once: a page of dicts is the most this ever holds.
-            records.extend(self.to_record(o) for o in data.get("items") or [])
-            pages += 1
-            cont = meta.get("continue")
-            if not cont:
-                break
-        if not rv:
-            raise ValueError("the list has no resourceVersion")
-        self.cache._replace(self.kind, records)
-        self.rv = rv
-        self.lists += 1
-        self._succeeded()
-        log.log(logging.INFO if self.lists == 1 else logging.DEBUG,
-                "k8s %s: listed %d at resourceVersion %s (%d page(s))", self.kind, len(records), rv, pages)
-        if not self.synced:
-            self.synced = True
-            self.cache._check_synced()
-
-    def _watch(self) -> None:
-        cache = self.cache
-        timeout = max(1, int(cache.watch_timeout * random.uniform(1.0, 1.5)))  # spread the reconnects
-        started, events = time.monotonic(), 0
-        self.doing = "watch"
-        try:
-            resp = self.list_fn(watch=True, resource_version=self.rv, allow_watch_bookmarks=True,
-                                timeout_seconds=timeout, _preload_content=False,
-                                _request_timeout=(cache.connect_timeout, timeout + cache.read_slack),
-                                **self.kwargs)
-        except ApiException as e:
-            if e.status == 410:
-                raise _Expired() from None
-            raise
-        with self._resp_lock:
-            self._resp = resp
-        try:
-            if cache._stop.is_set():
-                return
-            for line in iter_resp_lines(resp):
-                if cache._stop.is_set():
-                    return
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                type_, obj = event.get("type"), event.get("object") or {}
-                if type_ == "ERROR":
-                    if obj.get("code") == 410 or _too_large(obj):
-                        raise _Expired()
-                    raise RuntimeError(f"watch error {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
-                rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if type_ in ("ADDED", "MODIFIED"):
-                    cache._upsert(self.kind, self.to_record(obj))
-                elif type_ == "DELETED":
-                    cache._delete(self.kind, self.to_record(obj))
-                elif type_ != "BOOKMARK":
-                    log.debug("k8s %s: ignoring a watch event of type %r", self.kind, type_)
-                    continue
-                if rv:
-                    self.rv = rv
-                events += 1
-                if events == 1:
-                    self._succeeded()
-        finally:
-            with self._resp_lock:
-                self._resp = None
-            resp.close()
-            resp.release_conn()
-        if events == 0 and time.monotonic() - started < 1.0 and not cache._stop.is_set():
-            # A watch that ends at once, empty, is a failure (a proxy cutting it, say): back off.
-            raise RuntimeError("the watch ended at once without an event")
-
-    def interrupt(self) -> None:
-        """Unblock a read in progress (for stop())."""
-        with self._resp_lock:
-            resp = self._resp
-        if resp is None:
-            return
-        try:
-            resp.shutdown()  # urllib3 >= 2.3: shuts the socket down, the reader wakes
-        except Exception:  # noqa: BLE001 (best effort: the read timeout ends it anyway)
-            log.debug("k8s %s: cannot interrupt the watch", self.kind, exc_info=True)
-
-
-def _too_large(status: dict) -> bool:
-    """The server has not reached our resourceVersion (another API server, or one restored
-    from a backup): client-go lists afresh, and so do we."""
-    causes = (status.get("details") or {}).get("causes") or []
-    return any(c.get("reason") == "ResourceVersionTooLarge" for c in causes)
-
-
-def _describe(e: Exception) -> str:
-    if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
-        e = e.reason  # the cause, without urllib3's retry wording and the whole URL
-    if isinstance(e, ApiException):
-        reason = e.reason
-        try:
-            reason = json.loads(e.body).get("message") or reason
-        except (TypeError, ValueError, AttributeError):
-            pass
-        return f"API error {e.status}: {reason}"
-    text = str(e).strip() or type(e).__name__
-    return text if len(text) < 300 else text[:300] + "..."
-
-
 class KubeCache:
     """Lookups on pods, namespaces, Services and Nodes, kept in step by list+watch.
 
@@ -371,18 +144,12 @@ class KubeCache:
         self.node_name = node_name
         self.cluster_wide = cluster_wide
         self.on_change = on_change
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.watch_timeout = watch_timeout  # server-side timeoutSeconds of a watch (x1 to x1.5)
-        self.page_size = page_size
-        self.warn_interval = warn_interval
-        self.connect_timeout = connect_timeout
-        self.list_timeout = list_timeout
-        self.read_slack = read_slack  # a watch silent this long past its timeout is dead
+        self.timing = Timing(backoff_initial, backoff_max, watch_timeout, page_size, connect_timeout,
+                             list_timeout, read_slack, warn_interval)
         self._lock = threading.Lock()  # writers; readers do single dict lookups
         self._stop = threading.Event()
         self._synced = threading.Event()
-        self._warned: dict[str, tuple[float, int]] = {}
+        self._warnings = QuietLog(warn_interval, log)
         self._pods: dict[tuple[str, str], PodRecord] = {}
         self._local: dict[tuple[str, str], PodRecord] = {}
         self._namespaces: dict[str, NamespaceRecord] = {}
@@ -403,13 +170,21 @@ class KubeCache:
             kinds = [("pods", core.list_pod_for_all_namespaces, {"field_selector": f"spec.nodeName={node_name}"},
                       pod_record),
                      ("namespaces", core.list_namespace, {}, namespace_record)]
-        self._reflectors = [_Reflector(self, *k) for k in kinds]
+        self._reflectors = [self._list_watch(*k) for k in kinds]
+
+    def _list_watch(self, kind: str, list_fn, kwargs: dict, to_record) -> ListWatch:
+        def on_event(type_: str, record) -> None:
+            (self._delete if type_ == "DELETED" else self._upsert)(kind, record)
+
+        return ListWatch(kind, list_fn, kwargs=kwargs, convert=to_record, stop=self._stop, timing=self.timing,
+                         on_list=lambda records: self._replace(kind, records), on_event=on_event,
+                         on_synced=self._check_synced)
 
     # --- lifecycle
 
     def start(self) -> "KubeCache":
         for r in self._reflectors:
-            r.thread.start()
+            r.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -538,24 +313,9 @@ class KubeCache:
         try:
             self.on_change(kind, old, new)
         except Exception:  # noqa: BLE001 (a subscriber's bug must not stop the watch)
-            self._warn("on_change", "k8s %s: on_change failed", kind, exc_info=True)
+            self._warnings.warn("on_change", "k8s %s: on_change failed", kind, exc_info=True)
 
     def _check_synced(self) -> None:
         if all(r.synced for r in self._reflectors) and not self._synced.is_set():
             self._synced.set()
             log.info("k8s cache synced: %s", ", ".join(f"{n} {k}" for k, n in self.stats().items()))
-
-    def _warn(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
-        """A warning at most once per warn_interval per key; the rest at debug level, counted."""
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._warned.get(key, (-math.inf, 0))
-            loud = now - last >= self.warn_interval
-            self._warned[key] = (now, 0) if loud else (last, suppressed + 1)
-        if loud:
-            if suppressed:
-                msg += " (%d similar message(s) since the last warning)"
-                args += (suppressed,)
-            log.warning(msg, *args, exc_info=exc_info)
-        else:
-            log.debug(msg, *args, exc_info=exc_info)

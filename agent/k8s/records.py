@@ -7,10 +7,10 @@ and never from model objects.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.addresses import canonical_ip
 from agent.k8s.workload import workload_of
 
 OBSERVE_ANNOTATION = "fovea.dev/observe"
@@ -70,17 +70,6 @@ class PodDirectory(Protocol):
     def service_by_ip(self, ip: str) -> ServiceRecord | None: ...
     def node_by_ip(self, ip: str) -> NodeRecord | None: ...
     def stats(self) -> dict[str, int]: ...
-
-
-def canonical_ip(ip: str) -> str:
-    """One spelling per address, so that '::ffff:...' or '2001:DB8::1' find the same entry."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
 
 
 def _meta(obj: dict) -> dict:

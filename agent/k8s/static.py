@@ -18,7 +18,8 @@ import re
 import yaml
 
 from agent.errors import FoveaError
-from agent.k8s.records import NamespaceRecord, NodeRecord, PodRecord, ServiceRecord, canonical_ip
+from agent.addresses import canonical_ip
+from agent.k8s.records import NamespaceRecord, NodeRecord, PodRecord, ServiceRecord
 
 _POD_KEYS = {"ip", "namespace", "pod", "workloadKind", "workloadName", "observe"}
 _NS_KEYS = {"name", "observe"}

@@ -16,7 +16,6 @@ query rate.
 from __future__ import annotations
 
 import ctypes as ct
-import ipaddress
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from collections import OrderedDict, defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent import dnswire
+from agent.addresses import ip_text
 from agent.config import DnsConfig
 from agent.errors import FoveaError
 from agent.events import DnsTransaction
@@ -60,10 +60,6 @@ class DnsEvent(ct.Structure):
                 ("kind", ct.c_uint8), ("rcode", ct.c_uint8), ("observer", ct.c_uint8),
                 ("pad", ct.c_uint8 * 3), ("flow", DnsFlow)]
 
-
-def _address(family: int, raw) -> str:
-    raw = bytes(raw)
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
 
 
 def _flow_key(flow) -> tuple:
@@ -104,7 +100,7 @@ class _Host:
     def _decode_count(k) -> tuple:
         """(local address, kind, qtype name, rcode name)."""
         rcode = dnswire.rcode_name(k.rcode) if k.kind == RESPONSE else ""
-        return (_address(k.family, k.addr), k.kind, dnswire.qtype_name(k.qtype), rcode)
+        return (ip_text(k.family, k.addr), k.kind, dnswire.qtype_name(k.qtype), rcode)
 
     def percpu_sums(self, table) -> list[int]:
         return [sum(table[ct.c_int(i)]) for i in range(table.max_entries)]
@@ -370,8 +366,8 @@ class DnsPlugin(Plugin, TcExtension):
     def _publish(self, flow, start, duration, qtype, rcode, observer, ifindex, name, answers) -> None:
         self._ctx.events.publish(DnsTransaction(
             start=start, duration=duration,
-            client=_address(flow.family, flow.client), client_port=flow.client_port,
-            server=_address(flow.family, flow.server), server_port=flow.server_port,
+            client=ip_text(flow.family, flow.client), client_port=flow.client_port,
+            server=ip_text(flow.family, flow.server), server_port=flow.server_port,
             transport=TRANSPORTS.get(flow.transport, "udp"), id=flow.id, qtype=qtype, rcode=rcode,
             observer=OBSERVERS[observer & 1], ifindex=ifindex, name=name, answers=answers,
         ))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes as ct
-import ipaddress
 import logging
 import time
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily
 
+from agent.addresses import ip_text
 from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.events import DropEvent
@@ -41,13 +41,6 @@ class DropEventC(ct.Structure):
 def protocol_name(l4proto: int) -> str:
     return L4_NAMES.get(l4proto, "other")
 
-
-def _address(family: int, raw: bytes) -> str:
-    if family == 4:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == 6:
-        return str(ipaddress.IPv6Address(raw))
-    return ""
 
 
 class DropsPlugin(Plugin):
@@ -111,8 +104,8 @@ class DropsPlugin(Plugin):
         return (
             self.reason_name(key.reason),
             protocol_name(key.l4proto),
-            _address(key.family, bytes(key.saddr)),
-            _address(key.family, bytes(key.daddr)),
+            ip_text(key.family, bytes(key.saddr)),
+            ip_text(key.family, bytes(key.daddr)),
         )
 
     def _on_event(self, _ctx, data, _size) -> None:
@@ -122,8 +115,8 @@ class DropsPlugin(Plugin):
         self.events_published += 1
         self._publish(DropEvent(
             time=(e.time_ns + offset) / 1e9, reason=self.reason_name(k.reason), transport=protocol_name(k.l4proto),
-            family=k.family, source=_address(k.family, bytes(k.saddr)), source_port=e.sport,
-            destination=_address(k.family, bytes(k.daddr)), destination_port=e.dport,
+            family=k.family, source=ip_text(k.family, bytes(k.saddr)), source_port=e.sport,
+            destination=ip_text(k.family, bytes(k.daddr)), destination_port=e.dport,
             packets=e.packets, bytes=e.bytes,
         ))
 

@@ -16,7 +16,6 @@ and for sockets older than the agent.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pyroute2 import DiagSocket
 
+from agent.addresses import ip_text
 from agent.compiler import compile_program
 from agent.endpoints import Endpoints
 from agent.errors import FoveaError
@@ -63,13 +63,6 @@ STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FI
 TIME_WAIT = 6
 POD_LABELS = ("namespace", "pod", "workload_kind", "workload_name")
 
-
-def _address(family: int, raw: bytes) -> str:
-    if family == 4:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == 6:
-        return str(ipaddress.IPv6Address(raw))
-    return ""
 
 
 def socket_states(netns_path: str | None) -> dict[int, int]:
@@ -143,7 +136,7 @@ class TcpPlugin(Plugin):
         for (category, event), (fn, _fields) in TRACEPOINTS.items():
             self._bpf.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
         self._events = CounterHash(self._bpf["tcp_events"],
-                                   lambda k: (k.netns, k.kind, _address(k.family, bytes(k.addr))), cfg.idleReads)
+                                   lambda k: (k.netns, k.kind, ip_text(k.family, bytes(k.addr))), cfg.idleReads)
         self._hist = CounterHash(self._bpf["tcp_hist"], lambda k: (k.netns, k.hist, k.bucket), cfg.idleReads)
         self._states = CounterHash(self._bpf["tcp_states"], lambda k: (k.netns, k.state), cfg.idleReads)
         self._endpoints = Endpoints(exclude=set(ctx.uplinks))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agent.netlab import in_netns
+from agent.nsenter import in_netns
 from capture.engine import CaptureRun, Interface, Limits
 from capture.metadata import PodNetns, collect_bundle
 from tests.conftest import require

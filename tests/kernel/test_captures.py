@@ -158,7 +158,7 @@ def converse(lab, pod, port: int, rounds: int = 10) -> int:
 
 
 def unpack(artifact: Path, into: Path) -> tuple[Path, list[str]]:
-    from capture.cli import safe_extract
+    from agent.cli.capture import safe_extract
 
     names = safe_extract(artifact, into)
     pcap = next(into.rglob("*.pcapng"))

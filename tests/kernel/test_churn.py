@@ -44,7 +44,7 @@ def series_of(agent, prefix: str) -> dict[str, float]:
 
 
 def test_churn_of_200_pods(root, tmp_path):
-    from agent.netlab import NodeLab
+    from agent.lab.netlab import NodeLab
 
     lab = NodeLab(unique_prefix(), pods=2, ipv6=False, octet=free_octet())
     api = K8sEmulator().start()

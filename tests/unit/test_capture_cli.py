@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from capture.cli import kubectl_main
+from agent.cli.kubectl import kubectl_main
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace
 
@@ -95,7 +95,7 @@ def test_the_api_server_rejects_what_the_plugin_let_through(api, capsys, tmp_pat
     with pytest.raises(kubernetes.client.exceptions.ApiException) as e:
         client.create_namespaced_custom_object("fovea.dev", "v1alpha1", "shop", "captures", bad)
     assert e.value.status == 422 and "exactly one of podSelector and podNames" in e.value.body
-    from capture.cli import _problem
+    from agent.cli.capture import _problem
 
     assert "the API server says the capture is invalid" in str(_problem(e.value, "create Capture shop/bad"))
 
@@ -134,7 +134,7 @@ def test_kubeconfig_context(api, capsys, tmp_path):
 
 
 def test_fovea_capture_is_the_same_command(api, capsys):
-    from agent.cli import main
+    from agent.cli.fovea import main
 
     assert main(["capture", "create", "same", "--kubeconfig", api.kubeconfig, "--pod", "web-1"]) == 0
     assert api.get("captures", "same", "shop")["spec"]["target"] == {"podNames": ["web-1"]}

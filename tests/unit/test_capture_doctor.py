@@ -1,6 +1,6 @@
 """`fovea doctor` says what captures need and what is missing."""
 
-from agent import doctor
+from agent.cli import doctor
 
 
 def test_missing_metadata_tools_are_named_with_their_package(monkeypatch, tmp_path):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import __version__, cli
+from agent import __version__
+from agent.cli import fovea as cli
 from agent.plugins import REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,8 @@ from kubernetes.client import ApiClient
 
 from agent.errors import FoveaError
 from agent.k8s import NamespaceRecord, NodeRecord, PodRecord, ServiceRecord
-from agent.k8s.cache import KubeCache, _Backoff, make_api_client
+from agent.k8s.cache import KubeCache, make_api_client
+from agent.k8s.listwatch import Backoff
 
 FAST = dict(backoff_initial=0.05, backoff_max=0.2, watch_timeout=5, connect_timeout=1, list_timeout=5)
 
@@ -278,7 +279,7 @@ def test_starts_while_the_api_server_is_away(api, make_cache, caplog):
     caplog.set_level(logging.DEBUG, logger="agent.k8s.cache")
     cache = make_cache(start=False, warn_interval=60)
     cache.start()
-    time.sleep(0.8)
+    eventually(lambda: status(cache, "pods").failures >= 3, what="three failed lists")
     assert not cache.synced and cache.pod_by_ip("10.0.1.1") is None
     st = status(cache, "pods")
     assert st.failures >= 3 and "list failed" in st.last_error and not st.synced
@@ -309,7 +310,7 @@ def test_stop_is_prompt_with_watches_open(api, make_cache):
 
 
 def test_backoff_grows_with_jitter_and_resets():
-    b = _Backoff(0.5, 4.0)
+    b = Backoff(0.5, 4.0)
     delays = [b.next() for _ in range(6)]
     for delay, cap in zip(delays, [0.5, 1, 2, 4, 4, 4]):
         assert cap / 2 <= delay <= cap

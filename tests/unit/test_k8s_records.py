@@ -8,7 +8,6 @@ from agent.errors import FoveaError
 from agent.k8s.records import (
     NamespaceRecord,
     PodRecord,
-    canonical_ip,
     namespace_record,
     node_record,
     pod_record,
@@ -101,12 +100,6 @@ def test_other_records():
         {"type": "InternalIP", "address": "192.168.0.10"}, {"type": "Hostname", "address": "n1"},
         {"type": "ExternalIP", "address": "203.0.113.7"}]}})
     assert node.ips == ("192.168.0.10", "203.0.113.7")
-
-
-@pytest.mark.parametrize("ip, canonical", [
-    ("10.0.0.1", "10.0.0.1"), ("::ffff:10.0.0.1", "10.0.0.1"), ("FD00:0::1", "fd00::1"), ("junk", "junk")])
-def test_canonical_ip(ip, canonical):
-    assert canonical_ip(ip) == canonical
 
 
 # --- StaticPods

@@ -18,8 +18,8 @@ import pytest
 from agent.config import Config, ObserveConfig
 from agent.errors import FoveaError
 from agent.events import EventHub
-from capture.cli import Api, agent_pod, kubectl_main
-from capture.observe import OBSERVE_PORT, free_port, port_forward_command
+from agent.cli.capture import Api, agent_pod
+from agent.cli.kubectl import OBSERVE_PORT, free_port, kubectl_main, port_forward_command
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod
 from tests.unit.test_traces import dns, flow
 
@@ -175,7 +175,7 @@ def test_errors_are_one_line(cluster, capsys, tmp_path, monkeypatch):
 
 def test_ctrl_c_stops_the_port_forward(cluster):
     """--follow until Ctrl-C: the plugin exits 130 and its kubectl port-forward is gone."""
-    cmd = [sys.executable, "-c", "import sys; from capture.cli import kubectl_main; sys.exit(kubectl_main())",
+    cmd = [sys.executable, "-c", "import sys; from agent.cli.kubectl import kubectl_main; sys.exit(kubectl_main())",
            "observe", "--kubeconfig", cluster.kubeconfig, "--node", "node-a", "--follow", "--dns"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parents[2])

@@ -95,7 +95,7 @@ def test_metrics_need_a_token_allowed_to_get_metrics_and_probes_do_not(registry)
 def test_capture_download_reaches_an_agent_that_serves_https(tmp_path, registry):
     """kubectl fovea downloads through the API server's pod proxy; with metrics.tls the agent
     probes itself over HTTPS, and the download goes to it over HTTPS too."""
-    from capture.cli import Api, _from_agent
+    from agent.cli.capture import Api, _from_agent
     from tests.k8s_emulator import make_namespace, make_pod
 
     cert, key = self_signed_cert(tmp_path)

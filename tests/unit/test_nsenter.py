@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from agent.nsenter import in_netns
+from agent.nsenter import in_netns, run_in_netns
 
 
 def netns_inode() -> int:
@@ -67,3 +67,16 @@ def test_threads_switching_at_once_each_return_where_they_were(two_netns):
         t.join()
     assert errors == []
     assert netns_inode() == home
+
+
+def test_run_in_netns_works_on_a_thread_of_its_own(two_netns):
+    before = netns_inode()
+    inside = run_in_netns(two_netns[0], netns_inode)
+    assert inside == os.stat(two_netns[0]).st_ino != before
+    assert run_in_netns(None, netns_inode) == before  # None: this process's namespace
+    assert netns_inode() == before
+    with pytest.raises(ZeroDivisionError):  # the work's exception comes back to the caller
+        run_in_netns(two_netns[1], lambda: 1 / 0)
+    with pytest.raises(OSError):
+        run_in_netns("/nonexistent/ns/net", netns_inode)
+    assert netns_inode() == before

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from agent import cli
+from agent.cli import fovea as cli
 from agent.config import Config, ObserveConfig
 from agent.enrich import Resolver
 from agent.events import DropEvent, EventHub
 from agent.k8s.static import StaticPods
-from agent.observe import ObserveServer, connect, format_human, matches, stream
+from agent.cli.observe import connect, format_human, stream
+from agent.observe import ObserveServer, matches
 from tests.unit.test_traces import dns, flow
 
 NOW = time.time()

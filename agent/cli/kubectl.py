@@ -1,6 +1,6 @@
-"""`kubectl fovea observe --node N`: a node's flow stream through kubectl port-forward.
+"""The kubectl-fovea executable: `kubectl fovea capture ...` and `kubectl fovea observe --node N`.
 
-The agent serves its flow stream on 127.0.0.1:9811 of the node only; it runs
+Observe: the agent serves its flow stream on 127.0.0.1:9811 of the node only; it runs
 with hostNetwork, so `kubectl port-forward` to its pod reaches that port
 (with the user's own credentials: RBAC's pods/portforward). The client is the
 one of `fovea observe --server`.
@@ -8,13 +8,17 @@ one of `fovea observe --server`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
+from agent.cli.capture import Api, add_capture_commands, agent_pod, run_capture
+from agent.cli.observe import add_observe_filters, run_observe
 from agent.errors import FoveaError
 
 OBSERVE_PORT = 9811
@@ -76,9 +80,6 @@ def port_forward(cmd: list[str], local_port: int, popen=subprocess.Popen):
 
 
 def cmd_observe(args) -> int:
-    from agent.cli import run_observe
-    from capture.cli import Api, agent_pod
-
     kubectl = shutil.which("kubectl")
     if not kubectl:
         raise FoveaError("kubectl is not on PATH", "install kubectl: kubectl fovea observe runs kubectl port-forward")
@@ -112,8 +113,6 @@ def _forwarding_error(log) -> str:
 
 
 def add_observe_command(sub) -> None:
-    from agent.cli import add_observe_filters
-
     o = sub.add_parser(
         "observe", help="live flows, drops and DNS transactions of a node",
         description="Show what the Fovea agent on a node saw, through kubectl port-forward to its flow stream "
@@ -126,3 +125,21 @@ def add_observe_command(sub) -> None:
     o.add_argument("--context", help="kubeconfig context to use")
     add_observe_filters(o)
     o.set_defaults(func=cmd_observe)
+
+
+def kubectl_main(argv: list[str] | None = None) -> int:
+    """The kubectl-fovea executable: `kubectl fovea capture ...` and `kubectl fovea observe`."""
+    p = argparse.ArgumentParser(prog="kubectl fovea", description="Fovea from kubectl: packet captures and the "
+                                "live flow stream of a node.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_capture_commands(sub)
+    sub.choices["capture"].set_defaults(func=run_capture)
+    add_observe_command(sub)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except FoveaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

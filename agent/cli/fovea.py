@@ -8,6 +8,7 @@ import signal
 import sys
 
 from agent import __version__
+from agent.cli.observe import add_observe_filters
 from agent.errors import FoveaError
 
 log = logging.getLogger("fovea")
@@ -57,7 +58,7 @@ def cmd_agent(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from agent.doctor import report, run_checks
+    from agent.cli.doctor import report, run_checks
 
     checks = run_checks()
     print(report(checks))
@@ -67,50 +68,16 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from agent.demo import run_demo
+    from agent.lab.demo import run_demo
 
     _setup_logging(args.log_level or "warning")
     return run_demo(port=args.port, duration=args.duration)
 
 
 def cmd_observe(args) -> int:
+    from agent.cli.observe import run_observe
+
     return run_observe(args, args.server, args.socket)
-
-
-def run_observe(args, server: str | None, socket_path: str = "") -> int:
-    """Print the records the observe flags ask for (also `kubectl fovea observe`)."""
-    import json
-
-    from agent.observe import connect, format_human, stream
-
-    filt = {"namespace": args.namespace, "pod": args.pod, "protocol": args.protocol, "port": args.port,
-            "verdict": args.verdict, "dns": args.dns or None}
-    last = args.last if args.last is not None else (0 if args.follow else 20)
-    request = {"last": last, "follow": args.follow, "filter": {k: v for k, v in filt.items() if v is not None}}
-    conn = connect(server, socket_path)
-    try:
-        for record in stream(conn, request):
-            print(json.dumps(record) if args.output == "json" else format_human(record), flush=True)
-    except BrokenPipeError:  # | head
-        pass
-    finally:
-        conn.close()
-    return 0
-
-
-def add_observe_filters(o: argparse.ArgumentParser) -> None:
-    """The record filters and output flags of `fovea observe` and `kubectl fovea observe`."""
-    o.add_argument("--namespace", "-n", help="records with an end in this namespace")
-    o.add_argument("--pod", help="records with an end in this pod ([namespace/]name)")
-    o.add_argument("--protocol", choices=["tcp", "udp", "icmp", "other"], help="this L4 protocol only")
-    o.add_argument("--port", type=int, help="records with an end on this port")
-    o.add_argument("--verdict", choices=["forwarded", "dropped"], help="dropped: drops only")
-    o.add_argument("--dns", action="store_true", help="DNS transactions only")
-    o.add_argument("-o", "--output", choices=["human", "json"], default="human",
-                   help="human (default) or json: one JSON object per line")
-    o.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    o.add_argument("--last", type=int, metavar="N",
-                   help="the last N matching records first (default 20; 0 with --follow)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     m.set_defaults(func=cmd_demo)
 
-    from capture.cli import add_capture_commands, run_capture
+    from agent.cli.capture import add_capture_commands, run_capture
 
     add_capture_commands(sub)
     sub.choices["capture"].set_defaults(func=run_capture)

@@ -1,4 +1,4 @@
-"""`kubectl fovea capture ...` (the kubectl-fovea executable) and `fovea capture ...`.
+"""`kubectl fovea capture ...` and `fovea capture ...`.
 
 Talks to the API server with the user's own kubeconfig, like kubectl: what a
 person may capture and download is what RBAC lets them do with Capture
@@ -7,7 +7,6 @@ resources, Secrets and the agents' pod proxy.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -504,23 +503,3 @@ def add_capture_commands(sub) -> None:
 def run_capture(args) -> int:
     api = Api(args.kubeconfig, args.context, args.namespace)
     return args.capture_func(api, args)
-
-
-def kubectl_main(argv: list[str] | None = None) -> int:
-    """The kubectl-fovea executable: `kubectl fovea capture ...` and `kubectl fovea observe`."""
-    from capture.observe import add_observe_command
-
-    p = argparse.ArgumentParser(prog="kubectl fovea", description="Fovea from kubectl: packet captures and the "
-                                "live flow stream of a node.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_capture_commands(sub)
-    sub.choices["capture"].set_defaults(func=run_capture)
-    add_observe_command(sub)
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except FoveaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130

@@ -1,6 +1,6 @@
 """`fovea demo`: the agent on a demo node made of network namespaces.
 
-Two "pods" and an "outside world" behind a demo uplink (agent/netlab.py).
+Two "pods" and an "outside world" behind a demo uplink (agent/lab/netlab.py).
 The pods are named by a static pods file (shop/web and shop/db), so the
 summary shows pod-level traffic and the workload traffic map too.
 Live traffic flows from the pods to the world: pings, a TCP transfer, UDP
@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.config import Config, PodLevelConfig, PodsConfig
-from agent.netlab import NodeLab
+from agent.lab.netlab import NodeLab
 from agent.runtime import Agent, require_root
 
 log = logging.getLogger(__name__)
