@@ -32,7 +32,7 @@ class DropsConfig:
 
 @dataclass(frozen=True)
 class FlowsConfig:
-    enabled: bool = True  # keep the flow table in the tc programs (spans, `fovea observe`)
+    enabled: bool = True  # flow records (spans, `fovea observe`); the pods program keeps its table regardless
     mapSize: int = 65536  # flows kept in the kernel table; past it, flows go through the ring buffer
     ringBufferSize: int = 1 << 20  # bytes; a power of two, at least 4096
     idleTimeout: float = 30.0  # seconds without a packet that end a flow
