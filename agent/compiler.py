@@ -64,6 +64,14 @@ def compile_program(name: str, cflags: list[str], headers: Headers):
         with contextlib.redirect_stderr(err):
             return BPF(text=inline_includes(src / f"{name}.c").encode(), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile/load failure
+        from agent import capabilities
+
+        lacking = capabilities.missing(["CAP_BPF", "CAP_PERFMON"])
+        if lacking or "not permitted" in str(e):  # not the headers' fault
+            raise FoveaError(f"the kernel refused to load bpf/{name}.c: {e}",
+                             capabilities.describe_missing(lacking) if lacking else
+                             "a capability or security policy (seccomp, lockdown) forbids it: run 'fovea doctor'",
+                             ) from None
         raise FoveaError(
             f"could not compile or load bpf/{name}.c: {e}",
             f"check the kernel headers ({headers.description}) and 'fovea doctor'",

@@ -55,6 +55,7 @@ class ObserveConfig:
     socket: str = "/run/fovea/observe.sock"  # Unix socket of the flow stream; empty: none
     port: int = 9811  # TCP port on 127.0.0.1 only; 0: none
     buffer: int = 4096  # recent records kept for --last (a few MiB of memory)
+    maxFollowers: int = 64  # clients following the stream at once; more are refused with an error
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Config:
             ("otlp.batchSize", 1 <= self.otlp.batchSize <= self.otlp.queueSize, "1 to otlp.queueSize"),
             ("observe.port", 0 <= self.observe.port <= 65535, "a TCP port, or 0 for none"),
             ("observe.buffer", self.observe.buffer >= 1, "at least 1"),
+            ("observe.maxFollowers", self.observe.maxFollowers >= 1, "at least 1"),
             ("tcp.mapSize", 1 <= self.tcp.mapSize <= 1 << 20, "1 to 1048576"),
             ("tcp.socketMapSize", 1 <= self.tcp.socketMapSize <= 1 << 22, "1 to 4194304"),
             ("tcp.reconcileInterval", self.tcp.reconcileInterval > 0, "a positive number of seconds"),

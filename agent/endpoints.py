@@ -11,9 +11,11 @@ appears on the host.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 from agent.nsenter import in_netns
 
 log = logging.getLogger(__name__)
+
+# Test only: seconds every scan waits first (FOVEA_TEST_SCAN_DELAY), to show that a slow
+# scan never holds up the read loop or a scrape. Never set it in production.
+SCAN_DELAY = float(os.environ.get("FOVEA_TEST_SCAN_DELAY") or 0)
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,17 @@ class Endpoints:
         self.netns_dir = Path(netns_dir)
         self.proc = Path(proc)
         self._paths: dict[int, str] = {}  # nsid -> namespace path
+        self._denied = False  # the last look under /proc was refused for some process
         self._events: IPRoute | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.problem = ""  # why the last scan could not see every pod's addresses, in one line
 
     def scan(self) -> dict[int, PodInterface]:
+        if SCAN_DELAY:
+            time.sleep(SCAN_DELAY)
         found = {}
+        self._problems: list[str] = []
         with IPRoute() as ipr:
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
@@ -55,9 +66,14 @@ class Endpoints:
                 if name in self.exclude or nsid is None or info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
                     continue
                 path = self._netns_path(ipr, nsid)
+                if not path and self._denied:
+                    self._problems.append(f"the network namespace of {name} was not found: missing capability "
+                                          "CAP_SYS_PTRACE (needed to find the network namespaces of processes "
+                                          "under /proc)")
                 peer = link.get_attr("IFLA_LINK")
                 ips = self._peer_ips(path, peer) if path and peer else ()
                 found[link["index"]] = PodInterface(link["index"], name, path, ips)
+        self.problem = self._problems[0] if self._problems else ""
         return found
 
     def _netns_path(self, ipr: IPRoute, nsid: int) -> str:
@@ -86,9 +102,13 @@ class Endpoints:
         candidates += sorted(self.proc.glob("[0-9]*/ns/net"))
         out: dict[int, str] = {}
         seen_inodes = set()
+        self._denied = False
         for path in candidates:
             try:
                 inode = os.stat(path).st_ino
+            except PermissionError:
+                self._denied = True  # another user's process: reading its namespace needs CAP_SYS_PTRACE
+                continue
             except OSError:
                 continue  # a process that exited
             if inode in seen_inodes:
@@ -99,15 +119,19 @@ class Endpoints:
                 out.setdefault(nsid, str(path))
         return out
 
-    @staticmethod
-    def _peer_ips(path: str, peer_index: int) -> tuple[str, ...]:
+    def _peer_ips(self, path: str, peer_index: int) -> tuple[str, ...]:
         try:
             with in_netns(path), IPRoute() as ipr:
                 addrs = ipr.get_addr(index=peer_index)
                 return tuple(
                     a.get_attr("IFA_ADDRESS") for a in addrs if a.get_attr("IFA_ADDRESS") and a["scope"] == 0
                 )
-        except (OSError, NetlinkError):
+        except OSError as e:
+            if e.errno == errno.EPERM:  # not a pod going away: the agent may not enter namespaces
+                self._problems.append(f"{e.strerror}: missing capability CAP_SYS_ADMIN (needed to enter pod "
+                                      "network namespaces and read their addresses)")
+            return ()
+        except NetlinkError:
             return ()
 
     def watch(self, on_change: Callable[[], None]) -> None:

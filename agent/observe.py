@@ -8,8 +8,11 @@ newline-delimited JSON. Protocol: the client sends one JSON line
 
 and reads one JSON record per line; without "follow" the server closes after
 the last record. A follower that cannot keep up loses records (counted, and
-told with a {"type": "lost"} line), never slows the agent down. The client is
-agent/cli/observe.py.
+told with a {"type": "lost"} line), never slows the agent down. A request that
+is not valid (not JSON, a wrong type, an unknown key, longer than 64 KiB), or a
+follower past `observe.maxFollowers`, gets one {"type": "error"} line and the
+connection closes; nothing a client sends stops the stream for the others. The
+client is agent/cli/observe.py.
 """
 
 from __future__ import annotations
@@ -20,17 +23,62 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import socketserver
 import threading
 from datetime import datetime, timezone
 
 from agent.events import DnsTransaction, DropEvent, FlowRecord
+from agent.supervise import Supervisor, fault
 
 log = logging.getLogger(__name__)
 
-FILTER_KEYS = ("namespace", "pod", "protocol", "port", "verdict", "dns")
+FILTER_TYPES = {"namespace": str, "pod": str, "protocol": str, "port": int, "verdict": str, "dns": bool}
+FILTER_KEYS = tuple(FILTER_TYPES)
+REQUEST_TYPES = {"last": int, "follow": bool, "filter": dict}
+MAX_REQUEST = 65536  # bytes of the request line
 FOLLOWER_QUEUE = 10_000
+CLIENT_TIMEOUT = 30  # seconds a client may take to send its request, or to take a line
+
+
+_KIND = {int: "an integer", str: "a string", bool: "a boolean", dict: "an object"}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def parse_request(line: bytes) -> tuple[dict, int, bool]:
+    """(filter, last, follow) from a request line; BadRequest says what is wrong, in one line."""
+    if len(line) >= MAX_REQUEST and not line.endswith(b"\n"):
+        raise BadRequest(f"request longer than {MAX_REQUEST} bytes: send one JSON object on one line")
+    try:
+        req = json.loads(line or b"{}")
+    except ValueError as e:
+        raise BadRequest(f"request is not JSON ({e}): send one JSON object on one line") from None
+    if not isinstance(req, dict):
+        raise BadRequest(f"request is a JSON {type(req).__name__}, not an object: "
+                         '{"last": 20, "follow": true, "filter": {...}}')
+    _check_types(req, REQUEST_TYPES, "")
+    filt = req.get("filter") or {}
+    _check_types(filt, FILTER_TYPES, "filter.")
+    if "port" in filt and not 0 <= filt["port"] <= 65535:
+        raise BadRequest(f"filter.port {filt['port']} is not a port number (0-65535)")
+    last = req.get("last") or 0
+    if last < 0:
+        raise BadRequest(f"last {last} is negative: the number of recent records to send, 0 for none")
+    return {k: v for k, v in filt.items() if v not in (None, "", 0, False)}, last, bool(req.get("follow"))
+
+
+def _check_types(obj: dict, types: dict, prefix: str) -> None:
+    for key, value in obj.items():
+        want = types.get(key)
+        if want is None:
+            raise BadRequest(f"unknown key {prefix}{key!r}: known keys are {', '.join(prefix + k for k in types)}")
+        # bool is an int in Python; JSON true is no port number
+        if value is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise BadRequest(f"{prefix}{key} is {json.dumps(value)[:40]}, not {_KIND[want]}")
 
 
 def _time(seconds: float) -> str:
@@ -105,7 +153,7 @@ def matches(d: dict, f: dict) -> bool:
             return False
     if f.get("protocol") and d.get("protocol") != f["protocol"].lower():
         return False
-    if f.get("port") and not any(e.get("port") == int(f["port"]) for e in ends):
+    if f.get("port") and not any(e.get("port") == f["port"] for e in ends):
         return False
     if f.get("verdict") and d.get("verdict") != f["verdict"]:
         return False
@@ -122,8 +170,9 @@ class _Follower:
 
 
 class ObserveServer:
-    def __init__(self, cfg, hub, resolver=None, node: str = ""):
+    def __init__(self, cfg, hub, resolver=None, node: str = "", supervisor: Supervisor | None = None):
         self.cfg = cfg.observe
+        self.supervisor = supervisor or Supervisor()
         self.resolver = resolver
         self.node = node
         self.recent: collections.deque = collections.deque(maxlen=self.cfg.buffer)
@@ -134,11 +183,13 @@ class ObserveServer:
         self.servers: list[socketserver.BaseServer] = []
         self.errors: list[str] = []
         self.lost = 0  # records followers could not take
+        self.refused = 0  # requests answered with an error
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._feed, name="observe-feed", daemon=True)]
+        self._threads: list[threading.Thread] = []
         self._listen()
         for t in self._threads:
             t.start()
+        self._feeder = self.supervisor.thread("observe-feed", self._feed, self._stop)
 
     # -- listening ----------------------------------------------------------------
 
@@ -166,8 +217,17 @@ class ObserveServer:
         server = self
 
         class Handler(socketserver.StreamRequestHandler):
+            timeout = CLIENT_TIMEOUT
+
             def handle(self):
-                server._serve(self.rfile, self.wfile)
+                try:
+                    server._serve(self.rfile, self.wfile, self.request)
+                    self.wfile.flush()
+                    _close_gently(self.request)
+                except (OSError, ValueError):
+                    pass  # the client went away or stalled (ValueError: its file was closed)
+                except Exception as e:  # one client request never takes the stream down
+                    server.supervisor.failed("observe-request", e)
 
         return Handler
 
@@ -175,13 +235,14 @@ class ObserveServer:
 
     def _feed(self) -> None:
         while not self._stop.is_set():
+            fault("observe-feed")  # tests only
             record = self.sub.get(timeout=0.5)
             if record is None:
                 continue
             try:
                 d = record_dict(record, self.resolver, self.node)
-            except Exception:
-                log.exception("cannot describe %r", record)
+            except Exception as e:  # one bad record is skipped, and counted
+                self.supervisor.failed("observe-record", e)
                 continue
             if d is None:
                 continue
@@ -197,22 +258,29 @@ class ObserveServer:
                         f.lost += 1
                         self.lost += 1
 
-    def _serve(self, rfile, wfile) -> None:
+    def _refuse(self, wfile, message: str) -> None:
+        with self.lock:
+            self.refused += 1
+        _write(wfile, {"type": "error", "message": message})
+        wfile.flush()
+
+    def _serve(self, rfile, wfile, sock=None) -> None:
+        fault("observe-request")  # tests only
         try:
-            req = json.loads(rfile.readline(65536) or b"{}")
-            if not isinstance(req, dict):
-                raise ValueError("not an object")
-            filt = {k: v for k, v in (req.get("filter") or {}).items() if k in FILTER_KEYS and v not in (None, "")}
-            last = int(req.get("last") or 0)
-            follow = bool(req.get("follow"))
-        except (ValueError, TypeError) as e:
-            _write(wfile, {"type": "error", "message": f"bad request: {e}"})
+            filt, last, follow = parse_request(rfile.readline(MAX_REQUEST))
+        except BadRequest as e:
+            self._refuse(wfile, f"bad request: {e}")
             return
         follower = _Follower(filt) if follow else None
         with self.lock:
-            past = [line for line in self.recent if matches(json.loads(line), filt)][-last:] if last > 0 else []
-            if follower:
+            full = follower is not None and len(self.followers) >= self.cfg.maxFollowers
+            if follower and not full:
                 self.followers.append(follower)
+            past = [line for line in self.recent if matches(json.loads(line), filt)][-last:] if last > 0 else []
+        if full:
+            self._refuse(wfile, f"too many followers ({self.cfg.maxFollowers}, observe.maxFollowers): "
+                         "try again later, or ask without follow")
+            return
         try:
             for line in past:
                 wfile.write(line)
@@ -222,6 +290,8 @@ class ObserveServer:
                 try:
                     line = follower.queue.get(timeout=1.0)
                 except queue.Empty:
+                    if sock is not None and _hung_up(sock):
+                        break  # a quiet stream: let go of a follower that left without a write failing
                     continue
                 if follower.lost > reported:
                     _write(wfile, {"type": "lost", "records": follower.lost - reported})
@@ -247,7 +317,27 @@ class ObserveServer:
 
     def stats(self) -> dict[str, int]:
         with self.lock:
-            return {"followers": len(self.followers), "lost": self.lost, "hub_full": self.sub.dropped}
+            return {"followers": len(self.followers), "lost": self.lost, "hub_full": self.sub.dropped,
+                    "refused": self.refused}
+
+
+def _hung_up(sock) -> bool:
+    """Has the client closed its end? (Without waiting: the socket's timeout would apply to recv.)"""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def _close_gently(sock) -> None:
+    """End our side, and read what the client still sends (a bounded amount): closing
+    with unread input would reset the connection before the client reads our error."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(1)
+    left = 4 * MAX_REQUEST
+    while left > 0 and (chunk := sock.recv(65536)):
+        left -= len(chunk)
 
 
 def _line(d: dict) -> bytes:
@@ -260,11 +350,13 @@ def _write(wfile, d: dict) -> None:
 
 class _TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
+    request_queue_size = 128  # a burst of clients waits in the backlog instead of being refused
     allow_reuse_address = True
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128
 
 
 def _unix_server(path: str, handler) -> _UnixServer:

@@ -11,17 +11,19 @@ import time
 from prometheus_client import CollectorRegistry, ProcessCollector
 from pyroute2 import IPRoute
 
+from agent import capabilities
 from agent.config import Config
+from agent.datapath import Datapath
 from agent.enrich import Resolver
 from agent.errors import FoveaError
 from agent.events import EventHub
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs
-from agent.metrics import FoveaCollector
+from agent.metrics import FoveaCollector, build_snapshot
 from agent.plugins import REGISTRY
 from agent.plugins.base import Plugin, PluginContext
 from agent.server import MetricsServer, TlsFiles
-from agent.tc import TcAttacher
+from agent.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +64,38 @@ def check_uplinks(names: list[str]) -> None:
 
 
 class Agent:
+    """Only the read loop (run()) reads the kernel and touches the plugins; after
+    each read it builds a snapshot of metric families, and /metrics renders the
+    latest snapshot without waiting for anything."""
+
     def __init__(self, config: Config):
         self.config = config
-        self.lock = threading.Lock()  # plugins are read by the loop and by scrapes
         self.plugins: dict[str, Plugin] = {}
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # plugin -> why it could not start
         self.events = EventHub()
-        self.tc: TcAttacher | None = None
+        self.supervisor = Supervisor()
+        self.datapath: Datapath | None = None
         self.pod_source = None
         self.captures = None
         self.server: MetricsServer | None = None
         self.resolver: Resolver | None = None
         self.traces = None  # agent/traces.py TraceExporter, when OTLP is on
         self.observe = None  # agent/observe.py ObserveServer
+        self.snapshot: list = []  # metric families of the last read (replaced whole, never mutated)
+        self.down: dict[str, str] = {}  # enabled plugin -> why it is down, as of the last read
+        self._read_errors: dict[str, str] = {}  # plugin -> why its last read failed
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._loop_done = threading.Event()
+        self._loop_done.set()  # until run() starts
         self._heartbeat = time.monotonic()
         self._ready = False
-        self._refresh_errors: dict[str, float] = {}
 
     def start(self) -> None:
         require_root()
         cfg = self.config
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(FoveaCollector(self))
+        registry.register(FoveaCollector(lambda: self.snapshot))
         ProcessCollector(registry=registry)  # process_resident_memory_bytes etc.: the agent's own footprint
         # Bind first: a busy port fails before anything touches the kernel.
         self.server = MetricsServer(cfg.bindAddress, cfg.port, registry, self.health, self.readiness,
@@ -102,6 +112,7 @@ class Agent:
         except Exception as e:  # captures down never takes the metrics down
             log.exception("captures are down")
             self.failed["captures"] = str(e) or type(e).__name__
+        self._read()  # the first snapshot: /metrics has data as soon as it answers
         self.server.start()
         self._ready = True
         log.info("serving /metrics on %s://%s:%d%s (node %s)", "https" if cfg.tls.certFile else "http",
@@ -125,32 +136,50 @@ class Agent:
         uplinks = list(cfg.uplinks) or default_route_interfaces()
         check_uplinks(uplinks)
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
-        self.tc = TcAttacher(cfg.tc.priority, instance=cfg.node, mode=cfg.tc.mode)
-        log.info("tc programs attach with %s", self.tc.mode)
+        self.datapath = Datapath(cfg, headers, uplinks, self.wake, self.supervisor)
+        log.info("tc programs attach with %s", self.datapath.tc.mode)
+        self.datapath.start()
         self.pod_source = self._pod_source()
         resolver = self.resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
-        ctx = PluginContext(cfg, headers, tracefs, self.tc, uplinks, resolver, self.wake, self.events)
-        # Plugins that extend other plugins' tc programs register before those compile.
-        for name in sorted(cfg.plugins, key=lambda n: not REGISTRY[n].extends_tc):
+        ctx = PluginContext(cfg, headers, tracefs, self.datapath, uplinks, resolver, self.wake, self.events)
+        held = capabilities.effective()
+        candidates = {}
+        # Every plugin that can run declares its tc features before any program compiles.
+        for name in cfg.plugins:
             plugin = REGISTRY[name]()
-            why = plugin.check(tracefs)
+            missing = capabilities.missing(plugin.capabilities, held)
+            why = capabilities.describe_missing(missing) if missing else plugin.check(tracefs)
             if why is None:
                 try:
-                    started = time.monotonic()
-                    plugin.start(ctx)
-                    self.plugins[name] = plugin
-                    log.info("plugin %s started in %.1fs", name, time.monotonic() - started)
+                    plugin.declare(self.datapath)
+                    candidates[name] = plugin
                     continue
                 except FoveaError as e:
                     why = str(e)
-                except Exception as e:  # one plugin failing never takes the agent down
-                    log.exception("plugin %s failed to start", name)
-                    why = f"{type(e).__name__}: {e}"
+            self._plugin_down(name, plugin, why)
+        for name, plugin in candidates.items():
+            try:
+                started = time.monotonic()
+                plugin.start(ctx)
+                self.plugins[name] = plugin
+                log.info("plugin %s started in %.1fs", name, time.monotonic() - started)
+                continue
+            except FoveaError as e:
+                why = str(e)
+            except Exception as e:  # one plugin failing never takes the agent down
+                log.exception("plugin %s failed to start", name)
+                why = f"{type(e).__name__}: {e}"
+            self._plugin_down(name, plugin, why)
+        if not self.plugins:  # keep serving: plugin_up and /readyz say why, and the alerts fire
+            log.error("no plugin could start: see the errors above, and run 'fovea doctor'")
+
+    def _plugin_down(self, name: str, plugin: Plugin, why: str) -> None:
+        try:
             plugin.close()
-            self.failed[name] = why
-            log.error("plugin %s is down: %s", name, why)
-        if not self.plugins:
-            raise FoveaError("no plugin could start", "see the errors above, and run 'fovea doctor'")
+        except Exception:
+            log.exception("plugin %s did not close cleanly", name)
+        self.failed[name] = why
+        log.error("plugin %s is down: %s", name, why)
 
     def _start_consumers(self) -> None:
         """The record consumers: OTLP spans (when on) and the flow stream."""
@@ -159,51 +188,19 @@ class Agent:
 
         cfg = self.config
         if otlp_enabled(cfg):
-            self.traces = TraceExporter(cfg, self.events, self.resolver)
+            self.traces = TraceExporter(cfg, self.events, self.resolver, supervisor=self.supervisor)
         if cfg.observe.socket or cfg.observe.port:
-            self.observe = ObserveServer(cfg, self.events, self.resolver, cfg.node)
-
-    def extra_metrics(self) -> list:
-        """Self-metrics of the record consumers (fovea_agent_*)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        out = []
-        if self.traces is not None:
-            c = self.traces.counts()
-            exported = CounterMetricFamily("fovea_agent_spans_exported", "Spans the OTLP collector accepted")
-            exported.add_metric([], c["exported"])
-            failed = CounterMetricFamily("fovea_agent_spans_failed",
-                                         "Spans whose export failed (collector down, slow or refusing)")
-            failed.add_metric([], c["failed"])
-            dropped = CounterMetricFamily("fovea_agent_spans_dropped", "Spans never sent, by why",
-                                          labels=["reason"])
-            for reason in ("queue_full", "rate_limit"):
-                dropped.add_metric([reason], c[reason])
-            sampled = CounterMetricFamily("fovea_agent_spans_sampled_out", "Records left out by otlp.sampleRatio")
-            sampled.add_metric([], c["sampled_out"])
-            queued = GaugeMetricFamily("fovea_agent_spans_queued", "Spans waiting for the collector")
-            queued.add_metric([], c["queued"])
-            out += [exported, failed, dropped, sampled, queued]
-        if self.observe is not None:
-            s = self.observe.stats()
-            followers = GaugeMetricFamily("fovea_agent_observe_clients", "Clients following the flow stream")
-            followers.add_metric([], s["followers"])
-            lost = CounterMetricFamily("fovea_agent_observe_lost_records",
-                                       "Records flow-stream clients could not keep up with")
-            lost.add_metric([], s["lost"] + s["hub_full"])
-            out += [followers, lost]
-        return out
+            self.observe = ObserveServer(cfg, self.events, self.resolver, cfg.node, supervisor=self.supervisor)
 
     def _start_captures(self) -> None:
         """The Capture controller (with the Kubernetes API only)."""
         cfg = self.config
         if cfg.standalone or not cfg.captures.enabled:
             return
-        from agent.endpoints import Endpoints
         from capture.service import start_captures
 
-        uplinks = list(cfg.uplinks) or default_route_interfaces()
-        self.captures = start_captures(cfg, uplinks, Endpoints(exclude=set(uplinks)).scan, self.events.publish)
+        # Captures find their pods' interfaces in the datapath's one inventory.
+        self.captures = start_captures(cfg, self.datapath.uplinks, self.datapath.interfaces, self.events.publish)
         self.server.captures = self.captures.artifact
 
     def _pod_source(self):
@@ -220,37 +217,53 @@ class Agent:
         log.info("watching the Kubernetes API for pods of node %s", cfg.node)
         return cache
 
-    def refresh_all(self) -> list[Plugin]:
-        """Read every plugin's maps; a failing plugin is logged, not fatal."""
-        running = []
+    def run(self) -> None:
+        """The read loop, the only reader of the kernel: map reads and a new
+        snapshot every interval; housekeeping (interfaces that came or went)
+        every interval and as soon as something asks for it. Nothing that fails
+        in one plugin stops it (agent/supervise.py)."""
+        self._loop_done.clear()
+        try:
+            next_read = time.monotonic() + self.config.interval
+            while not self._stop.is_set():
+                self._wake.wait(max(0.0, next_read - time.monotonic()))
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                self._housekeeping()
+                if time.monotonic() >= next_read:
+                    self._read()
+                    next_read = time.monotonic() + self.config.interval
+                self._heartbeat = time.monotonic()
+        finally:
+            self._loop_done.set()
+
+    def _housekeeping(self) -> None:
+        for name, plugin in self.plugins.items():
+            self.supervisor.call(f"{name}.reconcile", plugin.reconcile)
+
+    def _read(self) -> None:
+        """Read every plugin's maps, then publish a new snapshot and the health it shows."""
+        for name, plugin in self.plugins.items():
+            ok = self.supervisor.call(f"{name}.refresh", plugin.refresh)
+            if ok:
+                self._read_errors.pop(name, None)
+            elif ok is False:
+                self._read_errors[name] = "reading its maps failed (see the log)"
+        down = dict(self.failed)
         for name, plugin in self.plugins.items():
             try:
-                plugin.refresh()
-                running.append(plugin)
-            except Exception:
-                now = time.monotonic()
-                if now - self._refresh_errors.get(name, 0) > 60:  # rate-limited
-                    log.exception("plugin %s failed to read its maps", name)
-                    self._refresh_errors[name] = now
-        return running
-
-    def run(self) -> None:
-        """The read loop: map reads every interval; housekeeping (interfaces that
-        came or went) every interval and as soon as a plugin asks for it. All
-        netlink and tc work happens on this thread."""
-        next_read = time.monotonic() + self.config.interval
-        while not self._stop.is_set():
-            self._wake.wait(max(0.0, next_read - time.monotonic()))
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            with self.lock:
-                for plugin in self.plugins.values():
-                    plugin.reconcile()
-                if time.monotonic() >= next_read:
-                    self.refresh_all()
-                    next_read = time.monotonic() + self.config.interval
-            self._heartbeat = time.monotonic()
+                why = self._read_errors.get(name) or plugin.problem()
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+            if why:
+                if self.down.get(name) != why:
+                    log.error("plugin %s is down: %s", name, why)
+                down[name] = why
+            elif name in self.down:
+                log.info("plugin %s is up again", name)
+        self.down = {n: w for n, w in down.items() if n in self.config.plugins}
+        self.snapshot = build_snapshot(self)
 
     def wake(self) -> None:
         """Ask the read loop for housekeeping now (from any thread)."""
@@ -268,36 +281,42 @@ class Agent:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready while every enabled plugin is up (as of the last read)."""
         if not self._ready:
             return False, "starting"
-        down = ", ".join(f"{n} ({w})" for n, w in self.failed.items())
-        stream = "; ".join(self.observe.errors) if self.observe is not None else ""
-        return True, "ready" + (f"; plugins down: {down}" if down else "") + (
-            f"; flow stream not served on {stream}" if stream else "")
+        down = self.down
+        notes = [f"plugin {n} is down: {w}" for n, w in down.items()]
+        if "captures" in self.failed:
+            notes.append(f"captures are down: {self.failed['captures']}")
+        if self.observe is not None and self.observe.errors:
+            notes.append(f"flow stream not served on {'; '.join(self.observe.errors)}")
+        return not down, "; ".join(["not ready" if down else "ready", *notes])
 
     def close(self) -> None:
         """Detach everything from the kernel; safe to call twice."""
-        with self.lock:
-            for plugin in self.plugins.values():
+        self.stop()
+        if not self._loop_done.wait(timeout=60):
+            log.warning("the read loop did not stop within 60s; closing anyway")
+        for plugin in self.plugins.values():
+            try:
+                plugin.close()
+            except Exception:
+                log.exception("plugin %s did not close cleanly", plugin.name)
+        self.plugins.clear()
+        # Plugins published their last flows on close: hand them on, then stop.
+        for consumer in (self.traces, self.observe):
+            if consumer is not None:
                 try:
-                    plugin.close()
+                    consumer.close()
                 except Exception:
-                    log.exception("plugin %s did not close cleanly", plugin.name)
-            self.plugins.clear()
-            # Plugins published their last flows on close: hand them on, then stop.
-            for consumer in (self.traces, self.observe):
-                if consumer is not None:
-                    try:
-                        consumer.close()
-                    except Exception:
-                        log.exception("%s did not close cleanly", type(consumer).__name__)
-            self.traces = self.observe = None
-            if self.tc is not None:
-                self.tc.close()
-                self.tc = None
-            if self.pod_source is not None:
-                self.pod_source.stop()
-                self.pod_source = None
+                    log.exception("%s did not close cleanly", type(consumer).__name__)
+        self.traces = self.observe = None
+        if self.datapath is not None:
+            self.datapath.close()
+            self.datapath = None
+        if self.pod_source is not None:
+            self.pod_source.stop()
+            self.pod_source = None
         if self.captures is not None:
             self.captures.stop()
             self.captures = None

@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from agent import __version__
 from agent.events import CaptureReport, DnsTransaction, DropEvent, FlowRecord
 from agent.flows import tcp_flag_names
+from agent.supervise import Supervisor, fault
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class SpanBuilder:
 class TraceExporter:
     """The hub consumer that turns records into exported spans."""
 
-    def __init__(self, cfg, hub, resolver=None, exporter=None):
+    def __init__(self, cfg, hub, resolver=None, exporter=None, supervisor: Supervisor | None = None):
         self.cfg = cfg
         resource = Resource.create({"service.name": "fovea", "service.version": __version__,
                                     "k8s.node.name": cfg.node})
@@ -321,8 +322,8 @@ class TraceExporter:
         self.hub = hub
         self.sub = hub.subscribe("otlp", maxsize=RECORD_QUEUE)  # records waiting to become spans
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
-        self.thread.start()
+        self.supervisor = supervisor or Supervisor()
+        self.thread = self.supervisor.thread("otlp-spans", self._run, self._stop)
         log.info("exporting spans over OTLP (%s)", otlp_protocol(cfg))
 
     def _sampled(self, record) -> bool:
@@ -354,14 +355,15 @@ class TraceExporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            fault("otlp-spans")  # tests only
             record = self.sub.get(timeout=0.5)
             if record is None:
                 continue
             try:
                 self.handle(record)
-            except Exception:  # one bad record never ends the exporter
+            except Exception as e:  # one bad record never ends the exporter
                 self.errors += 1
-                log.exception("could not build a span from %r", record)
+                self.supervisor.failed("otlp-record", e)
 
     def counts(self) -> dict[str, int]:
         p = self.processor

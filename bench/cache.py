@@ -70,9 +70,10 @@ from agent.k8s.cache import KubeCache, make_api_client  # noqa: E402
 from agent.plugins.pods import FLOW_LABELS, POD_LABELS, PodsPlugin  # noqa: E402
 from agent.series import SeriesStore  # noqa: E402
 from agent.server import MetricsServer  # noqa: E402
+from bench.k8s_synthetic import Kind, SyntheticApi  # noqa: E402
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod, make_service  # noqa: E402
 
-CACHE_MEMORY_GOAL_MB = 100.0  # for a 10k-pod cluster
+CACHE_MEMORY_GOAL_MB = 100.0  # for a 10k-pod cluster (emulator), and for 150k pods (--synthetic)
 SCRAPE_GOAL_MS = 250.0  # at 10k series
 NODES = 50
 LOCAL_NODE = "node-a"
@@ -387,8 +388,8 @@ def bench_cache(args, results: dict) -> None:
         progress(f"synced in {sync_s:.2f}s: {stats}")
         rss_synced = rss_mb()
         stores = (cache._pods, cache._local, cache._namespaces, cache._services, cache._nodes,
-                  cache._pod_ips._claims, cache._pod_ips.best, cache._service_ips._claims,
-                  cache._service_ips.best, cache._node_ips._claims, cache._node_ips.best)
+                  cache._pod_ips._contested, cache._pod_ips.best, cache._service_ips._contested,
+                  cache._service_ips.best, cache._node_ips._contested, cache._node_ips.best)
         retained = deep_size(stores)
         progress(f"RSS {rss_before:.1f} -> {rss_synced:.1f} MB; stores hold {retained / 1e6:.1f} MB of objects")
         results.update(sync_s=sync_s, sync_cpu=sync_cpu, stats=stats, rss_before=rss_before, rss_synced=rss_synced,
@@ -472,7 +473,7 @@ def bench_events(args, api: K8sEmulator, cluster: Cluster, cache: KubeCache, res
 
     # Did the cache end where the emulator is?
     want = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in api.list("pods")}
-    have = cache._pods
+    have = {(p.namespace, p.name): p for p in list(cache._pods.values())}
     consistent = set(want) == set(have) and all(
         have[k].observe == ((o["metadata"].get("annotations") or {}).get(OBSERVE) == "true")
         for k, o in want.items())
@@ -589,6 +590,198 @@ def bench_scrape(args, results: dict) -> None:
     progress(f"  at the default cap ({cap}): {results['capped'][2][0]:.1f} ms")
 
 
+# -- 3. a cluster-scale cache against a generated API ---------------------------------------
+#
+# The emulator keeps every object (~15 KB of Python a pod: 2.3 GB at 150k pods), so at cluster
+# scale the API is bench/k8s_synthetic.py: pods made from their index when a page asks, served
+# from a process of its own. The same pod shape as the emulator's cluster above.
+
+SYSTEM_PODS = 2 * NODES  # hostNetwork DaemonSet pods in kube-system, the first indexes
+
+
+def synthetic_node(i: int) -> int:
+    return 0 if i % NODES == 0 else 1 + i % (NODES - 1)
+
+
+def synthetic_pod(i: int, app_namespaces: list[str], running: bool = False) -> dict:
+    """Pod i of the generated cluster: the same i gives the same pod (1 in 100 Pending)."""
+    rng = random.Random(i)
+    node_k = synthetic_node(i)
+    nodes = node_names()
+    ts = "2025-06-%02dT%02d:%02d:%02dZ" % (1 + i % 28, i // 3600 % 24, i // 60 % 60, i % 60)
+    if i < SYSTEM_PODS:
+        ds = ("kube-proxy", "cni-agent")[i // NODES % 2]
+        pod = make_pod(f"{ds}-{rand_suffix(rng, 5)}", "kube-system", node=nodes[node_k], ip=node_ip(node_k),
+                       labels={"k8s-app": ds, "controller-revision-hash": "6d4f8c7b9"}, annotations={},
+                       owner=("DaemonSet", ds), host_network=True)
+        app = ds
+    else:
+        d = i // 10
+        app, ns = f"svc-{d:05d}", app_namespaces[d % len(app_namespaces)]
+        rs_hash = rand_suffix(random.Random(-d), 10)
+        phase = "Running" if running or i % 100 != 37 else "Pending"
+        labels = {"app": app, "app.kubernetes.io/name": app, "app.kubernetes.io/part-of": ns,
+                  "app.kubernetes.io/version": "1.4.2", "pod-template-hash": rs_hash,
+                  "tier": ("frontend", "backend", "worker")[i % 3]}
+        annotations = {"kubectl.kubernetes.io/restartedAt": "2025-06-01T10:00:00Z", "prometheus.io/scrape": "true",
+                       "prometheus.io/port": "9090", "kubectl.kubernetes.io/default-container": "main"}
+        if i % 20 == 3:
+            annotations[OBSERVE] = "true"
+        pod = make_pod(f"{app}-{rs_hash}-{rand_suffix(rng, 5)}", ns, node=nodes[node_k],
+                       ip=pod_ip(i) if phase == "Running" else "", labels=labels, annotations=annotations,
+                       phase=phase, owner=("ReplicaSet", f"{app}-{rs_hash}"))
+    pod = enrich_pod(pod, rng, app, node_ip(node_k))
+    pod["metadata"].update(uid="%08x-%04x-4%03x-8%03x-%012x" % (rng.getrandbits(32), rng.getrandbits(16),
+                                                               rng.getrandbits(12), rng.getrandbits(12),
+                                                               rng.getrandbits(48)),
+                           creationTimestamp=ts, resourceVersion=str(1000 + i))
+    return pod
+
+
+def synthetic_kinds(pods: int, namespaces: int):
+    names = ["kube-system"] + [f"team-{i:02d}-app" for i in range(max(1, namespaces - 1))]
+    apps = names[1:]
+    nodes = node_names()
+    services = max(1, (pods - SYSTEM_PODS) // 10)
+    return [
+        Kind("pods", "PodList", pods, lambda i: synthetic_pod(i, apps), lambda i: nodes[synthetic_node(i)]),
+        Kind("namespaces", "NamespaceList", len(names),
+             lambda i: make_namespace(names[i], annotations={OBSERVE: "true"} if names[i].endswith("3-app") else {})),
+        Kind("services", "ServiceList", services,
+             lambda d: make_service(f"svc-{d:05d}", apps[d % len(apps)], selector={"app": f"svc-{d:05d}"},
+                                    cluster_ip=f"10.96.{d >> 8 & 255}.{d & 255}", port=8080)),
+        Kind("nodes", "NodeList", NODES, lambda k: make_node(nodes[k], node_ip(k))),
+    ], apps
+
+
+def synthetic_events(n: int, pods: int, apps: list[str], seed: int) -> tuple[list[dict], str]:
+    """n watch events in the mix of bench_events (the last one a new Running pod), and its IP."""
+    rng = random.Random(seed)
+    events, added = [], []
+    for k in range(n - 1):
+        kind = rng.choices(("labels", "observe", "create", "delete"), weights=(40, 10, 25, 25))[0]
+        if kind == "delete" and not added:
+            kind = "create"
+        if kind in ("labels", "observe"):
+            pod = synthetic_pod(rng.randrange(SYSTEM_PODS, pods), apps)
+            meta = pod["metadata"]
+            if kind == "labels":
+                meta["labels"]["bench-rev"] = meta["annotations"]["bench.example/rev"] = str(k)
+            elif meta["annotations"].pop(OBSERVE, None) is None:
+                meta["annotations"][OBSERVE] = "true"
+            events.append({"type": "MODIFIED", "object": pod})
+        elif kind == "create":
+            added.append(pods + k)
+            events.append({"type": "ADDED", "object": synthetic_pod(pods + k, apps)})
+        else:
+            events.append({"type": "DELETED", "object": synthetic_pod(added.pop(0), apps)})
+    events.append({"type": "ADDED", "object": synthetic_pod(pods + n, apps, running=True)})
+    return events, pod_ip(pods + n)
+
+
+def bench_synthetic(args, results: dict) -> None:
+    kinds, apps = synthetic_kinds(args.pods, args.namespaces)
+    sample = [len(json.dumps(synthetic_pod(i, apps), separators=(",", ":"))) for i in range(200, 400)]
+    results["json_bytes"] = sum(sample) // len(sample)
+    api = SyntheticApi(kinds, lambda n, seed: synthetic_events(n, args.pods, apps, seed)).start()
+    progress(f"synthetic API on {api.url}: {args.pods} pods, ~{results['json_bytes']} B JSON a pod")
+    with tempfile.TemporaryDirectory(prefix="fovea-bench-") as tmp:
+        kubeconfig = str(api.write_kubeconfig(Path(tmp, "kubeconfig")))
+        client = make_api_client(kubeconfig)
+        rss_before = rss_mb()
+        t0 = time.perf_counter()
+        cache = KubeCache(client, LOCAL_NODE, cluster_wide=True, page_size=args.page_size).start()
+        try:
+            if not cache.wait_synced(timeout=1800):
+                raise SystemExit(f"the cache did not sync in 1800s: {cache.status()}")
+            sync_s = time.perf_counter() - t0
+            sync_cpu = reflector_cpu_s(cache)
+            rss_synced = rss_mb()
+            stats = cache.stats()
+            progress(f"synced in {sync_s:.1f}s ({sync_cpu:.1f}s CPU): {stats}; RSS {rss_before:.1f} -> "
+                     f"{rss_synced:.1f} MiB")
+            if stats["pods"] != args.pods:
+                raise SystemExit(f"the cache holds {stats['pods']} pods, the API {args.pods}")
+            stores = (cache._pods, cache._local, cache._namespaces, cache._services, cache._nodes,
+                      cache._pod_ips._contested, cache._pod_ips.best, cache._service_ips._contested,
+                      cache._service_ips.best, cache._node_ips._contested, cache._node_ips.best)
+            results.update(sync_s=sync_s, sync_cpu=sync_cpu, stats=stats, rss_before=rss_before,
+                           rss_synced=rss_synced, page_size=cache.timing.page_size, retained=deep_size(stores), local=len(cache.local_pods()))
+
+            progress(f"{args.events} watch events, made by the API server")
+            cpu0 = reflector_cpu_s(cache, ("pods",))
+            t = time.perf_counter()
+            sent = api.post_events(args.events, args.seed)
+            if not wait_for(lambda: cache.pod_by_ip(sent["last_ip"]) is not None, timeout=600):
+                raise SystemExit("the cache never showed the last event")
+            results.update(events=sent["events"], events_s=time.perf_counter() - t,
+                           event_bytes=sent["bytes"] / sent["events"],
+                           events_cpu=reflector_cpu_s(cache, ("pods",)) - cpu0, rss_events=rss_mb())
+            progress(f"events: {results['events_cpu']:.2f}s CPU, {results['event_bytes']:.0f} B an event")
+            bench_lookups([pod_ip(i) for i in range(SYSTEM_PODS, args.pods) if i % 100 != 37], cache, results)
+        finally:
+            cache.stop()
+            api.stop()
+
+
+MiB = 1024 * 1024
+
+
+def fan_out_rows(pods: int, json_bytes: int, event_bytes: float, event_us: float) -> list[str]:
+    """Per-agent and API-server load of a DaemonSet whose agents all watch all pods, against
+    one whose agents watch their node's pods only, for a few cluster sizes and event rates."""
+    rows = ["| nodes | pod events/s in the cluster | watch of all pods: per agent (CPU, bytes/s) | "
+            "… API server sends | node-scoped watch: API server sends | relist of a DaemonSet rollout: "
+            "all pods / node-scoped |", "|---:|---:|---|---:|---:|---|"]
+    for nodes in (1_000, 2_000, 5_000):
+        for rate in (50, 500):
+            per_agent_cpu = rate * event_us / 1e6 * 100
+            per_agent_bw = rate * event_bytes
+            rows.append(
+                f"| {nodes:,} | {rate} | {per_agent_cpu:.1f}% of a core, {per_agent_bw / 1e6:.2f} MB/s | "
+                f"{nodes * per_agent_bw / 1e9:.1f} GB/s | {per_agent_bw / 1e6:.2f} MB/s | "
+                f"{nodes * pods * json_bytes / 1e12:.2f} TB / {pods * json_bytes / 1e9:.2f} GB |")
+    return rows
+
+
+def report_synthetic(args, r: dict) -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stats, pods = r["stats"], r["stats"]["pods"]
+    added = r["rss_synced"] - r["rss_before"]
+    event_us = r["events_cpu"] / r["events"] * 1e6
+    lines = [
+        f"Run {now} on {cpu_model()} ({os.cpu_count()} CPUs), Python {platform.python_version()}, "
+        f"`bench/cache.py --synthetic --pods {args.pods} --events {args.events}`. Other processes on the "
+        f"machine used {r['others']:.2f} CPUs on average during the run.",
+        "",
+        f"Cluster (bench/k8s_synthetic.py, in its own process): {pods:,} pods ({r['local']} on {LOCAL_NODE}), "
+        f"{stats['services']:,} Services, {stats['nodes']} nodes, {stats['namespaces']} namespaces; a pod is "
+        f"~{r['json_bytes']:,} bytes of JSON.",
+        "",
+        "| Measurement | Result | Goal | |",
+        "|---|---|---|---|",
+        f"| KubeCache start → synced (cluster_wide, pages of {r['page_size']}) "
+        f"| {r['sync_s']:.1f} s (the cache's threads: {r['sync_cpu']:.1f} s CPU, "
+        f"{r['sync_cpu'] / pods * 1e6:.0f} µs a pod) | | |",
+        f"| Memory the cache added (VmRSS after sync − before) | {added:.1f} MiB ({added * MiB / pods:,.0f} B a "
+        f"pod) | ≤ {CACHE_MEMORY_GOAL_MB:.0f} MiB at 150k pods | {verdict(added <= CACHE_MEMORY_GOAL_MB)} |",
+        f"| … of which the stores' objects (records, keys, IP indexes; sizeof walk) | {r['retained'] / MiB:.1f} "
+        f"MiB ({r['retained'] / pods:,.0f} B a pod) | | |",
+        f"| {r['events']:,} watch events (40% label patches, 10% observe toggles, 25% creates, 25% deletes) | "
+        f"pods reflector {r['events_cpu']:.2f} s CPU = {event_us:,.0f} µs an event; {r['event_bytes']:,.0f} "
+        f"bytes an event on the wire; all made, sent and visible after {r['events_s']:.1f} s; VmRSS after: "
+        f"{r['rss_events'] - r['rss_before']:.1f} MiB over the start | | |",
+        f"| pod_by_ip, {r['lookups']:,} lookups: hit / miss | {r['lookup_hit_us']:.2f} µs / "
+        f"{r['lookup_miss_us']:.2f} µs | | |",
+        "",
+        f"Watch fan-out computed from these numbers ({pods:,} pods, {r['json_bytes']:,} B a pod, "
+        f"{r['event_bytes']:,.0f} B and {event_us:,.0f} µs an event):",
+        "",
+        *fan_out_rows(pods, r["json_bytes"], r["event_bytes"], event_us),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -674,6 +867,10 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=20, help="timed runs per scrape measurement (default 20)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--output", metavar="FILE", help="also append the markdown report to FILE")
+    p.add_argument("--synthetic", action="store_true",
+                   help="cache only, against a generated API that stores nothing (bench/k8s_synthetic.py): "
+                        "for cluster-scale --pods (150000)")
+    p.add_argument("--page-size", type=int, default=500, help="--synthetic: the cache's list page size (default 500)")
     p.add_argument("--child-cache", metavar="KUBECONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_cache:
@@ -685,11 +882,16 @@ def main() -> int:
     results: dict = {}
     load = MachineLoad()
     gc.collect()
-    bench_cache(args, results)
-    gc.collect()
-    bench_scrape(args, results)
-    results["others"] = load.others_cores()
-    text = report(args, results)
+    if args.synthetic:
+        bench_synthetic(args, results)
+        results["others"] = load.others_cores()
+        text = report_synthetic(args, results)
+    else:
+        bench_cache(args, results)
+        gc.collect()
+        bench_scrape(args, results)
+        results["others"] = load.others_cores()
+        text = report(args, results)
     sys.stdout.write(text)
     if args.output:
         with open(args.output, "a") as f:

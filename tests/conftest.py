@@ -98,8 +98,9 @@ class RunningAgent:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(self.url + "/readyz", timeout=2, verify=self.verify).status_code == 200:
-                    break
+                r = requests.get(self.url + "/readyz", timeout=2, verify=self.verify)
+                if r.status_code == 200 or (r.status_code == 503 and not r.text.startswith("starting")):
+                    break  # started: ready, or saying which plugin is down
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
@@ -114,16 +115,26 @@ class RunningAgent:
         self.log.seek(0)
         return self.log.read()
 
-    def scrape(self) -> Metrics:
-        r = requests.get(self.url + "/metrics", timeout=10, verify=self.verify, headers=self.headers)
-        r.raise_for_status()
-        return Metrics(r.text)
+    def scrape(self, fresh: bool = True) -> Metrics:
+        """The metrics; fresh: from a snapshot the read loop built after this call began (/metrics
+        renders the last read, up to one interval old), so what was sent before is in it."""
+        since = time.time()
+        deadline = time.monotonic() + 30
+        while True:
+            r = requests.get(self.url + "/metrics", timeout=10, verify=self.verify, headers=self.headers)
+            r.raise_for_status()
+            m = Metrics(r.text)
+            if not fresh or m.get("fovea_agent_last_read_timestamp_seconds") > since or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def ready(self) -> requests.Response:
+        return requests.get(self.url + "/readyz", timeout=5, verify=self.verify)
 
     def settled(self, name: str, **labels) -> float:
-        """The value once two reads 0.3 s apart agree (packets in flight have landed)."""
+        """The value once two fresh snapshots agree (packets in flight have landed)."""
         last = self.scrape().get(name, **labels)
         for _ in range(30):
-            time.sleep(0.3)
             now = self.scrape().get(name, **labels)
             if now == last:
                 return now

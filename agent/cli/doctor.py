@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import capabilities
 from agent.errors import FoveaError
 from agent.kernel.btf import BTF
 from agent.kernel.headers import find_headers
@@ -25,6 +26,7 @@ class Check:
 def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var/cache/fovea") -> list[Check]:
     checks = [Check("running as root", os.geteuid() == 0, f"uid {os.geteuid()}", "agent")]
     checks.append(Check("kernel", True, os.uname().release))
+    checks.extend(capability_checks())
 
     try:
         btf = BTF.from_file(btf_path)
@@ -61,6 +63,26 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
         path = shutil.which(tool)
         checks.append(Check(f"{tool} command", path is not None, path or "not found (iproute2)", "tests, demo"))
     checks.extend(_capture_checks())
+    return checks
+
+
+def capability_checks(held: set[str] | None = None) -> list[Check]:
+    """One line per capability the chart grants: held, or missing and who needs it
+    (the same table the agent checks before starting each plugin)."""
+    held = capabilities.effective() if held is None else held
+    needs = {cap: [name for name, cls in REGISTRY.items() if cap in cls.capabilities] for cap in capabilities.BITS}
+    needs["CAP_NET_RAW"].append("captures")
+    needs["CAP_SYS_PTRACE"].append("pods whose network namespace is found only under /proc")
+    checks = []
+    for cap in capabilities.BITS:
+        if cap in held:
+            ok, detail = True, "held"
+        elif not capabilities.missing([cap], held):
+            ok, detail = True, f"missing, but {capabilities.STAND_IN[cap]} stands in for it"
+        else:
+            ok, detail = not needs[cap], f"missing: cannot {capabilities.WHY[cap]}" + (
+                "" if needs[cap] else " (no plugin needs it here)")
+        checks.append(Check(f"capability {cap}", ok, detail, ", ".join(needs[cap])))
     return checks
 
 

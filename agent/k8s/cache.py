@@ -10,6 +10,10 @@ the fovea.dev/observe annotation). With `cluster_wide`, one watch of all pods
 (this node's among them) replaces the node's, and Services and Nodes are
 added, to name the other end of a flow.
 
+Sized for 150,000 pods on every node (about 560 bytes a pod, docs/performance.md):
+pods are keyed by uid, an IP claimed once is one dict entry, and records share
+their repeated strings (agent/k8s/records.py).
+
 pod_by_ip: a hostNetwork pod claims its node's IP only when no pod of the pod
 network does; when two pods claim an IP (the old one terminating), a live pod
 wins over a terminating one, then Running over Pending over finished, then the
@@ -90,38 +94,57 @@ def make_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
 class _IpIndex:
     """IP -> the record that owns it. Several records may claim one IP at once (a
     terminating pod and its successor): each keeps its claim, the best one answers,
-    and removing one claim leaves the others."""
+    and removing one claim leaves the others.
 
-    def __init__(self, rank: Callable[[object], tuple]):
-        self._rank = rank
-        self._claims: dict[str, dict[object, object]] = {}
+    Almost every IP has one claim, and `best` alone holds it: only an IP claimed
+    twice gets a dict of its claims (in `_contested`), until one claim is left."""
+
+    def __init__(self, key: Callable[[object], object], rank: Callable[[object], tuple]):
+        self._key, self._rank = key, rank
         self.best: dict[str, object] = {}  # read without the lock: one dict lookup
+        self._contested: dict[str, dict[object, object]] = {}
 
     def set(self, key, old_ips: tuple[str, ...], record, new_ips: tuple[str, ...]) -> None:
         for ip in old_ips:
             if ip not in new_ips:
                 self._drop(key, ip)
         for ip in new_ips:
-            claims = self._claims.setdefault(ip, {})
+            claims = self._contested.get(ip)
+            if claims is None:
+                held = self.best.get(ip)
+                if held is None or self._key(held) == key:
+                    self.best[ip] = record
+                    continue
+                claims = self._contested[ip] = {self._key(held): held}
             claims[key] = record
-            self._elect(ip, claims)
+            self.best[ip] = max(claims.values(), key=self._rank)
 
     def remove(self, key, ips: tuple[str, ...]) -> None:
         for ip in ips:
             self._drop(key, ip)
 
     def _drop(self, key, ip: str) -> None:
-        claims = self._claims.get(ip)
-        if claims is None or claims.pop(key, None) is None:
+        claims = self._contested.get(ip)
+        if claims is None:
+            held = self.best.get(ip)
+            if held is not None and self._key(held) == key:
+                del self.best[ip]
             return
-        if claims:
-            self._elect(ip, claims)
-        else:
-            del self._claims[ip]
-            self.best.pop(ip, None)
+        if claims.pop(key, None) is None:
+            return
+        self.best[ip] = max(claims.values(), key=self._rank)
+        if len(claims) == 1:
+            del self._contested[ip]
 
-    def _elect(self, ip: str, claims: dict) -> None:
-        self.best[ip] = next(iter(claims.values())) if len(claims) == 1 else max(claims.values(), key=self._rank)
+    def contested(self) -> int:
+        """IPs claimed by more than one record."""
+        return len(self._contested)
+
+
+def _pod_key(pod: PodRecord) -> object:
+    """Pods are keyed by uid: the record already holds it (a (namespace, name) key would be a
+    56-byte tuple a pod), and a pod recreated under the same name is another pod."""
+    return pod.uid or (pod.namespace, pod.name)
 
 
 def _pod_rank(pod: PodRecord) -> tuple:
@@ -150,14 +173,14 @@ class KubeCache:
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._warnings = QuietLog(warn_interval, log)
-        self._pods: dict[tuple[str, str], PodRecord] = {}
-        self._local: dict[tuple[str, str], PodRecord] = {}
+        self._pods: dict[object, PodRecord] = {}  # by _pod_key
+        self._local: dict[object, PodRecord] = {}
         self._namespaces: dict[str, NamespaceRecord] = {}
         self._services: dict[tuple[str, str], ServiceRecord] = {}
         self._nodes: dict[str, NodeRecord] = {}
-        self._pod_ips = _IpIndex(_pod_rank)
-        self._service_ips = _IpIndex(lambda s: (s.namespace, s.name))
-        self._node_ips = _IpIndex(lambda n: (n.name,))
+        self._pod_ips = _IpIndex(_pod_key, _pod_rank)
+        self._service_ips = _IpIndex(lambda s: (s.namespace, s.name), lambda s: (s.namespace, s.name))
+        self._node_ips = _IpIndex(lambda n: n.name, lambda n: (n.name,))
         self._stores = {"pods": self._pods, "namespaces": self._namespaces, "services": self._services,
                         "nodes": self._nodes}
         core = k8s_client.CoreV1Api(api_client)
@@ -218,7 +241,11 @@ class KubeCache:
         return best.get(ip) or best.get(canonical_ip(ip))
 
     def pod(self, namespace: str, name: str) -> PodRecord | None:
-        return self._pods.get((namespace, name))
+        """The pod of that name (the best, while a recreated one and its predecessor both exist).
+        A scan of every pod: for tests and diagnostics, not for the packet path."""
+        with self._lock:
+            pods = [p for p in self._pods.values() if p.name == name and p.namespace == namespace]
+        return max(pods, key=_pod_rank, default=None)
 
     def local_pods(self) -> tuple[PodRecord, ...]:
         with self._lock:
@@ -246,6 +273,8 @@ class KubeCache:
 
     @staticmethod
     def _key(kind: str, record) -> object:
+        if kind == "pods":
+            return _pod_key(record)
         return record.name if kind in ("namespaces", "nodes") else (record.namespace, record.name)
 
     def _index_locked(self, kind: str, key, old, new) -> None:
@@ -281,9 +310,7 @@ class KubeCache:
         with self._lock:
             old = store.get(key)
             if old is None:
-                return
-            if kind == "pods" and record.uid and old.uid and record.uid != old.uid:
-                return  # a deletion of an older pod of the same name: the one here is newer
+                return  # already gone (or, for a pod, an older one of the same name: another uid)
             del store[key]
             self._index_locked(kind, key, old, None)
         self._notify(kind, old, None)
@@ -292,19 +319,22 @@ class KubeCache:
         """A (re)list: the store becomes exactly this; report what changed in the gap."""
         store = self._stores[kind]
         fresh = {self._key(kind, r): r for r in records}
-        changes = []
+        # Kept only for a subscriber: at 150k pods the first list's changes are ~10 MB.
+        changes = [] if self.on_change is not None else None
         with self._lock:
             for key in [k for k in store if k not in fresh]:
                 old = store.pop(key)
                 self._index_locked(kind, key, old, None)
-                changes.append((old, None))
+                if changes is not None:
+                    changes.append((old, None))
             for key, record in fresh.items():
                 old = store.get(key)
                 if old != record:
                     store[key] = record
                     self._index_locked(kind, key, old, record)
-                    changes.append((old, record))
-        for old, new in changes:
+                    if changes is not None:
+                        changes.append((old, record))
+        for old, new in changes or ():
             self._notify(kind, old, new)
 
     def _notify(self, kind: str, old, new) -> None:

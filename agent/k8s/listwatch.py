@@ -4,7 +4,9 @@
 A thread of its own ("reflector", as client-go calls it):
 
 - it reads raw JSON (`_preload_content=False`), paged, and hands on what `convert`
-  makes of each object, never the client's model objects (~49 KiB a pod);
+  makes of each object, never the client's model objects (~49 KiB a pod); a page
+  is decoded one item at a time (decode_page), so a page of 500 pods never lives
+  as ~10 MB of dicts at once;
 - it watches from the list's resourceVersion and resumes a broken watch from the
   last one it saw; bookmarks (allowWatchBookmarks) keep that version fresh when its
   own objects are quiet, so a resume rarely falls outside the server's history;
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -91,6 +94,49 @@ class QuietLog:
             self.logger.warning(msg, *args, exc_info=exc_info)
         else:
             self.logger.debug(msg, *args, exc_info=exc_info)
+
+
+_decoder = json.JSONDecoder()
+_space = re.compile(r"[ \t\n\r]*")
+
+
+def decode_page(text: str, convert: Callable[[dict], object]) -> tuple[dict, list]:
+    """A list response ({"metadata": ..., "items": [...], ...}, any key order): its top-level
+    fields but "items", and convert(item) of each item, decoded and converted one at a time."""
+    def skip(i: int) -> int:
+        return _space.match(text, i).end()
+
+    def expect(i: int, chars: str) -> tuple[str, int]:
+        c = text[i:i + 1]
+        if not c or c not in chars:
+            raise ValueError(f"a list response is not a JSON object with an items array (at character {i})")
+        return c, skip(i + 1)
+
+    fields, items = {}, []
+    _, i = expect(skip(0), "{")
+    if text[i:i + 1] == "}":
+        return fields, items
+    while True:
+        key, i = _decoder.raw_decode(text, i)
+        if not isinstance(key, str):
+            expect(i, "")  # a key that is not a string: the error above
+        _, i = expect(skip(i), ":")
+        if key == "items" and text[i:i + 1] == "[":
+            i = skip(i + 1)
+            if text[i:i + 1] == "]":
+                i += 1
+            else:
+                while True:
+                    item, i = _decoder.raw_decode(text, i)
+                    items.append(convert(item))
+                    c, i = expect(skip(i), ",]")
+                    if c == "]":
+                        break
+        else:
+            fields[key], i = _decoder.raw_decode(text, i)
+        c, i = expect(skip(i), ",}")
+        if c == "}":
+            return fields, items
 
 
 class _Expired(Exception):
@@ -217,13 +263,12 @@ class ListWatch:
                     raise _Expired() from None  # the continue token expired: list again from the start
                 raise
             try:
-                data = json.loads(resp.data)
+                data, page = decode_page(resp.data.decode("utf-8"), self.convert)
             finally:
                 resp.release_conn()
             meta = data.get("metadata") or {}
             rv = rv or meta.get("resourceVersion")
-            # Converted at once: a page of dicts is the most this ever holds.
-            objects.extend(self.convert(o) for o in data.get("items") or [])
+            objects.extend(page)
             pages += 1
             cont = meta.get("continue")
             if not cont:

@@ -29,7 +29,8 @@ from agent.config import DnsConfig
 from agent.errors import FoveaError
 from agent.events import DnsTransaction
 from agent.maps import CounterHash
-from agent.plugins.base import Plugin, PluginContext, PluginHealth, TcExtension
+from agent.datapath import Datapath, TcExtension
+from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.pods import POD_LABELS
 from agent.series import Pending, SeriesStore
 
@@ -108,10 +109,10 @@ class _Host:
 
 class DnsPlugin(Plugin, TcExtension):
     name = "dns"
-    extends_tc = True
 
     def __init__(self):
         self._ctx: PluginContext | None = None
+        self._cflags: list[str] = []
         self._hosts: dict[str, _Host] = {}
         self._failed: dict[str, str] = {}  # host program -> why DNS is not in it
         self._lock = threading.Lock()  # state shared by the poll thread and the read loop
@@ -131,11 +132,17 @@ class DnsPlugin(Plugin, TcExtension):
 
     # -- the plugin -----------------------------------------------------------
 
-    def start(self, ctx: PluginContext) -> None:
-        cfg = ctx.config
+    def declare(self, datapath: Datapath) -> None:
+        cfg = datapath.config
         if not any(h in cfg.plugins for h in HOSTS):
             raise FoveaError("the dns plugin counts inside the pods and forward plugins' tc programs",
                              "enable the pods plugin (and forward for the node's own DNS)")
+        self._idle_reads = cfg.idleReads
+        self._cflags = dns_cflags(cfg.dns)
+        datapath.declare(self)
+
+    def start(self, ctx: PluginContext) -> None:
+        cfg = ctx.config
         self._ctx = ctx
         self.resolver = ctx.resolver
         level = cfg.podLevel
@@ -145,10 +152,8 @@ class DnsPlugin(Plugin, TcExtension):
                                          keep_on_overflow=("qtype", "rcode"))
         self._pending = Pending()
         self._timeout_ns = int(cfg.dns.timeout * 1e9)
-        self._cflags = dns_cflags(cfg.dns)
         self._thread = threading.Thread(target=self._poll, name="dns-events", daemon=True)
         self._thread.start()
-        ctx.tc_extensions.append(self)
 
     def refresh(self) -> None:
         now_ns = time.monotonic_ns()
@@ -259,6 +264,13 @@ class DnsPlugin(Plugin, TcExtension):
                 self.pod_requests.counter("fovea_pod_dns_requests", "DNS queries of observed pods"),
                 self.pod_responses.counter("fovea_pod_dns_responses", "DNS responses of observed pods")]
 
+    def problem(self) -> str | None:
+        if self._failed:
+            return "; ".join(f"DNS is not counted in the {p} programs: {why}" for p, why in self._failed.items())
+        if not self._hosts:
+            return "no tc program counts DNS: the pods and forward plugins are down"
+        return None
+
     def health(self) -> PluginHealth:
         stats = [sum(v) for v in zip(*self._stats.values())] or [0] * (COUNTS_FULL + 1)
         fill = {}
@@ -290,7 +302,7 @@ class DnsPlugin(Plugin, TcExtension):
         return list(self._cflags) if program in HOSTS else []
 
     def loaded(self, program: str, bpf) -> None:
-        host = _Host(program, bpf, self._ctx.config.idleReads, self._on_event, self._on_lost)
+        host = _Host(program, bpf, self._idle_reads, self._on_event, self._on_lost)
         with self._poll_lock:
             self._hosts[program] = host
         log.info("counting DNS in the %s programs", program)

@@ -20,12 +20,14 @@ ARPHRD_ETHER = 1
 
 class ForwardPlugin(Plugin):
     name = "forward"
+    capabilities = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")
 
     def __init__(self):
         self._bpf = None
         self._ctx: PluginContext | None = None
         self._uplinks: list[str] = []
         self._attached: dict[str, int] = {}  # uplink name -> ifindex
+        self._missing: dict[str, str] = {}  # uplink name -> why it is not counted
         self._totals = [(0, 0), (0, 0)]
         self.flows: FlowTracker | None = None
 
@@ -39,11 +41,12 @@ class ForwardPlugin(Plugin):
                     raise FoveaError(f"uplink {name!r} does not exist", f"interfaces here: {', '.join(_names(ipr))}")
                 if ipr.get_links(idx[0])[0]["ifi_type"] != ARPHRD_ETHER:
                     raise FoveaError(f"uplink {name!r} is not an Ethernet device", "Fovea counts on Ethernet-like links only")
-        self._bpf, self._programs = ctx.load_tc_programs(
+        self._datapath = ctx.datapath
+        self._bpf, self._programs = ctx.datapath.load_tc_programs(
             "forward", flow_cflags(ctx.config.flows), {"ingress": b"forward_ingress", "egress": b"forward_egress"})
         if ctx.config.flows.enabled:
             self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
-                                     lambda: ctx.pod_addresses)
+                                     lambda: ctx.datapath.pod_addresses)
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -54,16 +57,24 @@ class ForwardPlugin(Plugin):
                 current = self._attached.get(name)
                 if current is not None and (not idx or idx[0] != current):
                     log.warning("uplink %s vanished; counting resumes if it comes back", name)
-                    self._ctx.tc.forget(current)
+                    self._datapath.detach("forward", current, gone=True)
                     del self._attached[name]
-                if idx and name not in self._attached:
+                if not idx:
+                    self._missing[name] = f"uplink {name} does not exist"
+                elif name not in self._attached:
                     try:
-                        self._ctx.tc.attach(name, self._programs)
+                        self._datapath.attach("forward", name, idx[0], self._programs)
                     except FoveaError as e:
-                        log.warning("%s", e)
+                        if self._missing.get(name) != str(e):
+                            log.warning("%s", e)
+                        self._missing[name] = str(e)
                         continue
+                    self._missing.pop(name, None)
                     self._attached[name] = idx[0]
                     log.info("counting forward traffic on uplink %s", name)
+
+    def problem(self) -> str | None:
+        return "; ".join(self._missing.values()) or None
 
     def refresh(self) -> None:
         self._totals = read_percpu_array(self._bpf["forward_counts"])
@@ -92,11 +103,10 @@ class ForwardPlugin(Plugin):
             self.flows = None
         if self._ctx:
             for ifindex in self._attached.values():
-                self._ctx.tc.detach(ifindex)
+                self._datapath.detach("forward", ifindex)
             self._attached.clear()
         if self._bpf is not None:
-            for ext in self._ctx.tc_extensions:
-                ext.unloading("forward")
+            self._datapath.unloading("forward")
             self._bpf.cleanup()
             self._bpf = None
 

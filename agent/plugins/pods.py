@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 
-from agent.endpoints import Endpoints, PodInterface
+from agent.endpoints import PodInterface
 from agent.flows import (POD_RECEIVED, FlowTracker, KernelFlowTable, flow_fill, flow_lost, flow_records,
                          flow_table_cflags)
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
@@ -21,12 +20,13 @@ DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to t
 
 class PodsPlugin(Plugin):
     name = "pods"
+    capabilities = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN")
 
     def __init__(self):
         self._bpf = None
         self._ctx: PluginContext | None = None
-        self._endpoints: Endpoints | None = None
         self._interfaces: dict[int, PodInterface] = {}
+        self._attach_errors: dict[int, str] = {}  # ifindex -> why attaching failed (retried each round)
         self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
@@ -39,50 +39,48 @@ class PodsPlugin(Plugin):
                                        keep_on_overflow=("protocol",))
         self._pod_pending = Pending()
         self._flow_pending = Pending()
-        self._bpf, self._programs = ctx.load_tc_programs("pods", [
+        self._datapath = ctx.datapath
+        self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
         # The flow table is the program's only per-packet map: the pod counters and the
         # traffic map are summed from it; flow records are published when flows are on.
         self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows,
                                  ctx.events.publish if cfg.flows.enabled else lambda record: None,
-                                 lambda: ctx.pod_addresses)
-        self._endpoints = Endpoints(exclude=set(ctx.uplinks))
+                                 lambda: ctx.datapath.pod_addresses)
         self.reconcile()
-        self._endpoints.watch(ctx.wake)
-
-    def _wanted(self, iface: PodInterface) -> bool:
-        return any(fnmatch.fnmatchcase(iface.ifname, p) for p in self._ctx.config.pods.interfaces)
 
     def reconcile(self) -> None:
         """Attach to new pod interfaces, settle the counts of vanished ones."""
-        found = {i: f for i, f in self._endpoints.scan().items() if self._wanted(f)}
+        found = self._datapath.pod_interfaces()
         gone = [i for i in self._interfaces if i not in found or found[i].ifname != self._interfaces[i].ifname]
         if gone:
             self.refresh()  # credit what they counted to their pods before they go
             for ifindex in gone:
                 self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
-                self._ctx.tc.forget(ifindex)
-                for ext in self._ctx.tc_extensions:
-                    ext.detached("pods", ifindex)
+                self._datapath.detach("pods", ifindex, gone=True)
                 log.info("pod interface %s is gone", iface.ifname)
+        self._attach_errors = {i: why for i, why in self._attach_errors.items() if i in found}
         for ifindex, iface in found.items():
             if ifindex not in self._interfaces:
-                for ext in self._ctx.tc_extensions:
-                    ext.attached("pods", ifindex)
                 try:
-                    self._ctx.tc.attach(iface.ifname, self._programs)
-                except Exception as e:  # it may vanish between scan and attach
-                    log.warning("cannot attach to pod interface %s: %s", iface.ifname, e)
-                    for ext in self._ctx.tc_extensions:
-                        ext.detached("pods", ifindex)
+                    self._datapath.attach("pods", iface.ifname, ifindex, self._programs)
+                except Exception as e:  # it may also vanish between scan and attach: then it leaves `found`
+                    if ifindex not in self._attach_errors:
+                        log.warning("cannot attach to pod interface %s: %s", iface.ifname, e)
+                    self._attach_errors[ifindex] = f"cannot attach to pod interface {iface.ifname}: {e}"
                     continue
+                self._attach_errors.pop(ifindex, None)
                 log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
             self._interfaces[ifindex] = iface
-        addresses = {ip for iface in self._interfaces.values() for ip in iface.ips}
-        self._ctx.pod_addresses.clear()
-        self._ctx.pod_addresses.update(addresses)
+
+    def problem(self) -> str | None:
+        if self._attach_errors:
+            first = next(iter(self._attach_errors.values()))
+            return f"{first} ({len(self._attach_errors)} of {len(self._attach_errors) + len(self._interfaces)} " \
+                   "pod interfaces not counted)"
+        return self._datapath.problem or None
 
     def _owner(self, ifindex: int):
         iface = self._interfaces.get(ifindex)
@@ -155,14 +153,11 @@ class PodsPlugin(Plugin):
         if self.flows is not None:
             self.flows.close()
             self.flows = None
-        if self._endpoints is not None:
-            self._endpoints.close()
         if self._ctx is not None:
             for ifindex in list(self._interfaces):
-                self._ctx.tc.detach(ifindex)
+                self._datapath.detach("pods", ifindex)
             self._interfaces.clear()
         if self._bpf is not None:
-            for ext in self._ctx.tc_extensions:
-                ext.unloading("pods")
+            self._datapath.unloading("pods")
             self._bpf.cleanup()
             self._bpf = None

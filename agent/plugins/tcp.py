@@ -15,7 +15,6 @@ and for sockets older than the agent.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import socket
@@ -27,7 +26,6 @@ from pyroute2 import DiagSocket
 
 from agent.addresses import ip_text
 from agent.compiler import compile_program
-from agent.endpoints import Endpoints
 from agent.errors import FoveaError
 from agent.maps import CounterHash
 from agent.nsenter import in_netns
@@ -86,11 +84,11 @@ def socket_states(netns_path: str | None) -> dict[int, int]:
 
 class TcpPlugin(Plugin):
     name = "tcp"
+    capabilities = ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN")  # SYS_ADMIN: sockets of pod namespaces
 
     def __init__(self, clock=time.monotonic):
         self._bpf = None
         self._ctx: PluginContext | None = None
-        self._endpoints: Endpoints | None = None
         self.clock = clock
         self.host_netns = os.stat("/proc/self/ns/net").st_ino
         self.observed: dict[int, str | None] = {}  # netns inode -> path (None: the agent's own)
@@ -102,6 +100,7 @@ class TcpPlugin(Plugin):
         self._pending = Pending()
         self._lost = dict.fromkeys(LOST, 0)
         self._overflow_seen = [0] * len(EVENTS)
+        self._dump_problem: str | None = None
 
     def check(self, tracefs) -> str | None:
         for (category, event), (_fn, fields) in TRACEPOINTS.items():
@@ -139,15 +138,14 @@ class TcpPlugin(Plugin):
                                    lambda k: (k.netns, k.kind, ip_text(k.family, bytes(k.addr))), cfg.idleReads)
         self._hist = CounterHash(self._bpf["tcp_hist"], lambda k: (k.netns, k.hist, k.bucket), cfg.idleReads)
         self._states = CounterHash(self._bpf["tcp_states"], lambda k: (k.netns, k.state), cfg.idleReads)
-        self._endpoints = Endpoints(exclude=set(ctx.uplinks))
         self.reconcile()
 
     # -- namespaces --------------------------------------------------------------
 
     def _scan_namespaces(self) -> None:
         observed: dict[int, str | None] = {self.host_netns: None} if self._ctx.config.tcp.includeHost else {}
-        for iface in self._endpoints.scan().values():
-            if iface.netns and any(fnmatch.fnmatchcase(iface.ifname, p) for p in self._ctx.config.pods.interfaces):
+        for iface in self._ctx.datapath.pod_interfaces().values():
+            if iface.netns:
                 try:
                     observed[os.stat(iface.netns).st_ino] = iface.netns
                 except OSError:  # the pod went away meanwhile
@@ -162,10 +160,14 @@ class TcpPlugin(Plugin):
     def reconcile(self) -> None:
         self._scan_namespaces()
         if self.clock() >= self._next_dump:
+            self._dump_problem = None
             self.refresh()  # transitions up to now belong before the dump
             for netns, path in self.observed.items():
                 try:
                     self.snapshot[netns] = socket_states(path)
+                except PermissionError as e:  # not a pod going away: the agent may not enter namespaces
+                    self._dump_problem = f"missing capability CAP_SYS_ADMIN? cannot list the sockets of {path}: {e}"
+                    continue
                 except Exception as e:  # the namespace vanished between scan and dump
                     log.debug("cannot list sockets of %s: %s", path, e)
                     continue
@@ -251,6 +253,9 @@ class TcpPlugin(Plugin):
         out.append(self.pod_resets.counter("fovea_pod_tcp_resets", "TCP resets observed pods sent and received"))
         return out
 
+    def problem(self) -> str | None:
+        return self._dump_problem
+
     def health(self) -> PluginHealth:
         if self._bpf is None:
             return PluginHealth()
@@ -265,8 +270,6 @@ class TcpPlugin(Plugin):
         )
 
     def close(self) -> None:
-        if self._endpoints is not None:
-            self._endpoints.close()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

@@ -52,7 +52,7 @@ def no_kernel(monkeypatch):
     monkeypatch.setattr(agent.runtime, "require_root", forbidden)
     monkeypatch.setattr(agent.runtime, "find_headers", forbidden)
     monkeypatch.setattr(agent.runtime, "Tracefs", forbidden)
-    monkeypatch.setattr(agent.runtime, "TcAttacher", forbidden)
+    monkeypatch.setattr(agent.runtime, "Datapath", forbidden)
 
 
 def test_fovea_help():

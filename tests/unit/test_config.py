@@ -39,7 +39,7 @@ def test_defaults():
                             "reportInterval": 60.0}
     assert top["otlp"] == {"enabled": False, "protocol": "", "endpoint": "", "sampleRatio": 1.0,
                            "maxSpansPerSecond": 1000, "queueSize": 4096, "batchSize": 512}
-    assert top["observe"] == {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 4096}
+    assert top["observe"] == {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 4096, "maxFollowers": 64}
     assert top["pods"] == {"mapSize": 8192, "interfaces": ("*",)}
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
     assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,

@@ -273,6 +273,47 @@ def test_pages_of_a_large_list(api, make_cache):
     assert "continue" in lists[1].query
 
 
+def test_paged_lists_and_relists_keep_every_ip_resolving(api, make_cache):
+    """Pods appear and vanish across paged lists, a 410 relist and the watch: every IP names
+    its pod, vanished ones name nothing, and an IP claimed once holds no claims dict."""
+    for i in range(10):
+        api.create(make_pod(f"p{i}", "shop", node=f"n{i % 3}", ip=f"10.0.2.{i + 1}"))
+    cache = make_cache(node="n0", cluster_wide=True, page_size=4)
+    lists = [r for r in api.requests if r.resource == "pods" and r.verb == "list"]
+    assert [r.query.get("limit") for r in lists] == ["4", "4", "4"] and "continue" in lists[2].query
+    assert all(cache.pod_by_ip(f"10.0.2.{i + 1}").name == f"p{i}" for i in range(10))
+    assert [p.name for p in sorted(cache.local_pods(), key=lambda p: p.name)] == ["p0", "p3", "p6", "p9"]
+    assert cache._pod_ips.contested() == 0
+
+    api.stop()  # in the gap: two pods go, two come (one of them on this node), one changes its IP
+    api.delete("pods", "p1", "shop")
+    api.delete("pods", "p3", "shop")
+    api.create(make_pod("q1", "shop", node="n2", ip="10.0.2.21"))
+    api.create(make_pod("q2", "shop", node="n0", ip="10.0.2.22"))
+    api.patch("pods", "p4", {"status": {"podIP": "10.0.2.24", "podIPs": [{"ip": "10.0.2.24"}]}}, "shop")
+    api.compact()  # the gap's history is gone: 410, then a paged relist
+    api.start()
+    eventually(lambda: status(cache, "pods").lists == 2, what="relist")
+    eventually(lambda: cache.pod_by_ip("10.0.2.24"), what="p4's new IP")
+    expected = {f"10.0.2.{i + 1}": f"p{i}" for i in (0, 2, 5, 6, 7, 8, 9)}
+    expected.update({"10.0.2.21": "q1", "10.0.2.22": "q2", "10.0.2.24": "p4"})
+    assert {ip: cache.pod_by_ip(ip).name for ip in expected} == expected
+    assert all(cache.pod_by_ip(ip) is None for ip in ("10.0.2.2", "10.0.2.4", "10.0.2.5"))
+    assert sorted(p.name for p in cache.local_pods()) == ["p0", "p6", "p9", "q2"]
+    assert cache.stats()["pods"] == 10 and len(cache._pod_ips.best) == 10
+
+    # Two pods on one IP (the old one terminating) share a claims dict only while both exist.
+    api.terminate("p0", "shop")
+    api.create(make_pod("p0-next", "shop", node="n0", ip="10.0.2.1"))
+    eventually(lambda: cache.pod_by_ip("10.0.2.1").name == "p0-next")
+    assert cache._pod_ips.contested() == 1
+    api.delete("pods", "p0", "shop")
+    eventually(lambda: cache._pod_ips.contested() == 0, what="the old claim goes")
+    assert cache.pod_by_ip("10.0.2.1").name == "p0-next"
+    api.delete("pods", "p0-next", "shop")
+    eventually(lambda: cache.pod_by_ip("10.0.2.1") is None)
+
+
 def test_starts_while_the_api_server_is_away(api, make_cache, caplog):
     api.create(make_pod("a", "shop", node="n1", ip="10.0.1.1"))
     api.stop()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from agent.errors import FoveaError
@@ -71,12 +74,12 @@ def test_pod_record_from_api_json():
     assert pod_record(obj) == PodRecord(
         namespace="shop", name="web-7d9c-abcde", uid="u1", node="n1", ips=("10.0.0.5", "fd00::5"),
         host_network=False, observe=True, workload_kind="Deployment", workload_name="web", phase="Running",
-        created="2025-01-01T00:00:00Z", terminating=False)
+        created=1735689600, terminating=False)
     bare = pod_record({"metadata": {"name": "p", "namespace": "n", "annotations": {"fovea.dev/observe": "yes"},
                                     "deletionTimestamp": "2025-01-01T00:00:00Z"},
                        "spec": {"hostNetwork": True}, "status": {"podIP": "192.168.0.1"}})
     assert bare.ips == ("192.168.0.1",) and bare.host_network and not bare.observe and bare.terminating
-    assert bare.workload_kind == "Pod" and bare.node == "" and bare.phase == ""
+    assert bare.workload_kind == "Pod" and bare.node == "" and bare.phase == "" and bare.created == 0
 
 
 def test_records_are_slim():
@@ -176,3 +179,33 @@ def test_static_pods_errors_name_the_entry(tmp_path, text, words):
 def test_static_pods_missing_file(tmp_path):
     with pytest.raises(FoveaError, match="cannot read static pods file"):
         StaticPods.load(str(tmp_path / "nope.yaml"))
+
+
+def test_remote_pod_records_are_compact():
+    """Strings that repeat across pods are one interned copy; per pod only its own fields are new."""
+    def pod(name, ip):
+        # Each record from its own decoded JSON, as the cache gets them page after page.
+        return pod_record(json.loads(json.dumps({
+            "metadata": {"name": name, "namespace": "shop", "uid": "u-" + name,
+                         "creationTimestamp": "2025-06-01T10:00:00Z", "labels": {"pod-template-hash": "7d9c"},
+                         "ownerReferences": [{"kind": "ReplicaSet", "name": "web-7d9c", "controller": True}]},
+            "spec": {"nodeName": "node-b"}, "status": {"phase": "Running", "podIP": ip}})))
+
+    a, b = pod("web-7d9c-aaaaa", "10.0.0.1"), pod("web-7d9c-bbbbb", "10.0.0.2")
+    for field in ("namespace", "node", "workload_kind", "workload_name", "phase"):
+        assert getattr(a, field) is getattr(b, field), field
+    assert (a.workload_kind, a.workload_name, a.created) == ("Deployment", "web", 1748772000)
+    assert not hasattr(a, "__dict__")
+    # what a remote pod costs beyond the shared strings: the record, its name, uid, IPs and time
+    own = sum(sys.getsizeof(v) for v in (a, a.name, a.uid, a.ips, *a.ips, a.created))
+    assert own < 450, own
+
+
+@pytest.mark.parametrize("meta, spec", [
+    ({"name": "p", "namespace": 7, "creationTimestamp": "yesterday"}, {"nodeName": ["n1"]}),
+    ({"name": "p", "namespace": None, "creationTimestamp": 5}, {"nodeName": None}),
+])
+def test_pod_record_of_malformed_fields(meta, spec):
+    """API objects are untrusted: a field of the wrong type becomes empty, never an exception."""
+    record = pod_record({"metadata": meta, "spec": spec, "status": {"phase": {"x": 1}}})
+    assert (record.namespace, record.node, record.phase, record.created) == ("", "", "", 0)

@@ -10,7 +10,7 @@ import time
 import pytest
 from kubernetes import client
 
-from agent.k8s.listwatch import ListWatch, Timing
+from agent.k8s.listwatch import ListWatch, Timing, decode_page
 from tests.crd_schema import api_errors, crd
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod
 
@@ -145,3 +145,24 @@ def test_failure_is_described_by_the_caller(api, run):
 def missing_crd(api_client):
     return functools.partial(client.CustomObjectsApi(api_client).list_cluster_custom_object,
                              "fovea.dev", "v1alpha1", "things")
+
+
+def test_decode_page_converts_item_by_item_in_any_key_order():
+    alive = []  # the items decoded but not yet converted: never more than one
+    text = ' {"kind": "PodList", "items" : [ {"n": 1}, {"n": [2]} ],\n "metadata": {"continue": "c"}} '
+
+    def convert(item):
+        alive.append(item)
+        n = len(alive)
+        alive.clear()
+        return (item["n"], n)
+
+    assert decode_page(text, convert) == ({"kind": "PodList", "metadata": {"continue": "c"}}, [(1, 1), ([2], 1)])
+    assert decode_page('{"items": []}', convert) == ({}, [])
+    assert decode_page('{"items": null, "metadata": {}}', convert) == ({"items": None, "metadata": {}}, [])
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"items": [1 2]}', '{"items": [1,', '{"a": 1', '{1: 2}', '{"a" 1}'])
+def test_decode_page_rejects_what_is_not_a_list_response(text):
+    with pytest.raises(ValueError):
+        decode_page(text, lambda o: o)

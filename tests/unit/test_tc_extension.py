@@ -1,12 +1,13 @@
-"""Extensions compiled into another plugin's tc programs: flags, callbacks, and the fallback."""
+"""Features compiled into the tc programs (declared to the datapath owner): flags, callbacks, the fallback."""
 
 from __future__ import annotations
 
 import pytest
 
 from agent.errors import FoveaError
-from agent.plugins import base
-from agent.plugins.base import PluginContext, TcExtension
+from agent import datapath
+from agent.datapath import Datapath, TcExtension
+from agent.supervise import Supervisor
 
 
 class FakeBpf:
@@ -48,15 +49,15 @@ def ctx(monkeypatch):
         built.append(FakeBpf(cflags))
         return built[-1]
 
-    monkeypatch.setattr(base, "compile_program", compile_program)
-    c = PluginContext(None, None, None, None, [], None, lambda: None, None)
+    monkeypatch.setattr(datapath, "compile_program", compile_program)
+    c = Datapath(None, None, [], lambda: None, Supervisor(), endpoints=object(), tc=object())
     c.built = built
     return c
 
 
 def test_extension_flags_go_into_the_host_program(ctx):
     ext = Recorder(["-DFOVEA_DNS"])
-    ctx.tc_extensions.append(ext)
+    ctx.declare(ext)
     bpf, fns = ctx.load_tc_programs("pods", ["-DPOD_MAP_SIZE=2"], {"ingress": b"pod_from_pod"})
     assert bpf.cflags == ["-DPOD_MAP_SIZE=2", "-DFOVEA_DNS"]
     assert fns == {"ingress": b"pod_from_pod"}
@@ -67,7 +68,7 @@ def test_extension_flags_go_into_the_host_program(ctx):
 
 def test_a_failing_extension_never_takes_its_host_down(ctx):
     ext = Recorder(["-DBREAKS_VERIFIER"])
-    ctx.tc_extensions.append(ext)
+    ctx.declare(ext)
     bpf, _ = ctx.load_tc_programs("pods", ["-DPOD_MAP_SIZE=2"], {"ingress": b"pod_from_pod"})
     assert bpf.cflags == ["-DPOD_MAP_SIZE=2"]  # loaded again without the extension
     assert ctx.built[0].cleaned  # the refused build was freed
@@ -77,3 +78,9 @@ def test_a_failing_extension_never_takes_its_host_down(ctx):
 def test_a_host_that_fails_on_its_own_still_fails(ctx):
     with pytest.raises(FoveaError):
         ctx.load_tc_programs("pods", ["-DBREAKS_VERIFIER"], {"ingress": b"pod_from_pod"})
+
+
+def test_features_are_declared_before_anything_compiles(ctx):
+    ctx.load_tc_programs("forward", [], {"egress": b"forward_egress"})
+    with pytest.raises(FoveaError, match="declared after the tc programs compiled"):
+        ctx.declare(Recorder(["-DFOVEA_DNS"]))

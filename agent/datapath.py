@@ -1,0 +1,179 @@
+"""The datapath owner: the tc programs and one inventory of pod interfaces.
+
+One object for the whole agent owns
+- the tc attachments (agent/tc.py) and the compile-time features of the tc
+  programs (flows, DNS: TcExtension), declared before any program compiles;
+- the inventory of pod interfaces, their network namespaces and addresses
+  (agent/endpoints.py), scanned on a thread of its own on link events and
+  every interval, so that a slow namespace scan never holds up the read loop;
+  the pods, tcp and dns plugins, the flow trackers and captures all use it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+
+from agent.compiler import compile_program
+from agent.endpoints import Endpoints, PodInterface
+from agent.errors import FoveaError
+from agent.kernel.headers import Headers
+from agent.supervise import Supervisor
+from agent.tc import TcAttacher
+
+log = logging.getLogger(__name__)
+
+
+class TcExtension:
+    """A feature compiled into other plugins' tc programs with -D flags, so
+    that it adds no program of its own to the packet path (DNS counting runs
+    inside the pods and forward programs). The datapath calls these."""
+
+    def cflags(self, program: str) -> list[str]:
+        """-D flags for bpf/<program>.c; [] to stay out of it."""
+        return []
+
+    def loaded(self, program: str, bpf) -> None:
+        """The host's programs are loaded with this extension in them."""
+
+    def failed(self, program: str, why: str) -> None:
+        """The host's programs could not load with this extension; they run without it."""
+
+    def attached(self, program: str, ifindex: int) -> None:
+        """The host is about to attach its programs to this interface."""
+
+    def detached(self, program: str, ifindex: int) -> None:
+        """The host no longer counts on this interface."""
+
+    def unloading(self, program: str) -> None:
+        """The host is about to free its BPF object: stop using it."""
+
+
+class Datapath:
+    def __init__(self, config, headers: Headers, uplinks: list[str], wake, supervisor: Supervisor,
+                 endpoints: Endpoints | None = None, tc: TcAttacher | None = None):
+        self.config = config
+        self.headers = headers
+        self.uplinks = uplinks
+        self.wake = wake  # asks the read loop for housekeeping (a new inventory)
+        self.supervisor = supervisor
+        self.tc = tc or TcAttacher(config.tc.priority, instance=config.node, mode=config.tc.mode)
+        self.extensions: list[TcExtension] = []
+        self._compiled = False
+        self._endpoints = endpoints or Endpoints(exclude=set(uplinks))
+        self._inventory: dict[int, PodInterface] = {}
+        self.pod_addresses: frozenset[str] = frozenset()  # addresses of the counted pod interfaces
+        self._scan_now = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- tc programs ----------------------------------------------------------------
+
+    def declare(self, extension: TcExtension) -> None:
+        """A compile-time feature of the tc programs; only before any of them compiles."""
+        if self._compiled:
+            raise FoveaError("a tc feature was declared after the tc programs compiled",
+                             "declare features before starting plugins")
+        self.extensions.append(extension)
+
+    def load_tc_programs(self, program: str, cflags: list[str], functions: dict[str, bytes]):
+        """Compile bpf/<program>.c with the declared extensions in it and load
+        `functions` ({hook: C function name}) as tc programs; returns (bpf, {hook: fn}).
+        If an extension makes it fail, it is loaded without them: the host
+        plugin keeps counting, and the extensions are told why."""
+        self._compiled = True
+        extensions = [e for e in self.extensions if e.cflags(program)]
+        try:
+            bpf, fns = self._load(program, cflags + [f for e in extensions for f in e.cflags(program)], functions)
+        except FoveaError as e:
+            if not extensions:
+                raise
+            log.error("bpf/%s.c does not load with its extensions; loading it without them: %s", program, e)
+            for ext in extensions:
+                ext.failed(program, str(e))
+            return self._load(program, cflags, functions)
+        for ext in extensions:
+            ext.loaded(program, bpf)
+        return bpf, fns
+
+    def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
+        bpf = compile_program(program, cflags, self.headers)
+        try:
+            return bpf, {hook: bpf.load_func(fn, bpf.SCHED_CLS) for hook, fn in functions.items()}
+        except Exception as e:  # the verifier's refusal
+            bpf.cleanup()
+            raise FoveaError(f"the kernel refused bpf/{program}.c: {e}", "run 'fovea doctor'") from None
+
+    def attach(self, program: str, ifname: str, ifindex: int, functions: dict) -> None:
+        """Attach a program's tc functions to an interface; raises FoveaError."""
+        for ext in self.extensions:
+            ext.attached(program, ifindex)
+        try:
+            self.tc.attach(ifname, functions)
+        except Exception:
+            for ext in self.extensions:
+                ext.detached(program, ifindex)
+            raise
+
+    def detach(self, program: str, ifindex: int, gone: bool = False) -> None:
+        """Stop counting on an interface (gone: it vanished, with its filters)."""
+        if gone:
+            self.tc.forget(ifindex)
+        else:
+            self.tc.detach(ifindex)
+        for ext in self.extensions:
+            ext.detached(program, ifindex)
+
+    def unloading(self, program: str) -> None:
+        for ext in self.extensions:
+            ext.unloading(program)
+
+    # -- the inventory -------------------------------------------------------------
+
+    def wanted(self, iface: PodInterface) -> bool:
+        return any(fnmatch.fnmatchcase(iface.ifname, p) for p in self.config.pods.interfaces)
+
+    def interfaces(self) -> dict[int, PodInterface]:
+        """The latest inventory: every pod interface on the node."""
+        return dict(self._inventory)
+
+    def pod_interfaces(self) -> dict[int, PodInterface]:
+        """The pod interfaces Fovea counts on (those pods.interfaces names)."""
+        return {i: f for i, f in self._inventory.items() if self.wanted(f)}
+
+    @property
+    def problem(self) -> str:
+        """Why the last scan could not see every pod's addresses ("" if it could)."""
+        return self._endpoints.problem
+
+    def scan(self) -> None:
+        """Scan now (on the caller's thread): at start, and on the inventory thread."""
+        self._inventory = self._endpoints.scan()
+        self.pod_addresses = frozenset(ip for iface in self.pod_interfaces().values() for ip in iface.ips)
+
+    def start(self) -> None:
+        """The first scan, then rescans on link events and every interval."""
+        self.scan()
+        self._endpoints.watch(self._scan_now.set)
+        self._thread = self.supervisor.thread("inventory", self._rescan, self._stop)
+
+    def _rescan(self) -> None:
+        while not self._stop.is_set():
+            self._scan_now.wait(self.config.interval)
+            self._scan_now.clear()
+            if self._stop.is_set():
+                return
+            before = self._inventory
+            self.scan()
+            self.supervisor.succeeded("inventory")
+            if self._inventory != before:
+                self.wake()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._scan_now.set()
+        self._endpoints.close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.tc.close()
