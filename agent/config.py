@@ -86,6 +86,7 @@ class PodLevelConfig:
     allPods: bool = False  # pod-level series for every pod, not only annotated ones
     seriesTTL: float = 300.0  # seconds a deleted pod's series stay
     maxSeries: int = 10000  # per metric; past it, new label sets go to an overflow series
+    pendingWindow: float = 30.0  # seconds traffic of a pod address the API does not know yet waits for its pod
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class Config:
             ("dns.inflightMapSize", 1 <= self.dns.inflightMapSize <= 1 << 22, "1 to 4194304"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
+            ("podLevel.pendingWindow", 0 <= self.podLevel.pendingWindow <= 3600, "0 to 3600 seconds"),
             ("tls", bool(self.tls.certFile) == bool(self.tls.keyFile), "both certFile and keyFile, or neither"),
             ("metricsAuth.cacheTTL", self.metricsAuth.cacheTTL >= 0, "zero or more seconds"),
             ("metricsAuth.enabled", not (self.metricsAuth.enabled and self.standalone),

@@ -12,6 +12,15 @@ and decides what ends:
 - any flow ends after `idleTimeout` seconds without a packet;
 - a flow still running is reported every `reportInterval` seconds.
 
+Address translation never makes two flows of one connection (DESIGN.md): the
+tc programs skip what a pod interface already kept (bpf/flows.inc), and a
+connection to a Service whose backend is a local pod is seen as two halves,
+the client's request to the ClusterIP (before DNAT) and the backend's replies
+(kept where the backend sent them). The tracker pairs them: a new flow that
+only carries replies to a client end (address, port) which has a live flow to
+a ClusterIP joins that flow, so the connection is one record, named by the
+Service, with the backend's replies as its reply counts.
+
 Only the entries of ended flows are deleted from the kernel, with
 lookup-and-delete, so whatever arrived until the delete is in the record.
 """
@@ -36,13 +45,15 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SYN_ONLY = 0x100
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
+NAT_REPLIES = 65536  # reply tuples of masqueraded pod flows the uplink programs remember (an LRU)
 MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
 
 
 class FlowId(ct.Structure):
     _fields_ = [("family", ct.c_uint8), ("l4proto", ct.c_uint8), ("point", ct.c_uint8), ("pad", ct.c_uint8),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16),
-                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16), ("ifindex", ct.c_uint32)]
+                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16), ("ifindex", ct.c_uint32),
+                ("in_ifindex", ct.c_uint32)]
 
 
 class FlowStats(ct.Structure):
@@ -100,11 +111,12 @@ class Key:
     dst: str
     dport: int
     ifindex: int = 0  # the interface it was seen at
+    came_in: int = 0  # at a pod's egress: the interface it came in through (0: the node's own)
 
     @classmethod
     def decode(cls, k) -> "Key":
         return cls(k.family, k.l4proto, k.point, ip_text(k.family, bytes(k.saddr)), k.sport,
-                   ip_text(k.family, bytes(k.daddr)), k.dport, k.ifindex)
+                   ip_text(k.family, bytes(k.daddr)), k.dport, k.ifindex, k.in_ifindex)
 
     @property
     def flow(self) -> tuple:
@@ -127,6 +139,8 @@ class Flow:
     window_start_ns: int = 0  # first packet of the window being counted
     window_opened_ns: int = 0  # when this window began (monotonic), for report intervals
     last_seen: tuple = ()  # totals at the previous read: closing flows end once unchanged
+    joined: tuple = ()  # flow keys of the halves joined to this one (a Service's backend replies)
+    client: tuple = ()  # (family, l4proto, address, port) of a Service connection's client
 
     def forward(self, key: Key) -> bool:
         return (key.src, key.sport) == self.source
@@ -174,12 +188,13 @@ class Flow:
         return None
 
 
-def keep_point(key: Key, pod_addresses: set[str]) -> bool:
-    """One observation point per packet (DESIGN.md counting rules)."""
+def keep_point(key: Key, pod_addresses: frozenset[str] | set[str], pod_interfaces=()) -> bool:
+    """One observation point per packet (DESIGN.md counting rules); the uplink's
+    program applies the same rules first (flows.inc)."""
     if key.point == POD_SENT:
         return True
-    if key.point == POD_RECEIVED:
-        return key.src not in pod_addresses  # else: kept where that pod sent it
+    if key.point == POD_RECEIVED:  # else: kept where that pod sent it (a Service reply after reverse NAT too)
+        return key.src not in pod_addresses and key.came_in not in pod_interfaces
     if key.point == UPLINK_IN:
         return key.dst not in pod_addresses
     return key.src not in pod_addresses
@@ -223,6 +238,24 @@ class KernelFlowTable:
             return leaf
         return None
 
+    def set_pod_interfaces(self, add: set[int], remove: set[int]) -> None:
+        """The host-side pod interfaces: what came in through one was kept there (flows.inc).
+        Only the uplink's program has the table (the pods program's keys say it)."""
+        try:
+            table = self.bpf["flow_pod_ifaces"]
+        except KeyError:
+            return
+        for ifindex in add:
+            try:
+                table[ct.c_uint32(ifindex)] = ct.c_uint8(1)
+            except Exception as e:  # a full table: that interface's NATed packets are kept twice
+                log.debug("flow_pod_ifaces add %d: %s", ifindex, e)
+        for ifindex in remove:
+            try:
+                del table[ct.c_uint32(ifindex)]
+            except KeyError:
+                pass
+
     def set_pod_addresses(self, add: set[str], remove: set[str]) -> None:
         """The addresses of local pods, so the kernel keeps each packet at one point only."""
         table = self.bpf["flow_pod_addrs"]
@@ -248,11 +281,12 @@ class FlowTracker:
     """Reads one program's flow table and ring buffer; hands out FlowRecords."""
 
     def __init__(self, table: KernelFlowTable, cfg, publish: Callable[[FlowRecord], None],
-                 pod_addresses: Callable[[], set[str]], clock: Callable[[], int] = time.monotonic_ns):
+                 attribution, clock: Callable[[], int] = time.monotonic_ns):
+        """attribution: pod_addresses, pod_interfaces and service(ip), as agent/attribution.py has them."""
         self.kernel = table
         self.cfg = cfg
         self.publish = publish
-        self.pod_addresses = pod_addresses
+        self.attribution = attribution
         self.clock = clock
         self.max_entries = table.max_entries
         self.entries = 0
@@ -260,7 +294,10 @@ class FlowTracker:
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
-        self._pods_in_kernel: set[str] = set()
+        self._pods_in_kernel: frozenset[str] = frozenset()
+        self._ifaces_in_kernel: set[int] = set()
+        self._joined: dict[tuple, tuple] = {}  # flow key of a backend's replies -> the Service flow's key
+        self._clients: dict[tuple, tuple] = {}  # client end of a live Service flow -> its flow key
         self._counted: dict[bytes, tuple[int, int]] = {}  # raw key -> (packets, bytes) handed out by read()
         self._increments: dict[Key, list[int]] = {}
         self._wall_offset = time.time_ns() - time.monotonic_ns()
@@ -323,10 +360,14 @@ class FlowTracker:
         self._increments = {}
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        pods = self.pod_addresses()
+        pods = self.attribution.pod_addresses
         if pods != self._pods_in_kernel:
             self.kernel.set_pod_addresses(pods - self._pods_in_kernel, self._pods_in_kernel - pods)
-            self._pods_in_kernel = set(pods)
+            self._pods_in_kernel = pods
+        ifaces = set(self.attribution.pod_interfaces)
+        if ifaces != self._ifaces_in_kernel:
+            self.kernel.set_pod_interfaces(ifaces - self._ifaces_in_kernel, self._ifaces_in_kernel - ifaces)
+            self._ifaces_in_kernel = ifaces
         snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
         decoded = {}
@@ -336,22 +377,33 @@ class FlowTracker:
             if until is not None and not stats.flags & SYN_ONLY:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow
                 continue
-            if not keep_point(key, pods):  # a record of it is kept at another point
+            if not keep_point(key, pods, ifaces):  # a record of it is kept at another point
                 if self._counted.get(raw) == (stats.packets, stats.bytes):
                     self._delete(raw)  # and nothing came since the last read
                 else:
                     self._count(raw, stats)
                 continue
             self._count(raw, stats)
-            flow = self._flows.get(key.flow)
+            flow = self._flows.get(self._joined.get(key.flow, key.flow))
             if flow is not None:
                 flow.keys[raw] = key
                 flow.totals[raw] = stats
             else:
                 fresh.setdefault(key.flow, []).append((raw, key, stats))
         self._decoded = decoded
-        for fkey, parts in fresh.items():
-            self._flows[fkey] = self._new_flow(parts)
+        # Service connections first, so that their backends' replies can join them.
+        for fkey in sorted(fresh, key=lambda k: not self._client_end(fresh[k])):
+            parts = fresh[fkey]
+            target = self._flows.get(self._join_target(fkey, parts))
+            if target is not None:
+                for raw, key, stats in parts:
+                    target.keys[raw] = key
+                    target.totals[raw] = stats
+                continue
+            flow = self._flows[fkey] = self._new_flow(parts)
+            flow.client = self._client_end(parts) or ()
+            if flow.client:
+                self._clients[flow.client] = fkey
         self._closed = {raw: until for raw, until in self._closed.items() if until > now}
 
         for fkey, flow in list(self._flows.items()):
@@ -381,6 +433,29 @@ class FlowTracker:
         flow.window_opened_ns = self.clock()
         return flow
 
+    def _client_end(self, parts) -> tuple | None:
+        """(family, l4proto, address, port) of the client of a connection to a ClusterIP."""
+        key = parts[0][1]
+        for (addr, port), other in (((key.src, key.sport), key.dst), ((key.dst, key.dport), key.src)):
+            if self.attribution.service(other) is not None and self.attribution.service(addr) is None:
+                return (key.family, key.l4proto, addr, port)
+        return None
+
+    def _join_target(self, fkey: tuple, parts) -> tuple | None:
+        """The Service flow these packets are the backend's replies of: every one
+        is sent to the client end of a live Service flow (none comes from it)."""
+        if self._client_end(parts):
+            return None
+        family, l4proto = fkey[0], fkey[1]
+        ends = {(k.dst, k.dport) for _, k, _ in parts}
+        if len(ends) != 1 or any((k.src, k.sport) in ends for _, k, _ in parts):
+            return None
+        target = self._clients.get((family, l4proto, *next(iter(ends))))
+        if target is not None:
+            self._joined[fkey] = target
+            self._flows[target].joined += (fkey,)
+        return target
+
     def _delete(self, raw: bytes) -> Stats:
         """Lookup-and-delete one kernel key; what it held (ring-buffer part included)."""
         out = Stats()
@@ -400,6 +475,10 @@ class FlowTracker:
                 flow.totals[raw] = final
         self._report(flow, final=True, reason=reason)
         del self._flows[fkey]
+        for joined in flow.joined:
+            self._joined.pop(joined, None)
+        if self._clients.get(flow.client) == fkey:
+            del self._clients[flow.client]
         if reason in ("fin", "rst"):
             until = self.clock() + int(self.cfg.idleTimeout * 1e9)
             for raw in flow.keys:
@@ -454,7 +533,8 @@ def flow_cflags(cfg) -> list[str]:
 def flow_table_cflags(cfg) -> list[str]:
     """The flow table's sizes (the pods program always keeps it: its counters come from it)."""
     return [f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
-            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}"]
+            f"-DFLOW_POD_ADDRS={POD_ADDRESSES}", f"-DFLOW_NAT_REPLIES={NAT_REPLIES}",
+            f"-DFLOW_NAT_TTL_NS={int(cfg.idleTimeout * 1e9)}ULL"]
 
 
 # Self-observation of a plugin's tracker (fovea_agent_*), keyed by the plugin's name.

@@ -97,6 +97,13 @@ def build_snapshot(agent) -> list:
 def consumer_metrics(agent) -> list:
     """Self-metrics of the record consumers (fovea_agent_*)."""
     out = []
+    if agent.attribution is not None:
+        unattributed = CounterMetricFamily(
+            "fovea_agent_unattributed", "Traffic of a pod address still unknown after podLevel.pendingWindow "
+            "(or past the pending store's bound), in the signal's unit", labels=["signal"])
+        for signal, n in sorted(agent.attribution.unattributed_counts().items()):
+            unattributed.add_metric([signal], n)
+        out.append(unattributed)
     if agent.traces is not None:
         c = agent.traces.counts()
         exported = CounterMetricFamily("fovea_agent_spans_exported", "Spans the OTLP collector accepted")

@@ -85,30 +85,28 @@ def _time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def describe_address(resolver, address: str, port: int) -> dict:
-    """An end of a flow: address, port, and what the resolver knows of it."""
+def describe_address(attribution, address: str, port: int) -> dict:
+    """An end of a flow: address, port, and what the attribution stage names it."""
     out: dict = {"address": address, "port": port}
-    if resolver is None:
+    if attribution is None:
         return out
-    pod = resolver.source.pod_by_ip(address)
-    if pod is not None and not pod.host_network:
-        out.update(namespace=pod.namespace, pod=pod.name, workload=pod.workload_name)
-        return out
-    peer = resolver.peer(address)
-    if peer.namespace:
-        out["namespace"] = peer.namespace
-    out["workload"] = peer.workload
+    e = attribution.endpoint(address)
+    if e.namespace:
+        out["namespace"] = e.namespace
+    if e.pod:
+        out["pod"] = e.pod
+    out["workload"] = e.workload
     return out
 
 
-def record_dict(record, resolver=None, node: str = "") -> dict | None:
+def record_dict(record, attribution=None, node: str = "") -> dict | None:
     """A hub record as the JSON object `fovea observe -o json` prints."""
     if isinstance(record, FlowRecord):
         return {
             "type": "flow", "time": _time(record.end), "start": _time(record.start), "node": node,
             "verdict": "forwarded", "protocol": record.transport,
-            "source": describe_address(resolver, record.source, record.source_port),
-            "destination": describe_address(resolver, record.destination, record.destination_port),
+            "source": describe_address(attribution, record.source, record.source_port),
+            "destination": describe_address(attribution, record.destination, record.destination_port),
             "packets": record.packets, "bytes": record.bytes,
             "reply_packets": record.reply_packets, "reply_bytes": record.reply_bytes,
             "tcp_flags": _flags(record), "observer": record.observer,
@@ -119,16 +117,16 @@ def record_dict(record, resolver=None, node: str = "") -> dict | None:
         return {
             "type": "drop", "time": _time(record.time), "node": node, "verdict": "dropped",
             "protocol": record.transport, "reason": record.reason,
-            "source": describe_address(resolver, record.source, record.source_port),
-            "destination": describe_address(resolver, record.destination, record.destination_port),
+            "source": describe_address(attribution, record.source, record.source_port),
+            "destination": describe_address(attribution, record.destination, record.destination_port),
             "packets": record.packets, "bytes": record.bytes,
         }
     if isinstance(record, DnsTransaction):
         return {
             "type": "dns", "time": _time(record.start), "node": node, "verdict": "forwarded",
             "protocol": record.transport,
-            "source": describe_address(resolver, record.client, record.client_port),
-            "destination": describe_address(resolver, record.server, record.server_port),
+            "source": describe_address(attribution, record.client, record.client_port),
+            "destination": describe_address(attribution, record.server, record.server_port),
             "id": record.id, "qtype": record.qtype, "rcode": record.rcode, "name": record.name,
             "latency": record.duration, "answers": list(record.answers), "observer": record.observer,
         }
@@ -170,10 +168,10 @@ class _Follower:
 
 
 class ObserveServer:
-    def __init__(self, cfg, hub, resolver=None, node: str = "", supervisor: Supervisor | None = None):
+    def __init__(self, cfg, hub, attribution=None, node: str = "", supervisor: Supervisor | None = None):
         self.cfg = cfg.observe
         self.supervisor = supervisor or Supervisor()
-        self.resolver = resolver
+        self.attribution = attribution
         self.node = node
         self.recent: collections.deque = collections.deque(maxlen=self.cfg.buffer)
         self.lock = threading.Lock()
@@ -240,7 +238,7 @@ class ObserveServer:
             if record is None:
                 continue
             try:
-                d = record_dict(record, self.resolver, self.node)
+                d = record_dict(record, self.attribution, self.node)
             except Exception as e:  # one bad record is skipped, and counted
                 self.supervisor.failed("observe-record", e)
                 continue

@@ -13,8 +13,8 @@ from pyroute2 import IPRoute
 
 from agent import capabilities
 from agent.config import Config
+from agent.attribution import Attribution
 from agent.datapath import Datapath
-from agent.enrich import Resolver
 from agent.errors import FoveaError
 from agent.events import EventHub
 from agent.kernel.headers import find_headers
@@ -78,7 +78,7 @@ class Agent:
         self.pod_source = None
         self.captures = None
         self.server: MetricsServer | None = None
-        self.resolver: Resolver | None = None
+        self.attribution: Attribution | None = None
         self.traces = None  # agent/traces.py TraceExporter, when OTLP is on
         self.observe = None  # agent/observe.py ObserveServer
         self.snapshot: list = []  # metric families of the last read (replaced whole, never mutated)
@@ -140,8 +140,11 @@ class Agent:
         log.info("tc programs attach with %s", self.datapath.tc.mode)
         self.datapath.start()
         self.pod_source = self._pod_source()
-        resolver = self.resolver = Resolver(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods)
-        ctx = PluginContext(cfg, headers, tracefs, self.datapath, uplinks, resolver, self.wake, self.events)
+        # A static pods file never learns a pod: standalone, nothing waits for one.
+        window = 0.0 if cfg.standalone else cfg.podLevel.pendingWindow
+        attribution = self.attribution = Attribution(self.pod_source, cfg.node, all_pods=cfg.podLevel.allPods,
+                                                     pending_window=window)
+        ctx = PluginContext(cfg, headers, tracefs, self.datapath, uplinks, attribution, self.wake, self.events)
         held = capabilities.effective()
         candidates = {}
         # Every plugin that can run declares its tc features before any program compiles.
@@ -188,9 +191,9 @@ class Agent:
 
         cfg = self.config
         if otlp_enabled(cfg):
-            self.traces = TraceExporter(cfg, self.events, self.resolver, supervisor=self.supervisor)
+            self.traces = TraceExporter(cfg, self.events, self.attribution, supervisor=self.supervisor)
         if cfg.observe.socket or cfg.observe.port:
-            self.observe = ObserveServer(cfg, self.events, self.resolver, cfg.node, supervisor=self.supervisor)
+            self.observe = ObserveServer(cfg, self.events, self.attribution, cfg.node, supervisor=self.supervisor)
 
     def _start_captures(self) -> None:
         """The Capture controller (with the Kubernetes API only)."""

@@ -1,9 +1,9 @@
 """Counter series with cardinality controls, fed with increments.
 
 Kernel maps are read as increments per interface or address (agent/maps.py);
-series are per label set (a pod, a pair of workloads). `Pending` holds
-increments until their owner is known, and `SeriesStore` adds them to series
-so that:
+series are per label set (a pod, a pair of workloads). Increments wait for
+their owner in the attribution stage (agent/attribution.py); `SeriesStore`
+adds them to series so that:
 - counters never go backwards, even when their sources (interface indexes,
   map keys) are retired or reused;
 - a series whose owner is gone disappears `ttl` seconds later; an owner that
@@ -15,38 +15,11 @@ so that:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily
 
 OVERFLOW = "_overflow"
-
-
-class Pending:
-    """Increments waiting for an owner (a pod the cache has not listed yet)."""
-
-    def __init__(self):
-        self._items: dict[Hashable, list[int]] = {}
-
-    def add(self, increments: dict[Hashable, tuple[int, int]]) -> None:
-        for key, (p, b) in increments.items():
-            v = self._items.setdefault(key, [0, 0])
-            v[0] += p
-            v[1] += b
-
-    def drain(self, handle: Callable[[Hashable, int, int], bool]) -> None:
-        """Offer each increment to `handle`; those it returns False for stay."""
-        for key in list(self._items):
-            p, b = self._items[key]
-            if handle(key, p, b):
-                del self._items[key]
-
-    def discard(self, predicate: Callable[[Hashable], bool]) -> None:
-        for key in [k for k in self._items if predicate(k)]:
-            del self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class SeriesStore:

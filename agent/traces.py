@@ -179,11 +179,11 @@ def _flow_key(transport: str, a: tuple[str, int], b: tuple[str, int]) -> tuple:
 
 
 class SpanBuilder:
-    """Records -> spans, named by the resolver (pods, workloads, peers)."""
+    """Records -> spans, named by the attribution stage (pods, workloads, peers)."""
 
-    def __init__(self, tracer, resolver=None):
+    def __init__(self, tracer, attribution=None):
         self.tracer = tracer
-        self.resolver = resolver
+        self.attribution = attribution
         self._drops: collections.OrderedDict[tuple, list[DropEvent]] = collections.OrderedDict()
         self._links: collections.OrderedDict[int, object] = collections.OrderedDict()  # flow id -> SpanContext
 
@@ -192,23 +192,22 @@ class SpanBuilder:
     def endpoint_attributes(self, local: str, peer: str) -> dict:
         """The local end's pod under k8s.*, the other end under fovea.peer.*."""
         attrs: dict = {}
-        if self.resolver is None:
+        if self.attribution is None:
             return attrs
-        pod = self.resolver.local_pod(local)
-        if pod is not None:
-            attrs["k8s.namespace.name"] = pod.namespace
-            attrs["k8s.pod.name"] = pod.name
-            if pod.workload_kind in WORKLOAD_ATTRIBUTES:
-                attrs[WORKLOAD_ATTRIBUTES[pod.workload_kind]] = pod.workload_name
-            attrs["fovea.workload.kind"] = pod.workload_kind
-            attrs["fovea.workload.name"] = pod.workload_name
-        other = self.resolver.peer(peer)
+        mine = self.attribution.endpoint(local)
+        if mine.local:
+            attrs["k8s.namespace.name"] = mine.namespace
+            attrs["k8s.pod.name"] = mine.pod
+            if mine.workload_kind in WORKLOAD_ATTRIBUTES:
+                attrs[WORKLOAD_ATTRIBUTES[mine.workload_kind]] = mine.workload
+            attrs["fovea.workload.kind"] = mine.workload_kind
+            attrs["fovea.workload.name"] = mine.workload
+        other = self.attribution.endpoint(peer)
         if other.namespace:
             attrs["fovea.peer.namespace"] = other.namespace
         attrs["fovea.peer.workload"] = other.workload
-        peer_pod = self.resolver.source.pod_by_ip(peer)
-        if peer_pod is not None and not peer_pod.host_network:
-            attrs["fovea.peer.pod"] = peer_pod.name
+        if other.pod:
+            attrs["fovea.peer.pod"] = other.pod
         return attrs
 
     @staticmethod
@@ -305,7 +304,7 @@ class SpanBuilder:
 class TraceExporter:
     """The hub consumer that turns records into exported spans."""
 
-    def __init__(self, cfg, hub, resolver=None, exporter=None, supervisor: Supervisor | None = None):
+    def __init__(self, cfg, hub, attribution=None, exporter=None, supervisor: Supervisor | None = None):
         self.cfg = cfg
         resource = Resource.create({"service.name": "fovea", "service.version": __version__,
                                     "k8s.node.name": cfg.node})
@@ -313,7 +312,7 @@ class TraceExporter:
                                                 cfg.otlp.batchSize)
         self.provider = TracerProvider(resource=resource)
         self.provider.add_span_processor(self.processor)
-        self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), resolver)
+        self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), attribution)
         self.limit = RateLimit(cfg.otlp.maxSpansPerSecond)
         self.ratio = cfg.otlp.sampleRatio
         self.sampled_out = 0

@@ -7,6 +7,7 @@
  */
 #include "fovea.h"
 #ifdef FOVEA_FLOWS
+#define FOVEA_FLOW_NAT /* the uplink keeps masqueraded pod flows' replies off its table */
 #include "flows.inc"
 #endif
 
@@ -52,9 +53,14 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     fovea_add(forward_counts.lookup(&direction), &pkt);
     /* Leaving, but it came in through another interface (a pod's veth, an
      * uplink): it was forwarded, and kept where it came in (its flow, its DNS).
-     * The common case of pod traffic costs the array add above and nothing more. */
-    if (direction == FOVEA_EGRESS && skb->ingress_ifindex)
+     * Pod traffic costs the array add above and, with flows on, one lookup
+     * telling whether it was source-NATed (flows.inc). */
+    if (direction == FOVEA_EGRESS && skb->ingress_ifindex) {
+#ifdef FOVEA_FLOWS
+        fovea_flow_forwarded(skb, &pkt);
+#endif
         return TC_ACT_UNSPEC;
+    }
 #ifdef FOVEA_FLOWS
     fovea_flow(skb, &pkt, direction == FOVEA_INGRESS ? FLOW_UPLINK_IN : FLOW_UPLINK_OUT);
 #endif

@@ -1,4 +1,4 @@
-"""Kubernetes metadata for enrichment: who owns an IP, which pods are observed.
+"""Kubernetes metadata for attribution: who owns an IP, which pods are observed.
 
 - `agent.k8s.cache.KubeCache`: list+watch of the API server (the DaemonSet);
 - `agent.k8s.static.StaticPods`: a YAML file of IP -> pod (standalone mode).

@@ -22,6 +22,7 @@ newest; removing one claim leaves the others.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -147,6 +148,34 @@ def _pod_key(pod: PodRecord) -> object:
     return pod.uid or (pod.namespace, pod.name)
 
 
+class _Networks:
+    """The nodes' pod CIDRs: is an address inside one? One set lookup per prefix length."""
+
+    def __init__(self):
+        self._by_length: dict[tuple[int, int], set[int]] = {}  # replaced whole: readers take no lock
+
+    def rebuild(self, cidrs) -> None:
+        by_length: dict[tuple[int, int], set[int]] = {}
+        for cidr in cidrs:
+            try:
+                net = ipaddress.ip_network(cidr, strict=False)
+            except ValueError:  # a node object is untrusted input too
+                continue
+            by_length.setdefault((net.version, net.prefixlen), set()).add(int(net.network_address))
+        self._by_length = by_length
+
+    def contains(self, ip: str) -> bool:
+        if not self._by_length:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        bits, value = addr.max_prefixlen, int(addr)
+        return any(version == addr.version and (value >> (bits - length)) << (bits - length) in nets
+                   for (version, length), nets in self._by_length.items())
+
+
 def _pod_rank(pod: PodRecord) -> tuple:
     # A hostNetwork pod shares its node's IP: any pod of the pod network is a better answer.
     return (not pod.host_network,) + pod.claim_rank()
@@ -181,6 +210,8 @@ class KubeCache:
         self._pod_ips = _IpIndex(_pod_key, _pod_rank)
         self._service_ips = _IpIndex(lambda s: (s.namespace, s.name), lambda s: (s.namespace, s.name))
         self._node_ips = _IpIndex(lambda n: n.name, lambda n: (n.name,))
+        self._pod_networks = _Networks()
+        self._pod_networks_stale = False  # a node's pod CIDRs changed: rebuilt on the next lookup
         self._stores = {"pods": self._pods, "namespaces": self._namespaces, "services": self._services,
                         "nodes": self._nodes}
         core = k8s_client.CoreV1Api(api_client)
@@ -269,6 +300,14 @@ class KubeCache:
         best = self._node_ips.best
         return best.get(ip) or best.get(canonical_ip(ip))
 
+    def in_pod_network(self, ip: str) -> bool:
+        """Inside a node's pod CIDR: a pod's address, whether a pod holds it yet or not."""
+        if self._pod_networks_stale:
+            with self._lock:
+                self._pod_networks_stale = False
+                self._pod_networks.rebuild(c for n in self._nodes.values() for c in n.pod_cidrs)
+        return self._pod_networks.contains(ip)
+
     # --- the store (called by the reflectors)
 
     @staticmethod
@@ -287,6 +326,8 @@ class KubeCache:
                 index.remove(key, old_ips)
             else:
                 index.set(key, old_ips, new, new_ips)
+        if kind == "nodes" and getattr(old, "pod_cidrs", ()) != getattr(new, "pod_cidrs", ()):
+            self._pod_networks_stale = True
         if kind == "pods":
             if new is not None and new.node == self.node_name:
                 self._local[key] = new

@@ -61,10 +61,11 @@ class ServiceRecord:
 class NodeRecord:
     name: str
     ips: tuple[str, ...]
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs: where its pods' addresses come from (when the CNI uses them)
 
 
 class PodDirectory(Protocol):
-    """The lookups enrichment uses: KubeCache (from the API) and StaticPods (from a file)."""
+    """The lookups attribution uses: KubeCache (from the API) and StaticPods (from a file)."""
 
     @property
     def synced(self) -> bool: ...
@@ -74,6 +75,7 @@ class PodDirectory(Protocol):
     def pod_observed(self, pod: PodRecord) -> bool: ...
     def service_by_ip(self, ip: str) -> ServiceRecord | None: ...
     def node_by_ip(self, ip: str) -> NodeRecord | None: ...
+    def in_pod_network(self, ip: str) -> bool: ...
     def stats(self) -> dict[str, int]: ...
 
 
@@ -135,7 +137,9 @@ def service_record(obj: dict) -> ServiceRecord:
 
 
 def node_record(obj: dict) -> NodeRecord:
-    meta, status = _meta(obj), obj.get("status") or {}
+    meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
     ips = [canonical_ip(a["address"]) for a in status.get("addresses") or []
            if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address")]
-    return NodeRecord(meta.get("name", ""), tuple(dict.fromkeys(ips)))
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    return NodeRecord(meta.get("name", ""), tuple(dict.fromkeys(ips)),
+                      tuple(dict.fromkeys(c for c in cidrs if isinstance(c, str))))

@@ -147,6 +147,9 @@ class StaticPods:
     def node_by_ip(self, ip: str) -> NodeRecord | None:
         return None
 
+    def in_pod_network(self, ip: str) -> bool:
+        return False
+
     def stats(self) -> dict[str, int]:
         return {"pods": len(self._pods), "namespaces": len(self._namespaces)}
 

@@ -9,9 +9,9 @@ from functools import cached_property
 
 from prometheus_client.core import Metric
 
+from agent.attribution import Attribution
 from agent.config import Config
 from agent.datapath import Datapath, TcExtension  # noqa: F401 (TcExtension: what plugins extend tc with)
-from agent.enrich import Resolver
 from agent.events import EventHub
 from agent.kernel.btf import BTF
 from agent.kernel.headers import Headers
@@ -24,11 +24,11 @@ class PluginContext:
     """What the agent hands each plugin when it starts."""
 
     def __init__(self, config: Config, headers: Headers, tracefs: Tracefs, datapath: Datapath,
-                 uplinks: list[str], resolver: Resolver, wake: Callable[[], None], events: EventHub):
+                 uplinks: list[str], attribution: Attribution, wake: Callable[[], None], events: EventHub):
         self.config = config
         self.events = events  # records for the OTLP exporter and the flow stream
         self.uplinks = uplinks
-        self.resolver = resolver  # names addresses: pods, services, nodes
+        self.attribution = attribution  # every counting rule: names, NAT, the pending window
         self.wake = wake  # asks the read loop to call reconcile() soon (from any thread)
         self.headers = headers
         self.tracefs = tracefs

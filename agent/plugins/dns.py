@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from agent import dnswire
 from agent.addresses import ip_text
+from agent.attribution import WAIT, dns_addresses
 from agent.config import DnsConfig
 from agent.errors import FoveaError
 from agent.events import DnsTransaction
@@ -32,7 +33,7 @@ from agent.maps import CounterHash
 from agent.datapath import Datapath, TcExtension
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.pods import POD_LABELS
-from agent.series import Pending, SeriesStore
+from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,15 @@ class DnsPlugin(Plugin, TcExtension):
     def start(self, ctx: PluginContext) -> None:
         cfg = ctx.config
         self._ctx = ctx
-        self.resolver = ctx.resolver
+        self.attribution = ctx.attribution
         level = cfg.podLevel
         self.pod_requests = SeriesStore(POD_LABELS + ("qtype",), level.maxSeries, level.seriesTTL,
                                         keep_on_overflow=("qtype",))
         self.pod_responses = SeriesStore(POD_LABELS + ("qtype", "rcode"), level.maxSeries, level.seriesTTL,
                                          keep_on_overflow=("qtype", "rcode"))
-        self._pending = Pending()
+        self._pending = self.attribution.pending("dns")
+        # Sampled transactions naming a pod not known yet wait for it (the pending window).
+        self._records = self.attribution.holding("dns_transaction", ctx.events.publish, dns_addresses)
         self._timeout_ns = int(cfg.dns.timeout * 1e9)
         self._thread = threading.Thread(target=self._poll, name="dns-events", daemon=True)
         self._thread.start()
@@ -168,7 +171,8 @@ class DnsPlugin(Plugin, TcExtension):
             self._stats[name] = host.percpu_sums(host.stats)
             self._expire(host, now_ns)
         self._pending.drain(self._attribute)
-        present = self.resolver.local_pod_labels()
+        self._records.release()
+        present = self.attribution.local_pod_labels()
         for store in (self.pod_requests, self.pod_responses):
             store.touch(lambda labels: labels[:4] in present)
         oldest = time.time() - 2 * self._ctx.config.dns.timeout
@@ -179,11 +183,10 @@ class DnsPlugin(Plugin, TcExtension):
     def _attribute(self, key, count, _bytes) -> bool:
         """Pod series, once the local address names a pod of this node."""
         addr, qtype, rcode = key
-        pod = self.resolver.local_pod(addr)
-        if pod is None:
-            return self.resolver.source.synced  # the node's own, or a pod not listed yet
-        if self.resolver.observed(pod):
-            labels = self.resolver.pod_labels(pod)
+        labels = self.attribution.labels(self.attribution.owner(addr))
+        if labels is WAIT:
+            return False
+        if labels is not None:
             if rcode is None:
                 self.pod_requests.add(labels + (qtype,), count, 0)
             else:
@@ -295,6 +298,8 @@ class DnsPlugin(Plugin, TcExtension):
             self._thread = None
         with self._poll_lock:
             self._hosts.clear()
+        if self._ctx is not None:
+            self._records.flush()
 
     # -- the extension of the pods and forward programs ---------------------------
 
@@ -376,7 +381,7 @@ class DnsPlugin(Plugin, TcExtension):
                       ev.ifindex, name or query_name, decoded.answers if decoded else ())
 
     def _publish(self, flow, start, duration, qtype, rcode, observer, ifindex, name, answers) -> None:
-        self._ctx.events.publish(DnsTransaction(
+        self._records.publish(DnsTransaction(
             start=start, duration=duration,
             client=ip_text(flow.family, flow.client), client_port=flow.client_port,
             server=ip_text(flow.family, flow.server), server_port=flow.server_port,

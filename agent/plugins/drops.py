@@ -10,12 +10,13 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily
 
 from agent.addresses import ip_text
+from agent.attribution import WAIT
 from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.events import DropEvent
 from agent.maps import CounterHash, read_percpu_array
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
-from agent.series import Pending, SeriesStore
+from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DropsPlugin(Plugin):
         self.reasons: dict[int, str] = {}
         self._totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # detailed drops
         self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
-        self._pending = Pending()
+        self._pending = None
         self._lost = 0
         self._publish = None
         self.events_published = 0
@@ -85,7 +86,8 @@ class DropsPlugin(Plugin):
         return flags
 
     def start(self, ctx: PluginContext) -> None:
-        self.resolver = ctx.resolver
+        self.attribution = ctx.attribution
+        self._pending = self.attribution.pending("drop")
         self.pod_series = SeriesStore(POD_DROP_LABELS, ctx.config.podLevel.maxSeries, ctx.config.podLevel.seriesTTL,
                                       keep_on_overflow=("reason", "direction"))
         self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers)
@@ -146,17 +148,18 @@ class DropsPlugin(Plugin):
 
         def attribute(key, p, b) -> bool:
             reason, _proto, src, dst = key
-            pod, direction = self.resolver.local_pod(src), "egress"
-            if pod is None:
-                pod, direction = self.resolver.local_pod(dst), "ingress"
-            if pod is None:
-                return self.resolver.source.synced  # else: maybe a pod not listed yet
-            if self.resolver.observed(pod):
-                self.pod_series.add(self.resolver.pod_labels(pod) + (reason, direction), p, b)
+            owner = self.attribution.drop_owner(src, dst)
+            if owner is WAIT:
+                return False
+            if owner is not None:
+                pod, direction = owner
+                labels = self.attribution.labels(pod)
+                if labels is not None:
+                    self.pod_series.add(labels + (reason, direction), p, b)
             return True
 
         self._pending.drain(attribute)
-        present = self.resolver.local_pod_labels()
+        present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
 
     def totals(self) -> dict[tuple[str, str], tuple[int, int]]:

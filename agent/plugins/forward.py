@@ -46,7 +46,7 @@ class ForwardPlugin(Plugin):
             "forward", flow_cflags(ctx.config.flows), {"ingress": b"forward_ingress", "egress": b"forward_egress"})
         if ctx.config.flows.enabled:
             self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
-                                     lambda: ctx.datapath.pod_addresses)
+                                     ctx.attribution)
         self.reconcile()
 
     def reconcile(self) -> None:

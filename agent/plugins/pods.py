@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from agent.attribution import WAIT, flow_addresses
 from agent.endpoints import PodInterface
 from agent.flows import (POD_RECEIVED, FlowTracker, KernelFlowTable, flow_fill, flow_lost, flow_records,
                          flow_table_cflags)
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
-from agent.series import Pending, SeriesStore
+from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +28,30 @@ class PodsPlugin(Plugin):
         self._ctx: PluginContext | None = None
         self._interfaces: dict[int, PodInterface] = {}
         self._attach_errors: dict[int, str] = {}  # ifindex -> why attaching failed (retried each round)
+        self._records = None
         self.flows: FlowTracker | None = None
 
     def start(self, ctx: PluginContext) -> None:
         self._ctx = ctx
         cfg = ctx.config
-        self.resolver = ctx.resolver
+        self.attribution = ctx.attribution
         self.pod_series = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries,
                                       cfg.podLevel.seriesTTL, keep_on_overflow=("direction",))
         self.flow_series = SeriesStore(FLOW_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                        keep_on_overflow=("protocol",))
-        self._pod_pending = Pending()
-        self._flow_pending = Pending()
+        self._pod_pending = self.attribution.pending("pod_packets")
+        self._flow_pending = self.attribution.pending("workload_flow")
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
         # The flow table is the program's only per-packet map: the pod counters and the
-        # traffic map are summed from it; flow records are published when flows are on.
+        # traffic map are summed from it; flow records are published when flows are on,
+        # those naming a pod not known yet wait for it (the pending window).
+        self._records = self.attribution.holding("flow", ctx.events.publish, flow_addresses)
         self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows,
-                                 ctx.events.publish if cfg.flows.enabled else lambda record: None,
-                                 lambda: ctx.datapath.pod_addresses)
+                                 self._records.publish if cfg.flows.enabled else lambda record: None,
+                                 self.attribution)
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -57,7 +61,7 @@ class PodsPlugin(Plugin):
         if gone:
             self.refresh()  # credit what they counted to their pods before they go
             for ifindex in gone:
-                self._pod_pending.discard(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
+                self._pod_pending.give_up(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
                 self._datapath.detach("pods", ifindex, gone=True)
                 log.info("pod interface %s is gone", iface.ifname)
@@ -74,6 +78,7 @@ class PodsPlugin(Plugin):
                 self._attach_errors.pop(ifindex, None)
                 log.info("counting pod interface %s (%s)", iface.ifname, ", ".join(iface.ips) or "no address yet")
             self._interfaces[ifindex] = iface
+        self.attribution.set_pod_interfaces({i: tuple(f.ips) for i, f in self._interfaces.items()})
 
     def problem(self) -> str | None:
         if self._attach_errors:
@@ -81,16 +86,6 @@ class PodsPlugin(Plugin):
             return f"{first} ({len(self._attach_errors)} of {len(self._attach_errors) + len(self._interfaces)} " \
                    "pod interfaces not counted)"
         return self._datapath.problem or None
-
-    def _owner(self, ifindex: int):
-        iface = self._interfaces.get(ifindex)
-        if iface is None:
-            return None
-        for ip in iface.ips:
-            pod = self.resolver.local_pod(ip)
-            if pod is not None:
-                return pod
-        return None
 
     def refresh(self) -> None:
         pods: dict[tuple, list[int]] = {}
@@ -105,32 +100,31 @@ class PodsPlugin(Plugin):
         self._attribute_pod_counts()
         self._flow_pending.add(flows)
         self._flow_pending.drain(self._attribute_flow)
-        present = self.resolver.local_pod_labels()
+        self._records.release()
+        present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
 
     def _attribute_pod_counts(self) -> None:
         def attribute(key, p, b) -> bool:
             ifindex, direction = key
-            pod = self._owner(ifindex)
-            if pod is None:
-                return ifindex not in self._interfaces  # keep it for its pod until it resolves
-            if self.resolver.observed(pod):
-                self.pod_series.add(self.resolver.pod_labels(pod) + (DIRECTIONS[direction],), p, b)
+            labels = self.attribution.labels(self.attribution.interface_owner(ifindex))
+            if labels is WAIT:
+                return False
+            if labels is not None:
+                self.pod_series.add(labels + (DIRECTIONS[direction],), p, b)
             return True
 
         self._pod_pending.drain(attribute)
 
     def _attribute_flow(self, key, p, b) -> bool:
-        """The traffic map counts each packet once per cluster (DESIGN.md): the
-        sender's node when the sender is a pod of the cluster, the receiver's
-        node only when the sender is not (outside, a node, a hostNetwork pod)."""
+        """The traffic map counts each packet once per cluster (agent/attribution.py)."""
         src, dst, proto, to_pod = key
-        if self.resolver.local_pod(dst if to_pod else src) is None:
-            return self.resolver.source.synced  # another node's pod, or not listed yet
-        sender = self.resolver.peer(src)
-        if not to_pod or not sender.is_pod:
-            receiver = self.resolver.peer(dst)
+        pair = self.attribution.workload_pair(src, dst, to_pod)
+        if pair is WAIT:
+            return False
+        if pair is not None:
+            sender, receiver = pair
             self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
         return True
 
@@ -153,6 +147,7 @@ class PodsPlugin(Plugin):
         if self.flows is not None:
             self.flows.close()
             self.flows = None
+            self._records.flush()
         if self._ctx is not None:
             for ifindex in list(self._interfaces):
                 self._datapath.detach("pods", ifindex)

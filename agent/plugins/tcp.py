@@ -25,12 +25,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from pyroute2 import DiagSocket
 
 from agent.addresses import ip_text
+from agent.attribution import WAIT
 from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.maps import CounterHash
 from agent.nsenter import in_netns
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
-from agent.series import Pending, SeriesStore
+from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class TcpPlugin(Plugin):
         self.snapshot: dict[int, dict[int, int]] = {}  # netns -> state -> sockets at the last dump
         self.since: dict[int, dict[int, int]] = {}  # netns -> state -> transitions since that dump
         self._next_dump = 0.0
-        self._pending = Pending()
+        self._pending = None
         self._lost = dict.fromkeys(LOST, 0)
         self._overflow_seen = [0] * len(EVENTS)
         self._dump_problem: str | None = None
@@ -127,7 +128,8 @@ class TcpPlugin(Plugin):
     def start(self, ctx: PluginContext) -> None:
         self._ctx = ctx
         cfg = ctx.config
-        self.resolver = ctx.resolver
+        self.attribution = ctx.attribution
+        self._pending = self.attribution.pending("tcp")
         self.pod_retransmits = SeriesStore(POD_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL)
         self.pod_resets = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                       keep_on_overflow=("direction",))
@@ -202,11 +204,10 @@ class TcpPlugin(Plugin):
     def _attribute_to_pods(self) -> None:
         def attribute(key, count, _) -> bool:
             kind, addr = key
-            pod = self.resolver.local_pod(addr)
-            if pod is None:
-                return self.resolver.source.synced  # else maybe a pod not listed yet
-            if self.resolver.observed(pod):
-                labels = self.resolver.pod_labels(pod)
+            labels = self.attribution.labels(self.attribution.owner(addr))
+            if labels is WAIT:
+                return False
+            if labels is not None:
                 if kind == 0:
                     self.pod_retransmits.add(labels, count, 0)
                 else:
@@ -214,7 +215,7 @@ class TcpPlugin(Plugin):
             return True
 
         self._pending.drain(attribute)
-        present = self.resolver.local_pod_labels()
+        present = self.attribution.local_pod_labels()
         self.pod_retransmits.touch(lambda labels: labels in present)
         self.pod_resets.touch(lambda labels: labels[:4] in present)
 

@@ -47,6 +47,7 @@ def programs(root):
             bpf = compile_program(program, flags[(program, "+dns+flows")] + ["-DFOVEA_COUNT_MAP_OPS"], headers)
             objects.append(bpf)
             KernelFlowTable(bpf).set_pod_addresses({POD}, set())
+            KernelFlowTable(bpf).set_pod_interfaces({POD_VETH}, set())  # the uplink's program only
             for name in names:
                 loaded[name.decode()] = (bpf, bpf.load_func(name, bpf.SCHED_CLS))
         yield loaded
@@ -72,14 +73,40 @@ def test_pod_interface_makes_one_map_operation_per_packet(programs, function, ki
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp", "dns query"])
-def test_uplink_costs_a_forwarded_packet_one_array_add(programs, kind):
-    """A pod's packet leaving through the uplink was recorded at the pod's interface."""
-    assert ops_per_run(programs, "forward_egress", PACKETS[kind], ingress_ifindex=POD_VETH) == 1
+def test_uplink_costs_a_forwarded_pod_packet_an_array_add_and_one_lookup(programs, kind):
+    """A pod's packet leaving through the uplink was recorded at the pod's interface. The
+    pod-address lookup of its source tells it was not source-NATed (then its replies
+    need no stamp, flows.inc): one lookup more than the array add."""
+    assert ops_per_run(programs, "forward_egress", PACKETS[kind], ingress_ifindex=POD_VETH) == 2
+
+
+def test_uplink_stamps_a_masqueraded_pod_packet_for_its_replies(programs):
+    """Came in through a pod interface, leaves with the node's address: the array add, the
+    pod-address lookup (a miss), the pod-interface lookup and the reply stamp's lookup
+    (the steady state: the stamp exists and is refreshed in place)."""
+    masqueraded = packet(17, 40001, 5201, bytes(64), src=NODE)
+    assert ops_per_run(programs, "forward_egress", masqueraded, ingress_ifindex=POD_VETH) == 4
+    reply = swap_addresses(packet(17, 5201, 40001, bytes(64), src=NODE))  # PEER -> NODE, before de-NAT
+    # The array add, the pod-address lookup, the stamp found fresh: left to the pod's interface.
+    assert ops_per_run(programs, "forward_ingress", reply) == 3
+
+
+def test_uplink_forwarded_between_uplinks_costs_two_lookups(programs):
+    """Came in through an interface that is no pod's: kept where it came in, no stamp."""
+    routed = packet(17, 40002, 5201, bytes(64), src=NODE)
+    assert ops_per_run(programs, "forward_egress", routed, ingress_ifindex=POD_VETH + 1) == 3
 
 
 def test_uplink_keeps_the_nodes_own_flow_with_one_lookup(programs):
     """The node's own packet: the array add and the flow entry."""
     assert ops_per_run(programs, "forward_egress", PACKETS["udp from the node"]) == 2
+
+
+def test_uplink_keeps_a_packet_arriving_for_the_node(programs):
+    """Arriving for the node itself: the array add, the pod-address lookup, the NAT-reply
+    lookup (a masqueraded pod flow's reply looks the same before de-NAT) and the flow entry."""
+    arriving = swap_addresses(packet(17, 40003, 5201, bytes(64), src=NODE))  # PEER -> NODE
+    assert ops_per_run(programs, "forward_ingress", arriving) == 4
 
 
 def test_uplink_leaves_a_packet_for_a_local_pod_after_one_lookup(programs):

@@ -44,7 +44,7 @@ def test_defaults():
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
     assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,
                           "inflightMapSize": 16384}
-    assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000}
+    assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000, "pendingWindow": 30.0}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
     assert top["tls"] == {"certFile": "", "keyFile": ""}
     assert top["metricsAuth"] == {"enabled": False, "cacheTTL": 60.0}

@@ -21,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import dnswire
+from agent.attribution import Attribution, dns_addresses
 from agent.config import Config
 from agent.events import DnsTransaction, EventHub
+from agent.k8s.static import StaticPods
 from agent.plugins.dns import DnsEvent, DnsPlugin
 
 # Bounded for CI: a few seconds per property.
@@ -133,6 +135,8 @@ def test_fuzz_mutated_messages(wire, complete):
 def plugin() -> DnsPlugin:
     p = DnsPlugin()
     p._ctx = SimpleNamespace(config=Config(), events=EventHub())
+    names = Attribution(StaticPods.empty(), "n1")
+    p._records = names.holding("dns_transaction", p._ctx.events.publish, dns_addresses)
     return p
 
 

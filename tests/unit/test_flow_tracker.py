@@ -61,6 +61,21 @@ class FakeTable:
     def set_pod_addresses(self, add, remove):
         self.pods = getattr(self, "pods", set()) | add - remove
 
+    def set_pod_interfaces(self, add, remove):
+        self.ifaces = getattr(self, "ifaces", set()) | add - remove
+
+
+class Names:
+    """What the tracker asks the attribution stage: local pod addresses and interfaces, Services."""
+
+    def __init__(self, pods=(), services=()):
+        self.pod_addresses = frozenset(pods)
+        self.pod_interfaces = {}
+        self.services = set(services)
+
+    def service(self, ip):
+        return "svc" if ip in self.services else None
+
 
 class Clock:
     def __init__(self):
@@ -70,10 +85,10 @@ class Clock:
         return self.now
 
 
-def tracker(pods=(WEB, DB), **cfg):
+def tracker(pods=(WEB, DB), services=(), **cfg):
     table, clock, out = FakeTable(), Clock(), []
     t = FlowTracker(table, FlowsConfig(**{"idleTimeout": 5.0, "reportInterval": 20.0, **cfg}), out.append,
-                    lambda: set(pods), clock=clock)
+                    Names(pods, services), clock=clock)
     return t, table, clock, out
 
 
@@ -178,3 +193,50 @@ def test_packets_that_found_the_table_full_are_reaggregated_from_the_ring_buffer
     [r] = out
     assert (r.packets, r.bytes) == (5, 350)
     assert t.ring_records == 3 and t.lost() == (7, 2)
+
+
+CLUSTER_IP = "10.96.0.10"
+
+
+@pytest.mark.parametrize("same_read", [True, False])
+def test_a_service_connection_to_a_local_backend_is_one_record(same_read):
+    """WEB -> the ClusterIP, DNATed to DB on this node: the kernel keeps the request at
+    WEB's interface (before DNAT) and the replies at DB's (after reverse NAT they come
+    from a pod interface, flows.inc). The two halves are one record, named by the Service."""
+    t, table, clock, out = tracker(services=(CLUSTER_IP,))
+    c, s = fid(WEB, 40000, CLUSTER_IP, 80), fid(DB, 8080, WEB, 40000)
+    table.add(c, 1, 60, clock.now, SYN)
+    if not same_read:
+        t.read()  # the request alone first
+    table.add(s, 1, 60, clock.now + 1000, SYN | ACK)
+    table.add(c, 2, 204, clock.now + 2000, ACK)
+    table.add(s, 1, 352, clock.now + 3000, ACK)
+    table.add(c, 1, 52, clock.now + 4000, FIN | ACK)
+    table.add(s, 1, 52, clock.now + 5000, FIN | ACK)
+    table.add(c, 1, 52, clock.now + 6000, ACK)
+    t.read()
+    clock.now += S
+    t.read()
+    [r] = out
+    assert (r.source, r.source_port, r.destination, r.destination_port) == (WEB, 40000, CLUSTER_IP, 80)
+    assert (r.packets, r.bytes, r.reply_packets, r.reply_bytes) == (5, 368, 3, 464)
+    assert r.end_reason == "fin" and r.observer == "source"
+    assert table.entries == {}  # both halves deleted from the kernel
+    # The pairing ends with the flow: the same ports later, without a Service flow, stand alone.
+    clock.now += 10 * S
+    t.read()
+    table.add(fid(DB, 8080, WEB, 40000, proto=17), 1, 30, clock.now)
+    t.read()
+    clock.now += 6 * S
+    t.read()
+    assert len(out) == 2 and out[1].source == DB
+
+
+def test_replies_to_a_client_without_a_service_flow_are_a_flow_of_their_own():
+    t, table, clock, out = tracker(services=(CLUSTER_IP,))
+    table.add(fid(WEB, 40000, "10.96.0.99", 80), 1, 60, clock.now)  # not a Service
+    table.add(fid(DB, 8080, WEB, 40000), 1, 60, clock.now + 10)
+    t.read()
+    clock.now += 6 * S
+    t.read()
+    assert len(out) == 2

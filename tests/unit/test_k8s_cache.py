@@ -238,6 +238,22 @@ def test_cluster_wide_adds_all_pods_services_and_nodes(api, make_cache):
     eventually(lambda: cache.node_by_ip("192.168.0.2") is None)
 
 
+def test_pod_networks_are_the_nodes_pod_cidrs(api, make_cache):
+    n1 = make_node("n1", "192.168.0.1")
+    n1["spec"]["podCIDRs"] = ["10.0.1.0/24", "fd00:1::/64"]
+    api.create(n1)
+    n2 = make_node("n2", "192.168.0.2")
+    n2["spec"]["podCIDR"] = "10.0.2.0/24"  # the older single field
+    api.create(n2)
+    cache = make_cache(cluster_wide=True)
+    inside = ("10.0.1.200", "10.0.2.7", "fd00:1::5")
+    assert all(cache.in_pod_network(ip) for ip in inside)
+    assert not any(cache.in_pod_network(ip) for ip in ("10.0.3.1", "192.168.0.1", "fd00:2::5", "not-an-ip"))
+    api.delete("nodes", "n2")
+    eventually(lambda: not cache.in_pod_network("10.0.2.7"))
+    assert cache.in_pod_network("10.0.1.200")
+
+
 def test_a_host_network_pod_never_hides_a_pod_network_pod(api, make_cache):
     api.create(make_pod("hn", "tools", node="n1", ip="10.0.1.1", host_network=True))
     api.create(make_pod("real", "shop", node="n1", ip="10.0.1.1"))

@@ -102,7 +102,10 @@ def test_other_records():
     node = node_record({"metadata": {"name": "n1"}, "status": {"addresses": [
         {"type": "InternalIP", "address": "192.168.0.10"}, {"type": "Hostname", "address": "n1"},
         {"type": "ExternalIP", "address": "203.0.113.7"}]}})
-    assert node.ips == ("192.168.0.10", "203.0.113.7")
+    assert node.ips == ("192.168.0.10", "203.0.113.7") and node.pod_cidrs == ()
+    node = node_record({"metadata": {"name": "n2"}, "spec": {"podCIDR": "10.0.2.0/24",
+                                                             "podCIDRs": ["10.0.2.0/24", "fd00:2::/64"]}})
+    assert node.pod_cidrs == ("10.0.2.0/24", "fd00:2::/64")
 
 
 # --- StaticPods

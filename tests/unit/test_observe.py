@@ -1,4 +1,4 @@
-"""The flow stream: records named by the resolver, filters, the client over a real socket."""
+"""The flow stream: records named by the attribution stage, filters, the client over a real socket."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from agent.cli import fovea as cli
 from agent.config import Config, ObserveConfig
-from agent.enrich import Resolver
+from agent.attribution import Attribution
 from agent.events import DropEvent, EventHub
 from agent.k8s.static import StaticPods
 from agent.cli.observe import connect, format_human, stream
@@ -28,7 +28,7 @@ def server(tmp_path):
                  "- {ip: 10.1.0.9, namespace: data, pod: db-0, workloadKind: StatefulSet, workloadName: db}\n")
     hub = EventHub()
     cfg = Config(observe=ObserveConfig(socket=str(tmp_path / "o.sock"), port=0))
-    srv = ObserveServer(cfg, hub, Resolver(StaticPods.load(str(f)), "n1"), "n1")
+    srv = ObserveServer(cfg, hub, Attribution(StaticPods.load(str(f)), "n1"), "n1")
     hub.publish(flow())  # shop/web-1:40001 -> data/db-0:5432, tcp
     hub.publish(flow(flow_id=2, transport="udp", source="10.1.0.5", source_port=5000, destination="8.8.8.8",
                      destination_port=53, tcp_flags=0))

@@ -1,8 +1,8 @@
-"""SeriesStore and Pending: monotonic series, TTL, overflow, pending increments."""
+"""SeriesStore: monotonic series, TTL, overflow."""
 
 from __future__ import annotations
 
-from agent.series import OVERFLOW, Pending, SeriesStore
+from agent.series import OVERFLOW, SeriesStore
 
 
 class Clock:
@@ -76,27 +76,6 @@ def test_overflow_series_never_expire():
     clock.now = 100
     s.touch(lambda labels: False)
     assert list(s.values) == [(OVERFLOW, OVERFLOW, "egress")]
-
-
-def test_pending_keeps_what_is_not_taken():
-    p = Pending()
-    p.add({"k1": (1, 10), "k2": (2, 20)})
-    p.add({"k1": (1, 10)})
-    taken = []
-    p.drain(lambda key, packets, nbytes: key == "k1" and not taken.append((key, packets, nbytes)))
-    assert taken == [("k1", 2, 20)]
-    assert len(p) == 1
-    p.drain(lambda key, packets, nbytes: taken.append((key, packets, nbytes)) or True)
-    assert taken[-1] == ("k2", 2, 20) and len(p) == 0
-
-
-def test_pending_discard():
-    p = Pending()
-    p.add({(1, 0): (1, 1), (2, 0): (1, 1)})
-    p.discard(lambda key: key[0] == 1)
-    seen = []
-    p.drain(lambda key, a, b: seen.append(key) or True)
-    assert seen == [(2, 0)]
 
 
 def test_families_export_packets_and_bytes_in_label_order():

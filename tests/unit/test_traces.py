@@ -7,7 +7,7 @@ import time
 import pytest
 
 from agent.config import Config, OtlpConfig
-from agent.enrich import Resolver
+from agent.attribution import Attribution
 from agent.events import CaptureReport, DnsTransaction, DropEvent, EventHub, FlowRecord
 from agent.k8s.static import StaticPods
 from agent.traces import RateLimit, TraceExporter, otlp_enabled
@@ -34,17 +34,17 @@ def flow(**kw) -> FlowRecord:
     return FlowRecord(**base)
 
 
-def resolver(tmp_path) -> Resolver:
+def attribution(tmp_path) -> Attribution:
     f = tmp_path / "pods.yaml"
     f.write_text("pods:\n"
                  "- {ip: 10.1.0.5, namespace: shop, pod: web-1, workloadKind: Deployment, workloadName: web}\n"
                  "- {ip: 10.1.0.9, namespace: shop, pod: db-0, workloadKind: StatefulSet, workloadName: db}\n")
-    return Resolver(StaticPods.load(str(f)), "node-a")
+    return Attribution(StaticPods.load(str(f)), "node-a")
 
 
 def exporter(hub, receiver, protocol="grpc", **otlp) -> TraceExporter:
     cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=protocol, endpoint=receiver, **otlp))
-    return TraceExporter(cfg, hub, resolver=None)
+    return TraceExporter(cfg, hub, attribution=None)
 
 
 @pytest.fixture(params=["grpc", "http/protobuf"])
@@ -59,7 +59,7 @@ def test_dns_spans_carry_name_rcode_duration_and_status(receiver, tmp_path):
     hub = EventHub()
     cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
                                                     endpoint=receiver.endpoint))
-    exp = TraceExporter(cfg, hub, resolver=resolver(tmp_path))
+    exp = TraceExporter(cfg, hub, attribution=attribution(tmp_path))
     hub.publish(dns())
     hub.publish(dns(id=2, rcode="NXDOMAIN", name="nope.example.", duration=0.010))
     hub.publish(dns(id=3, rcode=None, duration=None))
@@ -94,7 +94,7 @@ def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
     hub = EventHub()
     cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
                                                     endpoint=receiver.endpoint))
-    exp = TraceExporter(cfg, hub, resolver=resolver(tmp_path))
+    exp = TraceExporter(cfg, hub, attribution=attribution(tmp_path))
     # A long connection in two windows; a drop on it between them.
     hub.publish(flow(window=0, final=False, end_reason="interval", end=NOW + 60))
     hub.publish(DropEvent(time=NOW + 61, reason="NETFILTER_DROP", transport="tcp", family=4,
