@@ -13,7 +13,8 @@ and decides what ends:
 - a flow still running is reported every `reportInterval` seconds.
 
 Address translation never makes two flows of one connection (DESIGN.md): the
-tc programs skip what a pod interface already kept (bpf/flows.inc), and a
+uplink's program skips what a pod interface kept and keep_point drops what
+came to a pod from another pod interface (bpf/flows.inc), and a
 connection to a Service whose backend is a local pod is seen as two halves,
 the client's request to the ClusterIP (before DNAT) and the backend's replies
 (kept where the backend sent them). The tracker pairs them: a new flow that
