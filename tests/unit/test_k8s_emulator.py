@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kubernetes
 import pytest
-from conftest import require
+from tests.conftest import require
 from k8s_emulator import (
     ApiError,
     K8sEmulator,
