@@ -43,6 +43,9 @@ def series_of(agent, prefix: str) -> dict[str, float]:
             and dict(labels)["pod"].startswith(prefix)}
 
 
+# 20 batches, each waiting for the agent's snapshot (one read a second) several
+# times: about 4.5 minutes on an idle machine, so more than the default 300 s.
+@pytest.mark.timeout(900)
 def test_churn_of_200_pods(root, tmp_path):
     from agent.lab.netlab import NodeLab
 
