@@ -20,7 +20,8 @@ from agent.errors import FoveaError
 
 @dataclass(frozen=True)
 class TcConfig:
-    priority: int = 1  # tc filter priority of Fovea's filters (lower runs first)
+    priority: int = 1  # tc filter priority of Fovea's filters (lower runs first); clsact mode
+    mode: str = "auto"  # auto (tcx when the kernel has it), tcx, or clsact (agent/tc.py)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class DropsConfig:
 
 @dataclass(frozen=True)
 class FlowsConfig:
-    enabled: bool = True  # keep the flow table in the tc programs (spans, `fovea observe`)
+    enabled: bool = True  # flow records (spans, `fovea observe`); the pods program keeps its table regardless
     mapSize: int = 65536  # flows kept in the kernel table; past it, flows go through the ring buffer
     ringBufferSize: int = 1 << 20  # bytes; a power of two, at least 4096
     idleTimeout: float = 30.0  # seconds without a packet that end a flow
@@ -59,8 +60,7 @@ class ObserveConfig:
 
 @dataclass(frozen=True)
 class PodsConfig:
-    mapSize: int = 8192  # pod counter keys (2 per pod interface)
-    flowMapSize: int = 65536  # (source, destination, protocol) keys for the traffic map
+    mapSize: int = 8192  # pod interfaces the DNS code knows (the counters live in the flow table: flows.mapSize)
     interfaces: tuple[str, ...] = ("*",)  # globs of host-side pod interface names (cali*, lxc*, veth*...)
 
 
@@ -159,8 +159,8 @@ class Config:
             ("idleReads", self.idleReads >= 1, "at least 1"),
             ("drops.mapSize", 1 <= self.drops.mapSize <= 1 << 20, "1 to 1048576"),
             ("tc.priority", 1 <= self.tc.priority <= 0xFFFF, "1-65535"),
+            ("tc.mode", self.tc.mode in ("auto", "tcx", "clsact"), "auto, tcx or clsact"),
             ("pods.mapSize", 2 <= self.pods.mapSize <= 1 << 20, "2 to 1048576"),
-            ("pods.flowMapSize", 1 <= self.pods.flowMapSize <= 1 << 22, "1 to 4194304"),
             ("drops.eventsPerSecond", 0 <= self.drops.eventsPerSecond <= 1 << 20, "0 to 1048576"),
             ("flows.mapSize", 1 <= self.flows.mapSize <= 1 << 22, "1 to 4194304"),
             ("flows.ringBufferSize", self.flows.ringBufferSize >= 4096

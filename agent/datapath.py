@@ -58,7 +58,7 @@ class Datapath:
         self.uplinks = uplinks
         self.wake = wake  # asks the read loop for housekeeping (a new inventory)
         self.supervisor = supervisor
-        self.tc = tc or TcAttacher(config.tc.priority, instance=config.node)
+        self.tc = tc or TcAttacher(config.tc.priority, instance=config.node, mode=config.tc.mode)
         self.extensions: list[TcExtension] = []
         self._compiled = False
         self._endpoints = endpoints or Endpoints(exclude=set(uplinks))

@@ -13,7 +13,8 @@ and decides what ends:
 - a flow still running is reported every `reportInterval` seconds.
 
 Address translation never makes two flows of one connection (DESIGN.md): the
-tc programs skip what a pod interface already kept (bpf/flows.inc), and a
+uplink's program skips what a pod interface kept and keep_point drops what
+came to a pod from another pod interface (bpf/flows.inc), and a
 connection to a Service whose backend is a local pod is seen as two halves,
 the client's request to the ClusterIP (before DNAT) and the backend's replies
 (kept where the backend sent them). The tracker pairs them: a new flow that
@@ -52,7 +53,8 @@ MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; pas
 class FlowId(ct.Structure):
     _fields_ = [("family", ct.c_uint8), ("l4proto", ct.c_uint8), ("point", ct.c_uint8), ("pad", ct.c_uint8),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16),
-                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16)]
+                ("saddr", ct.c_uint8 * 16), ("daddr", ct.c_uint8 * 16), ("ifindex", ct.c_uint32),
+                ("in_ifindex", ct.c_uint32)]
 
 
 class FlowStats(ct.Structure):
@@ -109,11 +111,13 @@ class Key:
     sport: int
     dst: str
     dport: int
+    ifindex: int = 0  # the interface it was seen at
+    came_in: int = 0  # at a pod's egress: the interface it came in through (0: the node's own)
 
     @classmethod
     def decode(cls, k) -> "Key":
         return cls(k.family, k.l4proto, k.point, ip_text(k.family, bytes(k.saddr)), k.sport,
-                   ip_text(k.family, bytes(k.daddr)), k.dport)
+                   ip_text(k.family, bytes(k.daddr)), k.dport, k.ifindex, k.in_ifindex)
 
     @property
     def flow(self) -> tuple:
@@ -185,13 +189,13 @@ class Flow:
         return None
 
 
-def keep_point(key: Key, pod_addresses: frozenset[str] | set[str]) -> bool:
-    """One observation point per packet (DESIGN.md counting rules); the kernel
-    applies the same rules, and those by interface (flows.inc), first."""
+def keep_point(key: Key, pod_addresses: frozenset[str] | set[str], pod_interfaces=()) -> bool:
+    """One observation point per packet (DESIGN.md counting rules); the uplink's
+    program applies the same rules first (flows.inc)."""
     if key.point == POD_SENT:
         return True
-    if key.point == POD_RECEIVED:
-        return key.src not in pod_addresses  # else: kept where that pod sent it
+    if key.point == POD_RECEIVED:  # else: kept where that pod sent it (a Service reply after reverse NAT too)
+        return key.src not in pod_addresses and key.came_in not in pod_interfaces
     if key.point == UPLINK_IN:
         return key.dst not in pod_addresses
     return key.src not in pod_addresses
@@ -236,8 +240,12 @@ class KernelFlowTable:
         return None
 
     def set_pod_interfaces(self, add: set[int], remove: set[int]) -> None:
-        """The host-side pod interfaces: what came in through one was kept there (flows.inc)."""
-        table = self.bpf["flow_pod_ifaces"]
+        """The host-side pod interfaces: what came in through one was kept there (flows.inc).
+        Only the uplink's program has the table (the pods program's keys say it)."""
+        try:
+            table = self.bpf["flow_pod_ifaces"]
+        except KeyError:
+            return
         for ifindex in add:
             try:
                 table[ct.c_uint32(ifindex)] = ct.c_uint8(1)
@@ -291,6 +299,8 @@ class FlowTracker:
         self._ifaces_in_kernel: set[int] = set()
         self._joined: dict[tuple, tuple] = {}  # flow key of a backend's replies -> the Service flow's key
         self._clients: dict[tuple, tuple] = {}  # client end of a live Service flow -> its flow key
+        self._counted: dict[bytes, tuple[int, int]] = {}  # raw key -> (packets, bytes) handed out by read()
+        self._increments: dict[Key, list[int]] = {}
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
@@ -334,7 +344,21 @@ class FlowTracker:
 
     # -- the read ---------------------------------------------------------------
 
-    def read(self) -> None:
+    def _count(self, raw: bytes, stats: Stats, final: bool = False) -> None:
+        """What the key gained since the last read, into this read's increments."""
+        before = self._counted.pop(raw, (0, 0)) if final else self._counted.get(raw, (0, 0))
+        if not final:
+            self._counted[raw] = (stats.packets, stats.bytes)
+        if (stats.packets, stats.bytes) != before:
+            key = self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw))
+            inc = self._increments.setdefault(key, [0, 0])
+            inc[0] += stats.packets - before[0]
+            inc[1] += stats.bytes - before[1]
+
+    def read(self) -> dict[Key, tuple[int, int]]:
+        """Read the table; returns what each key gained since the previous read (packets,
+        bytes), every observation point included: the per-interface counters come from it."""
+        self._increments = {}
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         pods = self.attribution.pod_addresses
@@ -354,9 +378,13 @@ class FlowTracker:
             if until is not None and not stats.flags & SYN_ONLY:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow
                 continue
-            if not keep_point(key, pods):
-                self._delete(raw)  # counted at another point
+            if not keep_point(key, pods, ifaces):  # a record of it is kept at another point
+                if self._counted.get(raw) == (stats.packets, stats.bytes):
+                    self._delete(raw)  # and nothing came since the last read
+                else:
+                    self._count(raw, stats)
                 continue
+            self._count(raw, stats)
             flow = self._flows.get(self._joined.get(key.flow, key.flow))
             if flow is not None:
                 flow.keys[raw] = key
@@ -391,6 +419,7 @@ class FlowTracker:
                 self._report(flow, final=False, reason="interval")
                 flow.window_opened_ns = now
             flow.last_seen = counts
+        return {key: (p, b) for key, (p, b) in self._increments.items()}
 
     def _new_flow(self, parts: list[tuple[bytes, Key, Stats]]) -> Flow:
         """Who opened it: the direction that sent a SYN without ACK, else the first packet."""
@@ -437,6 +466,7 @@ class FlowTracker:
         ring = self._ring.pop(raw, None)
         if ring is not None:
             out.merge(ring[1])
+        self._count(raw, out, final=True)
         return out
 
     def _end(self, fkey: tuple, flow: Flow, reason: str) -> None:
@@ -497,10 +527,13 @@ def tcp_flag_names(flags: int) -> str:
 
 
 def flow_cflags(cfg) -> list[str]:
-    """-D flags that build the flow table into a tc program (empty when flows are off)."""
-    if not cfg.enabled:
-        return []
-    return ["-DFOVEA_FLOWS", f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
+    """-D flags that build the flow table into the forward program (empty when flows are off)."""
+    return ["-DFOVEA_FLOWS", *flow_table_cflags(cfg)] if cfg.enabled else []
+
+
+def flow_table_cflags(cfg) -> list[str]:
+    """The flow table's sizes (the pods program always keeps it: its counters come from it)."""
+    return [f"-DFLOW_TABLE_SIZE={cfg.mapSize}", f"-DFLOW_RINGBUF_PAGES={cfg.ringBufferSize // 4096}",
             f"-DFLOW_POD_ADDRS={POD_ADDRESSES}", f"-DFLOW_NAT_REPLIES={NAT_REPLIES}",
             f"-DFLOW_NAT_TTL_NS={int(cfg.idleTimeout * 1e9)}ULL"]
 

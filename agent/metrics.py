@@ -78,6 +78,10 @@ def build_snapshot(agent) -> list:
                                    labels=["component"])
     for component, n in sorted(agent.supervisor.counts().items()):
         restarts.add_metric([component], n)
+    attach = GaugeMetricFamily("fovea_agent_attach_mode", "1 for how the tc programs attach: tcx or clsact",
+                               labels=["mode"])
+    if agent.datapath is not None:
+        attach.add_metric([agent.datapath.tc.mode], 1.0)
     info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
     info.add_metric([], {"version": __version__, "kernel": os.uname().release})
     read_time = GaugeMetricFamily("fovea_agent_last_read_timestamp_seconds",
@@ -86,7 +90,7 @@ def build_snapshot(agent) -> list:
     duration = GaugeMetricFamily("fovea_agent_snapshot_build_seconds",
                                  "Time the read loop spent building this snapshot's metric families")
     duration.add_metric([], time.monotonic() - start)
-    return families + [up, fill, lost, series, overflow, records, cache, restarts, info, read_time, duration,
+    return families + [up, fill, lost, series, overflow, records, cache, restarts, attach, info, read_time, duration,
                        *consumer_metrics(agent)]
 
 

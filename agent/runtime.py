@@ -137,6 +137,7 @@ class Agent:
         check_uplinks(uplinks)
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
         self.datapath = Datapath(cfg, headers, uplinks, self.wake, self.supervisor)
+        log.info("tc programs attach with %s", self.datapath.tc.mode)
         self.datapath.start()
         self.pod_source = self._pod_source()
         # A static pods file never learns a pod: standalone, nothing waits for one.

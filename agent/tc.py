@@ -1,16 +1,33 @@
 """Attach tc programs beside the CNI's, and remove only our own.
 
-A `clsact` qdisc holds ingress and egress filters. Fovea adds one
+Two ways to attach, chosen by `tc.mode` (auto: tcx when the kernel has it):
+
+tcx (Linux >= 6.6): one BPF link per hook, made with the bpf(2) syscall
+(BPF_LINK_CREATE, BPF_TCX_INGRESS/EGRESS; bcc has no helper for it). The link
+goes first in the interface's tcx chain, so Fovea sees every packet before a
+CNI's program can redirect or drop it; the programs return TC_ACT_UNSPEC,
+which tcx reads as TCX_NEXT: the next tcx program runs, then the clsact
+filters, then the stack, exactly as without Fovea. A link lives as long as its
+file descriptor (Fovea never pins one), so an agent killed with SIGKILL leaves
+nothing behind and its successor has nothing to replace; at detach time the
+links are closed. tcx skips the qdisc and classifier layers clsact costs.
+
+clsact (fallback): a `clsact` qdisc holds ingress and egress filters. Fovea adds one
 direct-action bpf filter per hook, named `fovea-<node>-<program>` so it can
 find its own filters again (the node name keeps two agents apart when tests
 simulate several nodes on one host): at attach time a filter of the same name left by an agent
 that was killed is replaced (never stacked); at detach time only our filters
-go, and the qdisc only if Fovea created it and nothing else uses it.
+go, and the qdisc only if Fovea created it and nothing else uses it. In tcx
+mode the attacher removes such stale filters too, so that switching modes
+across a restart never counts a packet twice.
 """
 
 from __future__ import annotations
 
+import ctypes as ct
 import errno
+import os
+import platform
 import zlib
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +43,82 @@ INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 EGRESS = 0xFFFFFFF3
 HOOKS = {"ingress": INGRESS, "egress": EGRESS}
 NAME_PREFIX = "fovea-"
+MODES = ("auto", "tcx", "clsact")
+
+# bpf(2), from include/uapi/linux/bpf.h
+_BPF_PROG_QUERY = 16
+_BPF_LINK_CREATE = 28
+_TCX_HOOKS = {"ingress": 46, "egress": 47}  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+_BPF_F_BEFORE = 1 << 3  # with no relative program: the head of the chain
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+class _LinkCreate(ct.Structure):
+    """union bpf_attr, as BPF_LINK_CREATE reads it for tcx."""
+    _fields_ = [("prog_fd", ct.c_uint32), ("target_ifindex", ct.c_uint32), ("attach_type", ct.c_uint32),
+                ("flags", ct.c_uint32), ("relative_fd", ct.c_uint32), ("pad", ct.c_uint32),
+                ("expected_revision", ct.c_uint64), ("rest", ct.c_uint8 * 96)]
+
+
+class _ProgQuery(ct.Structure):
+    """union bpf_attr, as BPF_PROG_QUERY reads it."""
+    _fields_ = [("target_ifindex", ct.c_uint32), ("attach_type", ct.c_uint32), ("query_flags", ct.c_uint32),
+                ("attach_flags", ct.c_uint32), ("prog_ids", ct.c_uint64), ("count", ct.c_uint32),
+                ("pad", ct.c_uint32), ("prog_attach_flags", ct.c_uint64), ("link_ids", ct.c_uint64),
+                ("link_attach_flags", ct.c_uint64), ("revision", ct.c_uint64), ("rest", ct.c_uint8 * 64)]
+
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ct.Structure) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
+    ret = _libc.syscall(ct.c_long(nr), ct.c_int(cmd), ct.byref(attr), ct.c_uint(ct.sizeof(attr)))
+    if ret < 0:
+        e = ct.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def tcx_link(prog_fd: int, ifindex: int, hook: str, first: bool = True) -> int:
+    """A tcx link of the program at the head (else the tail) of the hook's chain; returns its fd."""
+    attr = _LinkCreate(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=_TCX_HOOKS[hook],
+                       flags=_BPF_F_BEFORE if first else 0)
+    return _bpf(_BPF_LINK_CREATE, attr)
+
+
+def tcx_program_ids(ifindex: int, hook: str) -> list[int]:
+    """Ids of the programs in the hook's tcx chain, first to run first."""
+    ids = (ct.c_uint32 * 64)()
+    attr = _ProgQuery(target_ifindex=ifindex, attach_type=_TCX_HOOKS[hook], prog_ids=ct.addressof(ids), count=64)
+    _bpf(_BPF_PROG_QUERY, attr)
+    return list(ids[: attr.count])
+
+
+def tcx_supported() -> str | None:
+    """None if this kernel has tcx, else why not (one line)."""
+    try:
+        tcx_program_ids(1, "ingress")  # ifindex 1 is loopback in every namespace
+        return None
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return f"the kernel ({os.uname().release}) has no tcx (Linux 6.6 or later)"
+        return f"cannot query tcx: {e.strerror}"
+
+
+def choose_mode(mode: str) -> str:
+    """The attach mode tc.mode asks for, on this kernel: "tcx" or "clsact"."""
+    if mode == "clsact":
+        return "clsact"
+    why = tcx_supported()
+    if why is None:
+        return "tcx"
+    if mode == "tcx":
+        raise FoveaError(f"tc.mode is tcx but {why}", "set tc.mode to auto or clsact")
+    log.info("attaching with clsact: %s", why)
+    return "clsact"
 
 
 @dataclass
@@ -34,6 +127,7 @@ class Attachment:
     ifname: str
     created_qdisc: bool
     filters: list[tuple[int, str]] = field(default_factory=list)  # (parent, name)
+    links: list[int] = field(default_factory=list)  # tcx link fds
 
 
 def _bpf_filters(ipr: IPRoute, ifindex: int, parent: int):
@@ -63,9 +157,10 @@ def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
 
 
 class TcAttacher:
-    def __init__(self, priority: int = 1, instance: str = "node"):
+    def __init__(self, priority: int = 1, instance: str = "node", mode: str = "auto"):
         self.priority = priority
         self.instance = instance
+        self.mode = choose_mode(mode)
         self._ipr = IPRoute()
         self.attached: dict[int, Attachment] = {}
 
@@ -75,6 +170,9 @@ class TcAttacher:
         if not idx:
             raise FoveaError(f"interface {ifname} does not exist", "check the interface name")
         ifindex = idx[0]
+        self.detach(ifindex)  # attached before: replace, never stack
+        if self.mode == "tcx":
+            return self._attach_tcx(ifindex, ifname, programs)
         created = False
         if not _has_clsact(self._ipr, ifindex):
             try:
@@ -106,6 +204,20 @@ class TcAttacher:
             att.filters.append((parent, name))
         return att
 
+    def _attach_tcx(self, ifindex: int, ifname: str, programs: dict[str, object]) -> Attachment:
+        att = Attachment(ifindex, ifname, created_qdisc=False)
+        self.attached[ifindex] = att
+        for hook, fn in programs.items():
+            # A clsact filter of ours left by an agent killed in clsact mode would count twice.
+            self._remove_named(ifindex, HOOKS[hook], f"{NAME_PREFIX}{self.instance}-{fn.name.decode()}", stale=True)
+            try:
+                att.links.append(tcx_link(fn.fd, ifindex, hook))
+            except OSError as e:
+                self.detach(ifindex)
+                raise FoveaError(f"cannot attach {fn.name.decode()} to {ifname} {hook} with tcx: {e.strerror}",
+                                 "set tc.mode: clsact in the config to attach with a clsact qdisc") from None
+        return att
+
     def _remove_named(self, ifindex: int, parent: int, name: str, stale: bool = False) -> None:
         for prio, handle, fname in _bpf_filters(self._ipr, ifindex, parent):
             if fname.split(":")[0] != name:  # the kernel appends ":[id]" to some names
@@ -119,13 +231,17 @@ class TcAttacher:
                     raise
 
     def forget(self, ifindex: int) -> None:
-        """The interface is gone, and its filters and qdisc with it."""
-        self.attached.pop(ifindex, None)
+        """The interface is gone, and its filters and qdisc with it (a tcx link with it is defunct)."""
+        att = self.attached.pop(ifindex, None)
+        for fd in att.links if att else ():
+            os.close(fd)
 
     def detach(self, ifindex: int) -> None:
         att = self.attached.pop(ifindex, None)
         if att is None:
             return
+        for fd in att.links:  # closing its last fd detaches a tcx link
+            os.close(fd)
         try:
             for parent, name in att.filters:
                 self._remove_named(ifindex, parent, name)

@@ -47,6 +47,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.lab.netlab import NodeLab  # noqa: E402
+from agent.tc import tcx_program_ids, tcx_supported  # noqa: E402
 
 TCP_GOAL = 0.97
 UDP_GOAL = 0.95
@@ -281,12 +283,15 @@ def measure(lab: NodeLab, seconds: float, udp: bool, agent: Agent | None) -> dic
 
 
 def lab_filters(lab: NodeLab) -> list[str]:
-    """Fovea tc filters on the lab's host-side interfaces, as "ifname hook name"."""
+    """Fovea tc filters and tcx programs on the lab's host-side interfaces, as "ifname hook name"."""
     found = []
     for ifname in [ep.host_if for ep in lab.endpoints]:
         for hook in ("ingress", "egress"):
             r = subprocess.run(["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True)
             found += [f"{ifname} {hook} {m}" for m in re.findall(r"\b(fovea-\S+)", r.stdout)]
+            if tcx_supported() is None:  # tcx links (the agent's default where the kernel has them)
+                found += [f"{ifname} {hook} tcx program {i}"
+                          for i in tcx_program_ids(socket.if_nametoindex(ifname), hook)]
     return found
 
 

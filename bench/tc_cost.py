@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.compiler import compile_program  # noqa: E402
 from agent.config import Config  # noqa: E402
-from agent.flows import KernelFlowTable, flow_cflags  # noqa: E402
+from agent.flows import KernelFlowTable, flow_cflags, flow_table_cflags  # noqa: E402
 from agent.kernel.headers import find_headers  # noqa: E402
 from agent.plugins.dns import dns_cflags  # noqa: E402
 
@@ -119,7 +119,7 @@ def test_run(fd: int, data: bytes, repeat: int, ingress_ifindex: int) -> float:
 def build_flags(cfg: Config) -> dict[tuple[str, str], list[str]]:
     """{(program, build): cflags}, in the order the agent passes them: the host
     plugin's flags (flows among them), then the dns extension's."""
-    own = {"pods": [f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}"],
+    own = {"pods": [f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows)],  # its counters
            "forward": []}
     flows, dns = flow_cflags(cfg.flows), dns_cflags(cfg.dns)
     return {(program, build): own[program] + (flows if "flows" in build else []) + (dns if "dns" in build else [])
@@ -141,7 +141,7 @@ def main() -> int:
         for (program, build), flags in build_flags(cfg).items():
             objects.append(compile_program(program, flags, headers))
             loaded[(program, build)] = objects[-1].load_func(functions[program], objects[-1].SCHED_CLS)
-            if "flows" in build:
+            if "flows" in build or program == "pods":
                 KernelFlowTable(objects[-1]).set_pod_addresses({POD}, set())
         ns: dict[tuple, list[float]] = {}
         for _ in range(args.rounds):

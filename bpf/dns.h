@@ -103,6 +103,7 @@ BPF_PERF_OUTPUT(dns_events);
 
 static __always_inline void dns_stat(int reason)
 {
+    fovea_map_op();
     u64 *v = dns_stats.lookup(&reason);
     if (v)
         *v += 1;
@@ -115,6 +116,7 @@ static __always_inline void dns_count(struct fovea_packet *pkt, u8 kind, u16 qty
                               .transport = pkt->l4proto, .qtype = qtype};
     __builtin_memcpy(k.addr, local, 16);
     struct fovea_counter zero = {};
+    fovea_map_op();
     struct fovea_counter *c = dns_counts.lookup_or_try_init(&k, &zero);
     if (c) {
         c->packets += 1;
@@ -212,19 +214,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
 {
     if (!pkt->l4_offset || (pkt->l4proto != IPPROTO_UDP && pkt->l4proto != IPPROTO_TCP))
         return;
-    /* Every TCP and UDP packet pays for this test: read the ports in place
-     * when the headers are in the linear part (almost always), else copy. */
-    u16 ports[2];
-    u32 l4 = pkt->l4_offset;
-    void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-    if (l4 > 128) /* Ethernet + the largest IPv4 header is 74 */
-        return;
-    if (data + l4 + 4 <= data_end) {
-        __builtin_memcpy(ports, data + l4, 4);
-    } else if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0) {
-        return;
-    }
-    u16 sport = bpf_ntohs(ports[0]), dport = bpf_ntohs(ports[1]);
+    u16 sport = pkt->sport, dport = pkt->dport; /* read once by fovea_tc_parse */
     if (sport != DNS_PORT && dport != DNS_PORT)
         return;
 
@@ -232,10 +222,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
     if (pkt->l4proto == IPPROTO_UDP) {
         off = pkt->l4_offset + sizeof(struct udphdr);
     } else {
-        u8 doff;
-        if (bpf_skb_load_bytes(skb, pkt->l4_offset + 12, &doff, 1) < 0)
-            return;
-        off = pkt->l4_offset + (doff >> 4) * 4;
+        off = pkt->l4_offset + (pkt->tcp_doff >> 4) * 4;
         if (off >= end)
             return; /* no payload: handshake, ACK, FIN */
     }
@@ -299,6 +286,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
         struct dns_query q = {.ts = now, .ifindex = skb->ifindex, .qtype = qtype,
                               .observer = local_sent ? DNS_AT_SOURCE : DNS_AT_DESTINATION,
                               .sampled = (u64)bpf_get_prandom_u32() < (u64)DNS_SAMPLE_THRESHOLD};
+        fovea_map_op();
         if (dns_inflight.update(&f, &q) != 0)
             dns_stat(DNS_INFLIGHT_FULL);
         else if (q.sampled)
@@ -306,6 +294,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
         return;
     }
 
+    fovea_map_op();
     struct dns_query *found = dns_inflight.lookup(&f);
     if (!found) {
         /* Counted where it reaches its local client from outside the node: a
@@ -318,6 +307,7 @@ static __always_inline void fovea_dns(struct __sk_buff *skb, struct fovea_packet
     if (found->ifindex != skb->ifindex)
         return; /* its query was counted elsewhere: so is the response */
     struct dns_query q = *found;
+    fovea_map_op();
     if (dns_inflight.delete(&f) != 0)
         return; /* expired meanwhile: counted as unanswered */
     u8 rcode = flags & 0xF;

@@ -7,6 +7,7 @@
  */
 #include "fovea.h"
 #ifdef FOVEA_FLOWS
+#define FOVEA_FLOW_NAT /* the uplink keeps masqueraded pod flows' replies off its table */
 #include "flows.inc"
 #endif
 
@@ -17,13 +18,14 @@ BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
 #define AF_INET6 10
 
 /* DNS at an uplink is the node's own (host network): what a pod sent or is
- * sent is counted at the pod's interface. Leaving: a packet that came in
- * through another interface (a pod's) was forwarded. Arriving: the kernel's
- * route lookup says whether it will be forwarded or delivered here. */
+ * sent is counted at the pod's interface. Leaving: count() passes only what
+ * the node itself sent. Arriving: the kernel's route lookup says whether it
+ * will be forwarded or delivered here (port 53 only: fovea_dns tests the
+ * ports first). */
 static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct fovea_packet *pkt, int egress)
 {
     if (egress)
-        return skb->ingress_ifindex != 0;
+        return 0;
     struct bpf_fib_lookup fib = {};
     fib.ifindex = skb->ingress_ifindex;
     fib.l4_protocol = pkt->l4proto;
@@ -47,7 +49,18 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     struct fovea_packet pkt = {};
     if (!fovea_tc_parse(skb, &pkt))
         return TC_ACT_UNSPEC;
+    fovea_map_op();
     fovea_add(forward_counts.lookup(&direction), &pkt);
+    /* Leaving, but it came in through another interface (a pod's veth, an
+     * uplink): it was forwarded, and kept where it came in (its flow, its DNS).
+     * Pod traffic costs the array add above and, with flows on, one lookup
+     * telling whether it was source-NATed (flows.inc). */
+    if (direction == FOVEA_EGRESS && skb->ingress_ifindex) {
+#ifdef FOVEA_FLOWS
+        fovea_flow_forwarded(skb, &pkt);
+#endif
+        return TC_ACT_UNSPEC;
+    }
 #ifdef FOVEA_FLOWS
     fovea_flow(skb, &pkt, direction == FOVEA_INGRESS ? FLOW_UPLINK_IN : FLOW_UPLINK_OUT);
 #endif

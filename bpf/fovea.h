@@ -22,6 +22,22 @@ struct fovea_counter {
     u64 bytes;
 };
 
+/* Map operations on the packet path, counted only in a test build
+ * (-DFOVEA_COUNT_MAP_OPS), so that a test holds the programs to one lookup
+ * per packet per hook (tests/kernel/test_map_ops.py). */
+#ifdef FOVEA_COUNT_MAP_OPS
+BPF_PERCPU_ARRAY(fovea_map_ops, u64, 1);
+static __always_inline void fovea_map_op(void)
+{
+    int zero = 0;
+    u64 *n = fovea_map_ops.lookup(&zero);
+    if (n)
+        *n += 1;
+}
+#else
+static __always_inline void fovea_map_op(void) {}
+#endif
+
 /* Headers of one segment of a GSO skb: L3 header + L4 header. */
 static __always_inline u32 fovea_l4_header_len(u8 l4proto, u8 tcp_doff_byte)
 {
@@ -38,11 +54,28 @@ struct fovea_packet {
     u64 bytes;
     u8 family; /* 4 or 6 */
     u8 l4proto;
+    u8 tcp_flags; /* TCP: the flags byte */
+    u8 tcp_doff;  /* TCP: the data-offset byte (header length in its high nibble) */
+    u16 sport;    /* TCP/UDP, host order; 0 in a non-first fragment or when unreadable */
+    u16 dport;
     u8 saddr[16]; /* IPv4 in the first 4 bytes */
     u8 daddr[16];
     u32 l4_offset; /* where the L4 header starts; 0 in a non-first IPv4 fragment */
     u32 end;       /* where the IP packet ends (Ethernet padding excluded) */
 };
+
+/* Copy len bytes at off into dst: in place when they are in the linear part
+ * of the skb (almost always: a helper call costs more than the read), else
+ * with bpf_skb_load_bytes. off must be a bounded value (the verifier checks). */
+static __always_inline int fovea_read(struct __sk_buff *skb, u32 off, void *dst, u32 len)
+{
+    void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+    if (off <= 128 && data + off + len <= data_end) {
+        __builtin_memcpy(dst, data + off, len);
+        return 0;
+    }
+    return bpf_skb_load_bytes(skb, off, dst, len);
+}
 
 /* Parse an skb on an Ethernet device, where the packet starts with the MAC
  * header. Returns 0 for a non-IP frame or one too short to read. */
@@ -52,7 +85,7 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
 
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr iph;
-        if (bpf_skb_load_bytes(skb, l3, &iph, sizeof(iph)) < 0)
+        if (fovea_read(skb, l3, &iph, sizeof(iph)) < 0)
             return 0;
         ip_len = bpf_ntohs(iph.tot_len);
         l3_hdr = iph.ihl * 4;
@@ -64,7 +97,7 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
         __builtin_memcpy(pkt->daddr, &iph.daddr, 4);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)) < 0)
+        if (fovea_read(skb, l3, &ip6, sizeof(ip6)) < 0)
             return 0;
         ip_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
         l3_hdr = sizeof(ip6);
@@ -75,6 +108,19 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
         __builtin_memcpy(pkt->daddr, &ip6.daddr, 16);
     } else {
         return 0;
+    }
+
+    /* Ports and TCP flags, read once for the flow table and the DNS check. */
+    if (pkt->l4_offset && (pkt->l4proto == IPPROTO_TCP || pkt->l4proto == IPPROTO_UDP)) {
+        u8 l4[14] = {};
+        u32 off = pkt->l4_offset & 0xff; /* at most 14 + 60 */
+        int rc = pkt->l4proto == IPPROTO_TCP ? fovea_read(skb, off, l4, 14) : fovea_read(skb, off, l4, 4);
+        if (rc == 0) {
+            pkt->sport = ((u16)l4[0] << 8) | l4[1];
+            pkt->dport = ((u16)l4[2] << 8) | l4[3];
+            pkt->tcp_doff = l4[12];
+            pkt->tcp_flags = l4[13];
+        }
     }
 
     /* A length field of 0 (BIG TCP): the packet runs to the end of the skb. */
@@ -89,10 +135,7 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
     }
     /* A GSO skb: its IP length field may be 0 (BIG TCP), so take the skb
      * length, and add the headers every further segment carries. */
-    u8 doff = 0;
-    if (pkt->l4proto == IPPROTO_TCP)
-        bpf_skb_load_bytes(skb, l3 + l3_hdr + 12, &doff, 1);
-    u32 hdrs = l3_hdr + fovea_l4_header_len(pkt->l4proto, doff);
+    u32 hdrs = l3_hdr + fovea_l4_header_len(pkt->l4proto, pkt->tcp_doff);
     pkt->packets = segs;
     pkt->bytes = (skb->len - l3) + (u64)(segs - 1) * hdrs;
     return 1;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -178,6 +179,35 @@ def agent(lab):
     a = RunningAgent("--uplink", lab.uplink)
     yield a
     assert a.stop() == 0, a.output()
+
+
+TC_MODES = ("tcx", "clsact")  # how the agent attaches its tc programs (tc.mode); tests force each
+
+
+def tc_mode_config(directory: Path, mode: str, **config) -> str:
+    """A config file forcing tc.mode (plus any other keys); returns its path."""
+    import yaml
+
+    path = Path(directory, f"fovea-{mode}.yaml")
+    path.write_text(yaml.safe_dump({**config, "tc": {"mode": mode}}))
+    return str(path)
+
+
+def tcx_program_names(ifname: str, hook: str) -> list[str]:
+    """Names of the programs in an interface's tcx chain, in the order they run (bpftool names them)."""
+    from agent.tc import tcx_program_ids
+
+    require(shutil.which("bpftool") is not None, "bpftool is not installed (scripts/bootstrap installs it)")
+    names = []
+    for prog_id in tcx_program_ids(socket.if_nametoindex(ifname), hook):
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
+        names.append(json.loads(out.stdout).get("name", "") if out.returncode == 0 else "")
+    return names
+
+
+def tc_programs(ifname: str, hook: str) -> str:
+    """What is attached to a hook, either way: tc's listing of clsact filters and the tcx programs' names."""
+    return tc_filters(ifname, hook) + "\n" + "\n".join(tcx_program_names(ifname, hook))
 
 
 def tc_filters(ifname: str, hook: str) -> str:

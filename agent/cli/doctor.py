@@ -13,6 +13,7 @@ from agent.kernel.btf import BTF
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs, find_tracefs
 from agent.plugins import REGISTRY
+from agent.tc import tcx_supported
 
 @dataclass
 class Check:
@@ -52,6 +53,9 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
         checks.append(Check("kernel headers", False, str(e), "agent"))
 
     checks.append(_bcc_check())
+    why = tcx_supported()
+    checks.append(Check("tc attach mode", True, "tcx (BPF links)" if why is None else f"clsact: {why}",
+                        "forward, pods"))
     kprobes = any(Path(d, "kprobe_events").exists() for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
     checks.append(Check("kprobes", True, ("available" if kprobes else "not available") +
                         " (not needed: Fovea uses tracepoints and tc only)"))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from agent.addresses import ip_text
 from agent.attribution import WAIT, flow_addresses
 from agent.endpoints import PodInterface
-from agent.flows import FlowTracker, KernelFlowTable, flow_cflags, flow_fill, flow_lost, flow_records
-from agent.maps import CounterHash, read_percpu_array
+from agent.flows import (POD_RECEIVED, FlowTracker, KernelFlowTable, flow_fill, flow_lost, flow_records,
+                         flow_table_cflags)
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.drops import protocol_name
 from agent.series import SeriesStore
@@ -20,7 +19,6 @@ FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "
 DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
 
 
-
 class PodsPlugin(Plugin):
     name = "pods"
     capabilities = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN")
@@ -30,7 +28,6 @@ class PodsPlugin(Plugin):
         self._ctx: PluginContext | None = None
         self._interfaces: dict[int, PodInterface] = {}
         self._attach_errors: dict[int, str] = {}  # ifindex -> why attaching failed (retried each round)
-        self._lost = {"pod_counts_full": 0, "flow_counts_full": 0}
         self._records = None
         self.flows: FlowTracker | None = None
 
@@ -46,20 +43,16 @@ class PodsPlugin(Plugin):
         self._flow_pending = self.attribution.pending("workload_flow")
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
-            f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", f"-DFLOW_MAP_SIZE={cfg.pods.flowMapSize}",
-            *flow_cflags(cfg.flows),
+            f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
         ], {"ingress": b"pod_from_pod", "egress": b"pod_to_pod"})
-        # Flow records naming a pod not known yet wait for it (the pending window).
+        # The flow table is the program's only per-packet map: the pod counters and the
+        # traffic map are summed from it; flow records are published when flows are on,
+        # those naming a pod not known yet wait for it (the pending window).
         self._records = self.attribution.holding("flow", ctx.events.publish, flow_addresses)
-        if cfg.flows.enabled:
-            self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows, self._records.publish, self.attribution)
-        self._pod_counts = CounterHash(self._bpf["pod_counts"], lambda k: (k.ifindex, k.direction), cfg.idleReads)
-        self._flow_counts = CounterHash(self._bpf["flow_counts"], self._decode_flow, cfg.idleReads)
+        self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows,
+                                 self._records.publish if cfg.flows.enabled else lambda record: None,
+                                 self.attribution)
         self.reconcile()
-
-    def _decode_flow(self, k) -> tuple:
-        return (ip_text(k.family, bytes(k.saddr)), ip_text(k.family, bytes(k.daddr)),
-                protocol_name(k.l4proto), bool(k.to_pod))
 
     def reconcile(self) -> None:
         """Attach to new pod interfaces, settle the counts of vanished ones."""
@@ -68,8 +61,6 @@ class PodsPlugin(Plugin):
         if gone:
             self.refresh()  # credit what they counted to their pods before they go
             for ifindex in gone:
-                self._pod_pending.add(self._pod_counts.retire_where(lambda key: key[0] == ifindex))
-                self._attribute_pod_counts()
                 self._pod_pending.give_up(lambda key: key[0] == ifindex)  # never resolved: no pod to credit
                 iface = self._interfaces.pop(ifindex)
                 self._datapath.detach("pods", ifindex, gone=True)
@@ -97,15 +88,19 @@ class PodsPlugin(Plugin):
         return self._datapath.problem or None
 
     def refresh(self) -> None:
-        self._pod_pending.add(self._pod_counts.read())
+        pods: dict[tuple, list[int]] = {}
+        flows: dict[tuple, list[int]] = {}
+        for key, (p, b) in self.flows.read().items():
+            to_pod = key.point == POD_RECEIVED
+            for counts in (pods.setdefault((key.ifindex, int(to_pod)), [0, 0]),
+                           flows.setdefault((key.src, key.dst, protocol_name(key.l4proto), to_pod), [0, 0])):
+                counts[0] += p
+                counts[1] += b
+        self._pod_pending.add(pods)
         self._attribute_pod_counts()
-        self._flow_pending.add(self._flow_counts.read())
+        self._flow_pending.add(flows)
         self._flow_pending.drain(self._attribute_flow)
-        if self.flows is not None:
-            self.flows.read()
         self._records.release()
-        overflow = read_percpu_array(self._bpf["overflow"])
-        self._lost = {"flow_counts_full": overflow[0][0], "pod_counts_full": overflow[1][0]}
         present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
@@ -139,9 +134,8 @@ class PodsPlugin(Plugin):
 
     def health(self) -> PluginHealth:
         return PluginHealth(
-            map_fill={"pod_counts": self._pod_counts.fill_ratio, "flow_counts": self._flow_counts.fill_ratio,
-                      **flow_fill(self.flows, "pods")},
-            lost={**self._lost, **flow_lost(self.flows, "pods")},
+            map_fill=flow_fill(self.flows, "pods"),
+            lost=flow_lost(self.flows, "pods"),
             records=flow_records(self.flows, "pods"),
             series={"fovea_pod_packets_total": len(self.pod_series),
                     "fovea_workload_flow_packets_total": len(self.flow_series)},

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from agent.config import Config
-from tests.conftest import REPO, RunningAgent, free_port, node_lab, require, tc_filters
+from tests.conftest import REPO, RunningAgent, free_port, node_lab, require, tc_filters, tcx_program_names
 
 pytestmark = pytest.mark.kernel
 
@@ -117,10 +117,16 @@ def podman_run(image: str, chart, node: dict[str, Path], name: str, without: tup
     return [*args, image, *c["args"]]
 
 
+FOVEA_PROGRAMS = ("forward_ingress", "forward_egress", "pod_from_pod", "pod_to_pod")
+
+
 def attached(ifname: str) -> str:
-    """Fovea's tc programs on ifname, as tc shows them."""
-    return "".join(line for hook in ("ingress", "egress")
-                   for line in tc_filters(ifname, hook).splitlines(True) if "fovea" in line)
+    """Fovea's tc programs on ifname, either way: clsact filters as tc shows them, and tcx programs by name."""
+    filters = [line for hook in ("ingress", "egress")
+               for line in tc_filters(ifname, hook).splitlines(True) if "fovea" in line]
+    links = [f"{name}\n" for hook in ("ingress", "egress")
+             for name in tcx_program_names(ifname, hook) if name in FOVEA_PROGRAMS]
+    return "".join(filters + links)
 
 
 def test_the_image_on_a_node_without_headers(image, chart, node):

@@ -5,6 +5,7 @@ baseline."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningAgent, free_octet, tc_filters, unique_prefix
+from tests.conftest import RunningAgent, free_octet, tc_programs, unique_prefix
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod
 
 pytestmark = pytest.mark.kernel
@@ -84,7 +85,7 @@ def test_churn_of_200_pods(root, tmp_path):
                 pods[i] = ep
             wait_for("the cache to list the batch", lambda: cached_pods() == 2 + PER_BATCH)
             for i, ep in pods.items():
-                wait_for(f"{ep.host_if} attached", lambda ep=ep: "fovea-node-a-pod_from_pod" in tc_filters(ep.host_if, "ingress"))
+                wait_for(f"{ep.host_if} attached", lambda ep=ep: "pod_from_pod" in tc_programs(ep.host_if, "ingress"))
                 out = lab.run(ep.netns, "ping", "-c", str(1 + i % 4), "-i", "0.002", "-q", server.ipv4).stdout
                 assert f"{1 + i % 4} received" in out
             try:
@@ -110,9 +111,9 @@ def test_churn_of_200_pods(root, tmp_path):
         assert series_of(agent, "churn-") == {}
         assert series_of(agent, "client") != {}
         assert agent.scrape().get("fovea_agent_series", metric="fovea_pod_packets_total") == 4  # 2 pods x 2 directions
-        for ep in (client, server):  # still exactly one filter per hook on the pods that stayed
+        for ep in (client, server):  # still exactly one program per hook on the pods that stayed
             for hook in ("ingress", "egress"):
-                assert tc_filters(ep.host_if, hook).count("fovea-node-a-pod_") == 1
+                assert len(re.findall(r"\bpod_(?:from|to)_pod\b", tc_programs(ep.host_if, hook))) == 1
         links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
         assert f"{lab.prefix}c" not in links
         # Python keeps some freed memory in its allocator, and the flow stream's ring

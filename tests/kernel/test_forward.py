@@ -12,7 +12,18 @@ import threading
 
 import pytest
 
+from tests.conftest import TC_MODES, RunningAgent, tc_mode_config
+
 pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module", params=TC_MODES)
+def agent(lab, request, tmp_path_factory):
+    """The agent attached with tcx, then with the clsact fallback: the same exact counts either way."""
+    a = RunningAgent("--uplink", lab.uplink, "--config", tc_mode_config(tmp_path_factory.mktemp("tc"), request.param))
+    assert a.scrape().get("fovea_agent_attach_mode", mode=request.param) == 1
+    yield a
+    assert a.stop() == 0, a.output()
 
 ICMP_ECHO_IP_BYTES = {4: 20 + 8 + 56, 6: 40 + 8 + 56}  # ping's default 56-byte payload
 IP_HDR = {4: 20, 6: 40}

@@ -11,7 +11,7 @@ import pytest
 import requests
 from pyroute2 import IPRoute
 
-from tests.conftest import FOVEA, RunningAgent, free_port, tc_filters
+from tests.conftest import FOVEA, TC_MODES, RunningAgent, free_port, tc_filters, tc_mode_config, tcx_program_names
 
 pytestmark = pytest.mark.kernel
 
@@ -36,73 +36,113 @@ int cni_standin(struct __sk_buff *skb) {
 
 
 class ForeignFilter:
-    """Loaded and attached by the test itself, at a later priority than Fovea's."""
+    """Loaded and attached by the test itself: a clsact filter at a later priority than Fovea's,
+    or a tcx program at the end of the chain (where a CNI adds itself)."""
 
-    def __init__(self, ifname: str):
+    def __init__(self, ifname: str, kind: str):
         from bcc import BPF
 
         from agent.kernel.headers import find_headers
+        from agent.tc import tcx_link
 
         os.environ.update(find_headers().env)
         self.bpf = BPF(text=FOREIGN_PROGRAM)
         fn = self.bpf.load_func(b"cni_standin", BPF.SCHED_CLS)
-        self.ifname = ifname
+        self.ifname, self.kind, self.link = ifname, kind, None
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.tc("add", "clsact", idx)
+            if kind == "tcx":
+                self.link = tcx_link(fn.fd, idx, "egress", first=False)
+                return
+            if "clsact" not in tc_qdiscs(ifname):  # Fovea's, when it came first
+                ipr.tc("add", "clsact", idx)
             ipr.tc("add-filter", "bpf", idx, 1, fd=fn.fd, name="cni-standin", parent=0xFFFFFFF3,
                    prio=200, classid=1, direct_action=True)
 
     def packets(self) -> int:
         return self.bpf[b"seen"][0].value
 
+    def attached(self) -> bool:
+        if self.kind == "tcx":
+            return "cni_standin" in tcx_program_names(self.ifname, "egress")
+        return "cni-standin" in tc_filters(self.ifname, "egress")
+
     def remove(self) -> None:
-        subprocess.run(["tc", "qdisc", "del", "dev", self.ifname, "clsact"], check=False)
+        if self.link is not None:
+            os.close(self.link)
+        else:
+            subprocess.run(["tc", "qdisc", "del", "dev", self.ifname, "clsact"], check=False)
         self.bpf.cleanup()
 
 
+def tc_qdiscs(ifname: str) -> str:
+    return subprocess.run(["tc", "qdisc", "show", "dev", ifname], capture_output=True, text=True).stdout
+
+
 def fovea_filter_count(ifname: str) -> int:
-    return sum(len(re.findall(r"fovea-\S+-forward_", tc_filters(ifname, hook))) for hook in ("ingress", "egress"))
+    """Fovea's forward programs on the interface, attached either way (clsact filters, tcx links)."""
+    clsact = sum(len(re.findall(r"fovea-\S+-forward_", tc_filters(ifname, hook))) for hook in ("ingress", "egress"))
+    tcx = sum(name.startswith("forward_") for hook in ("ingress", "egress") for name in tcx_program_names(ifname, hook))
+    return clsact + tcx
 
 
-def test_foreign_filter_keeps_running_during_and_after(lab):
+def mode_agent(tmp_path, mode: str, *args: str) -> RunningAgent:
+    agent = RunningAgent(*args, "--config", tc_mode_config(tmp_path, mode))
+    assert agent.scrape().get("fovea_agent_attach_mode", mode=mode) == 1
+    return agent
+
+
+# A tcx CNI with Fovea on clsact is not a pairing: tcx runs first, and a program that
+# passes the packet (TCX_PASS) skips the clsact filters. On tcx kernels Fovea uses tcx.
+@pytest.mark.parametrize("mode,kind", [("tcx", "clsact"), ("tcx", "tcx"), ("clsact", "clsact")])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_foreign_program_keeps_counting_exactly(lab, tmp_path, mode, kind, order):
+    """A CNI stand-in attached before or after Fovea sees every packet, and so does Fovea."""
     up = lab.uplink
-    foreign = ForeignFilter(up)
+    foreign = ForeignFilter(up, kind) if order == "before" else None
     try:
-        agent = RunningAgent("--uplink", up)
+        agent = mode_agent(tmp_path, mode, "--uplink", up)
         try:
+            foreign = foreign or ForeignFilter(up, kind)
             f0 = foreign.packets()
             e0 = agent.settled("fovea_forward_packets_total", direction="egress")
             ping(lab, 15)
             assert agent.settled("fovea_forward_packets_total", direction="egress") - e0 == 15
-            assert foreign.packets() - f0 == 15  # ours returned TC_ACT_UNSPEC: theirs still ran
+            assert foreign.packets() - f0 == 15  # ours returned TC_ACT_UNSPEC (TCX_NEXT): theirs still ran
+            if mode == "tcx":
+                assert tcx_program_names(up, "egress")[0] == "forward_egress"  # first in the chain: sees all
         finally:
             assert agent.stop() == 0, agent.output()
         assert fovea_filter_count(up) == 0
-        assert "cni-standin" in tc_filters(up, "egress")  # their filter and qdisc stay
+        assert foreign.attached()  # theirs stays (and their qdisc)
         f1 = foreign.packets()
         ping(lab, 5)
         assert foreign.packets() - f1 == 5
     finally:
-        foreign.remove()
+        if foreign is not None:
+            foreign.remove()
 
 
-def test_clean_exit_removes_what_it_created(lab):
+@pytest.mark.parametrize("mode", TC_MODES)
+def test_clean_exit_removes_what_it_created(lab, tmp_path, mode):
     up = lab.uplink
-    agent = RunningAgent("--uplink", up)
+    agent = mode_agent(tmp_path, mode, "--uplink", up)
     assert fovea_filter_count(up) == 2
     assert agent.stop() == 0
     assert fovea_filter_count(up) == 0
-    assert "clsact" not in subprocess.run(["tc", "qdisc", "show", "dev", up], capture_output=True, text=True).stdout
+    assert "clsact" not in tc_qdiscs(up)
 
 
-def test_restart_after_kill_replaces_stale_filters(lab):
+@pytest.mark.parametrize("first_mode,second_mode", [("clsact", "clsact"), ("tcx", "tcx"), ("clsact", "tcx")])
+def test_restart_after_kill_replaces_stale_filters(lab, tmp_path, first_mode, second_mode):
+    """kill -9 leaves clsact filters behind, which the successor replaces; a tcx link dies with
+    the agent's file descriptor. Either way the successor's count is exact: never stacked."""
     up = lab.uplink
     node = ["--node-name", "restart-test"]  # a restart: the same node
-    first = RunningAgent("--uplink", up, *node)
+    first = mode_agent(tmp_path, first_mode, "--uplink", up, *node)
     first.stop("KILL")
-    assert fovea_filter_count(up) == 2  # killed: left behind
-    second = RunningAgent("--uplink", up, *node)
+    assert fovea_filter_count(up) == (2 if first_mode == "clsact" else 0)  # killed: left behind, or not
+    second = mode_agent(tmp_path, second_mode, "--uplink", up, *node)
     try:
         assert fovea_filter_count(up) == 2  # replaced, not stacked
         e0 = second.settled("fovea_forward_packets_total", direction="egress")

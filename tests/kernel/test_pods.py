@@ -11,7 +11,7 @@ import socket
 import pytest
 import yaml
 
-from tests.conftest import RunningAgent
+from tests.conftest import TC_MODES, RunningAgent
 
 pytestmark = pytest.mark.kernel
 
@@ -20,8 +20,8 @@ DB = ("shop", "db-0", "StatefulSet", "db")
 ECHO_V4 = 20 + 8 + 56  # ping's default payload
 
 
-@pytest.fixture(scope="module")
-def pod_agent(lab, tmp_path_factory):
+@pytest.fixture(scope="module", params=TC_MODES)
+def pod_agent(lab, tmp_path_factory, request):
     web, db = lab.pods
     pods = [
         {"ip": ip, "namespace": WEB[0], "pod": WEB[1], "workloadKind": WEB[2], "workloadName": WEB[3], "observe": True}
@@ -35,6 +35,7 @@ def pod_agent(lab, tmp_path_factory):
     (d / "fovea.yaml").write_text(yaml.safe_dump({
         "staticPods": str(d / "pods.yaml"),
         "pods": {"interfaces": [lab.prefix + "p*"]},
+        "tc": {"mode": request.param},  # tcx, then the clsact fallback: the same exact counts
     }))
     agent = RunningAgent("--uplink", lab.uplink, "--config", str(d / "fovea.yaml"))
     yield agent

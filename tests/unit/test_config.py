@@ -33,14 +33,14 @@ def test_defaults():
         "standalone": False, "nodeName": "", "kubeconfig": "", "uplinks": (), "port": 9810,
         "bindAddress": "0.0.0.0", "interval": 5.0, "idleReads": 12, "staticPods": "", "logLevel": "info",
     }
-    assert top["tc"] == {"priority": 1}
+    assert top["tc"] == {"priority": 1, "mode": "auto"}
     assert top["drops"] == {"mapSize": 16384, "eventsPerSecond": 200}
     assert top["flows"] == {"enabled": True, "mapSize": 65536, "ringBufferSize": 1 << 20, "idleTimeout": 30.0,
                             "reportInterval": 60.0}
     assert top["otlp"] == {"enabled": False, "protocol": "", "endpoint": "", "sampleRatio": 1.0,
                            "maxSpansPerSecond": 1000, "queueSize": 4096, "batchSize": 512}
     assert top["observe"] == {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 4096, "maxFollowers": 64}
-    assert top["pods"] == {"mapSize": 8192, "flowMapSize": 65536, "interfaces": ("*",)}
+    assert top["pods"] == {"mapSize": 8192, "interfaces": ("*",)}
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
     assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,
                           "inflightMapSize": 16384}
@@ -87,7 +87,7 @@ kernel:
 
 @pytest.mark.parametrize("text, key, known", [
     ("drops:\n  mapSiz: 10\n", "drops.mapSiz", "eventsPerSecond, mapSize"),
-    ("tc:\n  prio: 1\n", "tc.prio", "priority"),
+    ("tc:\n  prio: 1\n", "tc.prio", "mode, priority"),
     ("kernel:\n  btfPath: /x\n", "kernel.btfPath", "btf, cacheDir, headers"),
     ("prot: 1\n", "prot", ", ".join(sorted(f.name for f in dataclasses.fields(Config)))),
 ])

@@ -240,3 +240,15 @@ def test_replies_to_a_client_without_a_service_flow_are_a_flow_of_their_own():
     clock.now += 6 * S
     t.read()
     assert len(out) == 2
+
+
+def test_a_packet_sent_to_a_pod_after_coming_from_a_pod_interface_is_kept_where_it_was_sent():
+    """A Service reply after reverse NAT (source: the ClusterIP) reaches the client pod's
+    interface from the backend's: its flow record is the backend's; from the uplink it is kept."""
+    from agent.flows import Key, keep_point
+
+    pods, ifaces = {"10.1.1.2", "10.1.1.3"}, {7, 8}
+    reply = Key(4, 6, POD_RECEIVED, "10.96.0.10", 80, "10.1.1.2", 40000, ifindex=7, came_in=8)
+    assert not keep_point(reply, pods, ifaces)
+    assert keep_point(Key(4, 6, POD_RECEIVED, "10.96.0.10", 80, "10.1.1.2", 40000, ifindex=7, came_in=2),
+                      pods, ifaces)
