@@ -258,6 +258,14 @@ class PendingCounts:
                 self.attribution.count_unattributed(self.signal, p)
                 del self._items[key]
 
+    def save(self) -> list:
+        """What still waits, for the next agent (lifecycle.keepAttached); keys are tuples."""
+        return [[list(key), p, b, since] for key, (p, b, since) in self._items.items()]
+
+    def restore(self, saved: list) -> None:
+        for key, p, b, since in saved:  # `since` is CLOCK_MONOTONIC: the same in the next agent
+            self._items[tuple(key)] = [p, b, since]
+
     def give_up(self, predicate: Callable[[Hashable], bool]) -> None:
         """Keys that can never resolve (their interface is gone): unattributed now."""
         for key in [k for k in self._items if predicate(k)]:

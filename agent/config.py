@@ -25,6 +25,11 @@ class TcConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    keepAttached: bool = False  # on stop, leave the tc programs attached and their maps pinned for the next agent
+
+
+@dataclass(frozen=True)
 class DropsConfig:
     mapSize: int = 16384  # drop keys (reason, protocol, addresses) kept in the kernel
     eventsPerSecond: int = 200  # drop events (with ports) for spans and `fovea observe`, per CPU; 0: none
@@ -137,6 +142,7 @@ class Config:
     staticPods: str = ""  # standalone: YAML file naming pods by IP (agent/k8s/static.py)
     logLevel: str = "info"
     tc: TcConfig = field(default_factory=TcConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     drops: DropsConfig = field(default_factory=DropsConfig)
     flows: FlowsConfig = field(default_factory=FlowsConfig)
     otlp: OtlpConfig = field(default_factory=OtlpConfig)

@@ -6,7 +6,11 @@ One object for the whole agent owns
 - the inventory of pod interfaces, their network namespaces and addresses
   (agent/endpoints.py), scanned on a thread of its own on link events and
   every interval, so that a slow namespace scan never holds up the read loop;
-  the pods, tcp and dns plugins, the flow trackers and captures all use it.
+  the pods, tcp and dns plugins, the flow trackers and captures all use it;
+- what outlives the agent with lifecycle.keepAttached (agent/pins.py): the
+  counting maps are pinned, and adopted by the next agent unless their layout
+  changed; the programs stay attached; the plugins' state is saved on stop and
+  handed back to them (`saved`) when they start again.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fnmatch
 import logging
 import threading
 
+from agent import pins as pins_mod
 from agent.compiler import compile_program
 from agent.endpoints import Endpoints, PodInterface
 from agent.errors import FoveaError
@@ -58,7 +63,21 @@ class Datapath:
         self.uplinks = uplinks
         self.wake = wake  # asks the read loop for housekeeping (a new inventory)
         self.supervisor = supervisor
-        self.tc = tc or TcAttacher(config.tc.priority, instance=config.node, mode=config.tc.mode)
+        self.keep = config.lifecycle.keepAttached
+        self.pins = pins_mod.NodePins(config.node)
+        self.adopted: dict[str, set[str]] = {}  # program -> maps it took over from the previous agent
+        self._state: dict = {}  # plugin -> what it saved when the previous agent stopped
+        self._before: dict[str, set[str]] = {}  # program -> maps pinned before it first compiled
+        self._leaving = False  # stopping with everything left attached
+        if self.keep:
+            pins_mod.ensure_bpffs()
+            self._state = self.pins.take_state().get("plugins", {})
+        elif pins_mod.bpffs_mounted():  # what an agent with keepAttached left is not continued
+            # (its tcx links are: replaced in place at attach, then unpinned)
+            for path in self.pins.remove(keep_links=True):
+                log.info("removed %s, left by an agent with lifecycle.keepAttached", path)
+        self.tc = tc or TcAttacher(config.tc.priority, instance=config.node, mode=config.tc.mode,
+                                   pins=self.pins, keep=self.keep)
         self.extensions: list[TcExtension] = []
         self._compiled = False
         self._endpoints = endpoints or Endpoints(exclude=set(uplinks))
@@ -98,12 +117,61 @@ class Datapath:
         return bpf, fns
 
     def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
-        bpf = compile_program(program, cflags, self.headers)
+        bpf = self._compile(program, cflags) if self.keep else compile_program(program, cflags, self.headers)
         try:
             return bpf, {hook: bpf.load_func(fn, bpf.SCHED_CLS) for hook, fn in functions.items()}
         except Exception as e:  # the verifier's refusal
             bpf.cleanup()
             raise FoveaError(f"the kernel refused bpf/{program}.c: {e}", "run 'fovea doctor'") from None
+
+    def _compile(self, program: str, cflags: list[str]):
+        """Compile with the counting maps pinned: those a previous agent pinned are adopted,
+        unless their layout changed (then they start fresh, and the log says so)."""
+        pin_dir = self.pins.program_dir(program)
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        before = self._before.setdefault(program, self.pins.pinned_maps(program))
+        cflags = [*cflags, f'-DFOVEA_PIN_DIR="{pin_dir}"']
+        bpf = compile_program(program, cflags, self.headers)
+        changed = {}
+        for name in sorted(before & self.pins.pinned_maps(program)):
+            if not _has_table(bpf, name):
+                (pin_dir / name).unlink()  # the program no longer has it
+                log.info("map %s of bpf/%s.c is no longer used: removed its pin", name, program)
+            elif why := pins_mod.layout_differs(bpf, name):
+                changed[name] = why
+        if changed:
+            bpf.cleanup()
+            for name, why in changed.items():
+                log.warning("map %s of bpf/%s.c changed its layout (%s): it starts fresh", name, program, why)
+                (pin_dir / name).unlink()
+            bpf = compile_program(program, cflags, self.headers)
+        self.adopted[program] = {n for n in before - set(changed) if _has_table(bpf, n)}
+        if self.adopted[program]:
+            log.info("bpf/%s.c took over its maps from the previous agent: %s", program,
+                     ", ".join(sorted(self.adopted[program])))
+        return bpf
+
+    def saved(self, plugin: str) -> dict:
+        """What the plugin saved when the previous agent stopped with keepAttached ({} if nothing)."""
+        return self._state.pop(plugin, {})
+
+    def leave_attached(self, save) -> bool:
+        """On stop with keepAttached: keep the programs attached and save the plugins' state
+        (save() returns it). If the pins are gone (`fovea cleanup` ran: Fovea is being
+        uninstalled), everything goes instead."""
+        if not self.adopted:
+            return False  # no tc program: nothing to leave
+        if not any(self.pins.pinned_maps(p) for p in self.adopted):
+            log.info("the pinned maps are gone (fovea cleanup ran): removing everything on stop")
+            return False
+        try:
+            self.pins.save_state({"plugins": save()})
+        except OSError as e:
+            log.error("could not save the agent's state under %s (%s): the next agent's counters restart",
+                      self.pins.dir, e.strerror)
+        self._leaving = True
+        log.info("leaving the tc programs attached and the maps pinned under %s", self.pins.dir)
+        return True
 
     def attach(self, program: str, ifname: str, ifindex: int, functions: dict) -> None:
         """Attach a program's tc functions to an interface; raises FoveaError."""
@@ -120,6 +188,8 @@ class Datapath:
         """Stop counting on an interface (gone: it vanished, with its filters)."""
         if gone:
             self.tc.forget(ifindex)
+        elif self._leaving:
+            self.tc.leave(ifindex)
         else:
             self.tc.detach(ifindex)
         for ext in self.extensions:
@@ -176,4 +246,12 @@ class Datapath:
         self._endpoints.close()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.tc.close()
+        self.tc.close(leave=self._leaving)
+        if not self._leaving and pins_mod.bpffs_mounted():
+            self.pins.remove()  # pins of interfaces no longer counted, and the maps'
+
+
+def _has_table(bpf, name: str) -> bool:
+    from bcc import libbcc
+
+    return libbcc.lib.bpf_table_fd(bpf.module, name.encode()) >= 0

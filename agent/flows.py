@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from agent.addresses import ip_packed, ip_text
 from agent.events import FlowRecord
@@ -506,6 +506,43 @@ class FlowTracker:
         self.records += 1
         self.publish(record)
 
+    def save(self) -> dict:
+        """What the next agent needs to continue exactly (lifecycle.keepAttached), once the
+        kernel table is its: what each key has handed out, the ring-buffer records it holds,
+        and the open flows, which then go on in the next agent instead of ending here."""
+        flows = [{"key": fkey, "id": f.id, "source": f.source, "destination": f.destination,
+                  "opener": astuple(f.key), "keys": [raw.hex() for raw in f.keys],
+                  "reported": f.reported, "window": f.window, "window_start_ns": f.window_start_ns,
+                  "window_opened_ns": f.window_opened_ns, "last_seen": f.last_seen, "joined": f.joined,
+                  "client": f.client} for fkey, f in self._flows.items()]
+        self._flows.clear()  # nothing to report on close: they continue
+        return {"counted": {raw.hex(): v for raw, v in self._counted.items()},
+                "ring": {raw.hex(): astuple(s) for raw, (_, s) in self._ring.items()},
+                "closed": {raw.hex(): until for raw, until in self._closed.items()},
+                "flows": flows}
+
+    def restore(self, saved: dict) -> None:
+        """Continue from what save() returned in the previous agent (whose table this is)."""
+        self._counted = {bytes.fromhex(raw): tuple(v) for raw, v in saved.get("counted", {}).items()}
+        self._closed = {bytes.fromhex(raw): until for raw, until in saved.get("closed", {}).items()}
+        for raw, stats in saved.get("ring", {}).items():
+            raw = bytes.fromhex(raw)
+            self._ring[raw] = (FlowId.from_buffer_copy(raw), Stats(*stats))
+        for f in saved.get("flows", []):
+            fkey = _tuples(f["key"])
+            raws = [bytes.fromhex(raw) for raw in f["keys"]]
+            flow = Flow(f["id"], tuple(f["source"]), tuple(f["destination"]), Key(*f["opener"]),
+                        keys={raw: Key.decode(FlowId.from_buffer_copy(raw)) for raw in raws},
+                        totals={raw: Stats() for raw in raws}, reported=tuple(f["reported"]),
+                        window=f["window"], window_start_ns=f["window_start_ns"],
+                        window_opened_ns=f["window_opened_ns"], last_seen=tuple(f["last_seen"]),
+                        joined=tuple(_tuples(j) for j in f["joined"]), client=tuple(f["client"]))
+            self._flows[fkey] = flow
+            for joined in flow.joined:
+                self._joined[joined] = fkey
+            if flow.client:
+                self._clients[flow.client] = fkey
+
     def close(self) -> None:
         """Report every flow still open (the agent stops)."""
         for fkey, flow in list(self._flows.items()):
@@ -516,6 +553,11 @@ class FlowTracker:
     @property
     def fill_ratio(self) -> float:
         return self.entries / self.max_entries if self.max_entries else 0.0
+
+
+def _tuples(value):
+    """JSON lists back into the tuples they were (flow keys: (family, l4proto, (addr, port), (addr, port)))."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),

@@ -295,11 +295,23 @@ class Agent:
             notes.append(f"flow stream not served on {'; '.join(self.observe.errors)}")
         return not down, "; ".join(["not ready" if down else "ready", *notes])
 
-    def close(self) -> None:
-        """Detach everything from the kernel; safe to call twice."""
+    def _save(self) -> dict:
+        """What each plugin needs to continue exactly in the next agent (lifecycle.keepAttached)."""
+        state = {}
+        for name, plugin in self.plugins.items():
+            try:
+                state[name] = plugin.save()
+            except Exception:  # its counters restart; the others continue
+                log.exception("plugin %s could not save its state", name)
+        return {n: s for n, s in state.items() if s}
+
+    def close(self) -> bool:
+        """Detach everything from the kernel, or with lifecycle.keepAttached leave the tc
+        programs attached for the next agent (then True); safe to call twice."""
         self.stop()
         if not self._loop_done.wait(timeout=60):
             log.warning("the read loop did not stop within 60s; closing anyway")
+        kept = self.datapath is not None and self.datapath.keep and self.datapath.leave_attached(self._save)
         for plugin in self.plugins.values():
             try:
                 plugin.close()
@@ -326,3 +338,4 @@ class Agent:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        return kept

@@ -62,6 +62,20 @@ class SeriesStore:
                 del self.values[labels]
                 del self._alive[labels]
 
+    def save(self) -> list:
+        """The cumulative values, for the next agent (lifecycle.keepAttached)."""
+        return [[list(labels), p, b] for labels, (p, b) in self.values.items()]
+
+    def restore(self, saved: list) -> None:
+        """Continue from what a previous agent saved: its series go on, never backwards."""
+        now = self.clock()
+        for labels, p, b in saved:
+            labels = tuple(labels)
+            v = self.values.setdefault(labels, [0, 0])
+            v[0] += p
+            v[1] += b
+            self._alive[labels] = now
+
     def __len__(self) -> int:
         return len(self.values)
 

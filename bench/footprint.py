@@ -10,16 +10,22 @@ traffic (pod-to-pod and pod-to-world UDP at ~200 packets/s) and a scrape every
 
     .venv/bin/python bench/footprint.py --starts 5 --seconds 30
 
+With --keep-attached every agent runs with lifecycle.keepAttached on one node
+name: the first start is a fresh one, every later one a restart with unchanged
+programs that adopts what the previous agent left (reported apart).
+
 Needs root. Everything is made in the lab's namespaces and removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -31,6 +37,7 @@ from datapath import Agent, cpu_seconds, progress, vm_hwm_kib  # noqa: E402
 
 from agent.lab.netlab import NodeLab  # noqa: E402
 from agent.nsenter import in_netns  # noqa: E402
+from agent.pins import NodePins  # noqa: E402
 
 
 def vm_rss_kib(pid: int) -> int:
@@ -57,12 +64,20 @@ def main() -> int:
     p.add_argument("--starts", type=int, default=5)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--scrape-interval", type=float, default=5)
+    p.add_argument("--keep-attached", action="store_true",
+                   help="restarts: lifecycle.keepAttached on, one node name for every start")
     args = p.parse_args()
     lab = NodeLab("fvfoot", pods=2, ipv6=False, octet=236)
     starts = []
+    keep = {}
+    if args.keep_attached:
+        config = tempfile.NamedTemporaryFile("w", prefix="fovea-bench-", suffix=".yaml", delete=False)
+        config.write("lifecycle: {keepAttached: true}\n")
+        config.close()
+        keep = {"config": config.name, "node": f"bench-keep-{os.getpid()}"}
     with lab:
         for i in range(args.starts):
-            agent = Agent(lab.uplink, interval=1.0)
+            agent = Agent(lab.uplink, interval=1.0, **keep)
             starts.append((agent.ready_seconds, agent.ready_cpu, vm_hwm_kib(agent.pid)))
             progress(f"start {i + 1}: ready in {agent.ready_seconds:.1f}s, {agent.ready_cpu:.2f} CPU s, "
                      f"VmHWM {starts[-1][2] / 1024:.0f} MiB")
@@ -80,9 +95,16 @@ def main() -> int:
         stop.set()
         sender.join()
         agent.close()
+        if keep:  # what the last agent kept
+            NodePins(keep["node"]).remove()
+            os.unlink(keep["config"])
+    if keep:
+        print(f"First start (fresh): ready in {starts[0][0]:.1f} s, {starts[0][1]:.2f} CPU s. "
+              "The table is of the restarts, which adopt the pinned maps and programs.\n")
+        starts = starts[1:] or starts
     ready_s, ready_cpu, peaks = zip(*starts)
     print(f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, kernel {platform.release()}, "
-          f"{args.starts} starts, default plugins, --interval 1.\n")
+          f"{args.starts} starts, default plugins, --interval 1{', --keep-attached' if keep else ''}.\n")
     print("| measure | median | max |\n|---|---:|---:|")
     print(f"| start to /readyz, s | {statistics.median(ready_s):.1f} | {max(ready_s):.1f} |")
     print(f"| CPU until /readyz (compile included), CPU s | {statistics.median(ready_cpu):.2f} | {max(ready_cpu):.2f} |")

@@ -11,7 +11,7 @@
 #include "flows.inc"
 #endif
 
-BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
+FOVEA_COUNTING_TABLE("percpu_array", int, struct fovea_counter, forward_counts, 2);
 
 #ifdef FOVEA_DNS
 #define AF_INET 2

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import capabilities
+from agent import capabilities, pins
 from agent.errors import FoveaError
 from agent.kernel.btf import BTF
 from agent.kernel.headers import find_headers
@@ -56,6 +56,7 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
     why = tcx_supported()
     checks.append(Check("tc attach mode", True, "tcx (BPF links)" if why is None else f"clsact: {why}",
                         "forward, pods"))
+    checks.append(bpffs_check())
     kprobes = any(Path(d, "kprobe_events").exists() for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
     checks.append(Check("kprobes", True, ("available" if kprobes else "not available") +
                         " (not needed: Fovea uses tracepoints and tc only)"))
@@ -84,6 +85,22 @@ def capability_checks(held: set[str] | None = None) -> list[Check]:
                 "" if needs[cap] else " (no plugin needs it here)")
         checks.append(Check(f"capability {cap}", ok, detail, ", ".join(needs[cap])))
     return checks
+
+
+def bpffs_check(root: str = pins.ROOT) -> Check:
+    """bpffs (lifecycle.keepAttached pins there) and what agents left pinned in it."""
+    if not pins.bpffs_mounted():
+        return Check("bpffs", True, f"not mounted at {pins.BPFFS}: an agent with lifecycle.keepAttached "
+                     "mounts it (or: mount -t bpf bpf /sys/fs/bpf)")
+    try:
+        nodes = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        kept = [f"{n.name} ({', '.join(sorted(e.name for e in n.iterdir()))})" for n in nodes]
+    except OSError as e:
+        return Check("bpffs", True, f"mounted at {pins.BPFFS}; cannot list {root}: {e.strerror}")
+    if not nodes:
+        return Check("bpffs", True, f"mounted at {pins.BPFFS}; no pinned state")
+    return Check("bpffs", True, f"mounted at {pins.BPFFS}; pinned by agents with keepAttached: {'; '.join(kept)} "
+                 "('fovea cleanup' removes it)")
 
 
 def _capture_checks() -> list[Check]:

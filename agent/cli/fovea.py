@@ -34,6 +34,7 @@ def _agent_overrides(args) -> dict:
         "logLevel": args.log_level,
         "observe.socket": args.observe_socket,
         "observe.port": args.observe_port,
+        "lifecycle.keepAttached": args.keep_attached,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -52,8 +53,9 @@ def cmd_agent(args) -> int:
         agent.start()
         agent.run()
     finally:
-        agent.close()
-        log.info("stopped; everything Fovea attached has been removed")
+        kept = agent.close()
+        log.info("stopped; %s", "the tc programs stay attached for the next agent" if kept
+                 else "everything Fovea attached has been removed")
     return 0
 
 
@@ -65,6 +67,27 @@ def cmd_doctor(args) -> int:
     failed = [c for c in checks if not c.ok]
     print(f"\n{len(checks) - len(failed)} checks passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def cmd_cleanup(args) -> int:
+    from pathlib import Path
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from agent import pins, tc
+
+    try:
+        removed = tc.remove_all()
+        if pins.bpffs_mounted():
+            removed += [f"pin {p}" for p in pins.remove_tree(Path(pins.ROOT))]
+    except (OSError, NetlinkError) as e:
+        raise FoveaError(f"cannot remove Fovea's tc programs and pins: {getattr(e, 'strerror', None) or e}",
+                         "run it as root (CAP_BPF, CAP_NET_ADMIN), in the host's network namespace") from None
+    for what in removed:
+        print(f"removed {what}")
+    if not removed:
+        print("nothing of Fovea's is attached or pinned here")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -108,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Unix socket of the flow stream (default /run/fovea/observe.sock; empty: none)")
     a.add_argument("--observe-port", type=int, metavar="PORT",
                    help="flow stream port on 127.0.0.1 (default 9811; 0: none)")
+    a.add_argument("--keep-attached", action="store_true", default=None,
+                   help="on stop, leave the tc programs attached and their maps pinned under /sys/fs/bpf/fovea, "
+                   "so that the next agent continues every counter (config lifecycle.keepAttached)")
     a.set_defaults(func=cmd_agent)
 
     o = sub.add_parser(
@@ -122,8 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_observe)
 
     d = sub.add_parser("doctor", help="report what this kernel offers and what Fovea can do here",
-                       description="Check root, BTF, tracefs and tracepoints, kernel headers and bcc.")
+                       description="Check root, BTF, tracefs and tracepoints, kernel headers, bcc, "
+                       "and bpffs with any state pinned there.")
     d.set_defaults(func=cmd_doctor)
+
+    c = sub.add_parser(
+        "cleanup", help="remove every tc program and pin Fovea left on this node (root)",
+        description="Remove what Fovea attached or pinned on this node: its clsact filters (named fovea-*) and "
+        "tcx links (programs pod_from_pod, pod_to_pod, forward_ingress, forward_egress) on every interface "
+        "of this network namespace, and everything under /sys/fs/bpf/fovea (counting maps, links and state "
+        "kept by agents run with --keep-attached). Prints what it removed; exits 0, also when nothing was "
+        "there. An agent still running stops counting, and removes the rest of its own when it stops. "
+        "The Helm chart runs it when Fovea is uninstalled.",
+    )
+    c.set_defaults(func=cmd_cleanup)
 
     m = sub.add_parser(
         "demo", help="run the agent on a demo node made of network namespaces (root)",

@@ -82,5 +82,11 @@ class Plugin:
     def health(self) -> PluginHealth:
         return PluginHealth()
 
+    def save(self) -> dict:
+        """On stop with lifecycle.keepAttached, after the last read: what the next agent needs
+        to continue this plugin's counters exactly (JSON types); it gets it back from
+        `ctx.datapath.saved(name)`. Called before close()."""
+        return {}
+
     def close(self) -> None:
         """Detach everything; safe to call twice."""

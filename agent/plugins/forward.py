@@ -44,10 +44,16 @@ class ForwardPlugin(Plugin):
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs(
             "forward", flow_cflags(ctx.config.flows), {"ingress": b"forward_ingress", "egress": b"forward_egress"})
+        saved = ctx.datapath.saved(self.name)  # the counters are the pinned array's: only flows need more
         if ctx.config.flows.enabled:
             self.flows = FlowTracker(KernelFlowTable(self._bpf), ctx.config.flows, ctx.events.publish,
                                      ctx.attribution)
+            if saved.get("flows") and "flows" in ctx.datapath.adopted.get("forward", ()):
+                self.flows.restore(saved["flows"])
         self.reconcile()
+
+    def save(self) -> dict:
+        return {"flows": self.flows.save()} if self.flows is not None else {}
 
     def reconcile(self) -> None:
         """Attach to uplinks that (re)appeared; forget those that vanished."""

@@ -52,7 +52,25 @@ class PodsPlugin(Plugin):
         self.flows = FlowTracker(KernelFlowTable(self._bpf), cfg.flows,
                                  self._records.publish if cfg.flows.enabled else lambda record: None,
                                  self.attribution)
+        self._restore(ctx.datapath.saved(self.name), "flows" in ctx.datapath.adopted.get("pods", ()))
         self.reconcile()
+
+    def _restore(self, saved: dict, table_adopted: bool) -> None:
+        """Continue the previous agent's counters (lifecycle.keepAttached): its series and
+        what waited for a pod always; its flow tracker only with its kernel table."""
+        if not saved:
+            return
+        self.pod_series.restore(saved["pod_series"])
+        self.flow_series.restore(saved["flow_series"])
+        self._pod_pending.restore(saved["pod_pending"])
+        self._flow_pending.restore(saved["flow_pending"])
+        if table_adopted:
+            self.flows.restore(saved["flows"])
+
+    def save(self) -> dict:
+        return {"pod_series": self.pod_series.save(), "flow_series": self.flow_series.save(),
+                "pod_pending": self._pod_pending.save(), "flow_pending": self._flow_pending.save(),
+                "flows": self.flows.save() if self.flows else {}}
 
     def reconcile(self) -> None:
         """Attach to new pod interfaces, settle the counts of vanished ones."""

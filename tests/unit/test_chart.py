@@ -138,6 +138,41 @@ def test_daemonset_runs_on_every_node_with_the_documented_capabilities():
     assert privileged["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
 
 
+def test_uninstall_runs_cleanup_on_every_node_with_what_it_needs():
+    """A pre-delete hook Job: the agent's image runs `fovea cleanup`, one pod per node, in the node's
+    network namespace with the host's bpffs and the capabilities docs/security.md names."""
+    (job,) = of_kind(DEFAULT, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    assert "hook-succeeded" in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    ds = of_kind(DEFAULT, "DaemonSet")[0]["spec"]
+    pod = job["spec"]["template"]
+    spec, (container,) = pod["spec"], pod["spec"]["containers"]
+    assert container["image"] == ds["template"]["spec"]["containers"][0]["image"] and container["args"] == ["cleanup"]
+    assert spec["hostNetwork"] is True
+    assert spec["tolerations"] == ds["template"]["spec"]["tolerations"]
+    assert spec["nodeSelector"] == ds["template"]["spec"]["nodeSelector"]
+    (volume,) = spec["volumes"]
+    assert volume["hostPath"]["path"] == "/sys/fs/bpf"
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/sys/fs/bpf"}]
+    sc = container["securityContext"]
+    assert sc["privileged"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) == {"BPF", "SYS_ADMIN", "NET_ADMIN"}
+    security = (REPO / "docs" / "security.md").read_text()
+    assert all(f"`CAP_{cap}`" in security for cap in sc["capabilities"]["add"])
+    # One pod per node: never two on one node, never one the agents' selectors pick up.
+    (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert not ds["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Rendered without a cluster the node count is unknown: one pod.
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    # The agents keep their programs for the next one; the plain manifests carry no hook.
+    config = yaml.safe_load(of_kind(DEFAULT, "ConfigMap")[0]["data"]["config.yaml"])
+    assert config["lifecycle"]["keepAttached"] is True
+    assert not of_kind(manifests.render({"cleanupOnUninstall": False}), "Job")
+    assert "kind: Job" not in manifests.plain_manifests()
+
+
 def test_monitors_keep_pod_labels_and_name_the_node():
     for kind, key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
         (monitor,) = of_kind(EVERYTHING, kind)
