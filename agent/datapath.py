@@ -57,14 +57,16 @@ class TcExtension:
 
 class Datapath:
     def __init__(self, config, headers: Headers, uplinks: list[str], wake, supervisor: Supervisor,
-                 endpoints: Endpoints | None = None, tc: TcAttacher | None = None):
+                 endpoints: Endpoints | None = None, tc: TcAttacher | None = None,
+                 pins: pins_mod.NodePins | None = None):
+        """pins: where this node's kept programs, maps and state live (None: nothing is kept or looked for)."""
         self.config = config
         self.headers = headers
         self.uplinks = uplinks
         self.wake = wake  # asks the read loop for housekeeping (a new inventory)
         self.supervisor = supervisor
-        self.keep = config.lifecycle.keepAttached
-        self.pins = pins_mod.NodePins(config.node)
+        self.pins = pins
+        self.keep = pins is not None and config.lifecycle.keepAttached
         self.adopted: dict[str, set[str]] = {}  # program -> maps it took over from the previous agent
         self._state: dict = {}  # plugin -> what it saved when the previous agent stopped
         self._before: dict[str, set[str]] = {}  # program -> maps pinned before it first compiled
@@ -72,7 +74,7 @@ class Datapath:
         if self.keep:
             pins_mod.ensure_bpffs()
             self._state = self.pins.take_state().get("plugins", {})
-        elif pins_mod.bpffs_mounted():  # what an agent with keepAttached left is not continued
+        elif pins is not None and pins_mod.bpffs_mounted():  # what an agent with keepAttached left is not continued
             # (its tcx links are: replaced in place at attach, then unpinned)
             for path in self.pins.remove(keep_links=True):
                 log.info("removed %s, left by an agent with lifecycle.keepAttached", path)
@@ -247,7 +249,7 @@ class Datapath:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.tc.close(leave=self._leaving)
-        if not self._leaving and pins_mod.bpffs_mounted():
+        if not self._leaving and self.pins is not None and pins_mod.bpffs_mounted():
             self.pins.remove()  # pins of interfaces no longer counted, and the maps'
 
 

@@ -20,6 +20,7 @@ from agent.events import EventHub
 from agent.kernel.headers import find_headers
 from agent.kernel.tracefs import Tracefs
 from agent.metrics import FoveaCollector, build_snapshot
+from agent.pins import NodePins
 from agent.plugins import REGISTRY
 from agent.plugins.base import Plugin, PluginContext
 from agent.server import MetricsServer, TlsFiles
@@ -136,7 +137,7 @@ class Agent:
         uplinks = list(cfg.uplinks) or default_route_interfaces()
         check_uplinks(uplinks)
         log.info("uplinks: %s", ", ".join(uplinks) or "none")
-        self.datapath = Datapath(cfg, headers, uplinks, self.wake, self.supervisor)
+        self.datapath = Datapath(cfg, headers, uplinks, self.wake, self.supervisor, pins=NodePins(cfg.node))
         log.info("tc programs attach with %s", self.datapath.tc.mode)
         self.datapath.start()
         self.pod_source = self._pod_source()
