@@ -177,7 +177,7 @@ def test_a_map_whose_layout_changed_starts_fresh_and_says_so(lab, tmp_path, node
         assert len(lines) == 2 and all("map flows" in ln and "max_entries 4096 -> 8192" in ln for ln in lines), lines
         ping(lab, m)
         pod, forward = expected(m, forward=False), expected(n + m, pod=False)
-        assert moved(counts(second), before) == {k: pod[k] + forward[k] for k in pod}
+        assert moved(counts(second), before) == {k: pod[k] + forward[k] for k in pod}, second.output()
     finally:
         assert second.stop() == 0, second.output()
 
