@@ -100,13 +100,12 @@ class NodePins:
         blob = len(blob).to_bytes(8, "little") + blob
         chunks = [blob[i:i + _CHUNK] for i in range(0, len(blob), _CHUNK)]
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp, final = self.dir / f"{STATE}.new", self.dir / STATE
+        tmp, final = self.dir / f"{STATE}_new", self.dir / STATE  # bpffs refuses dots in names
         fd = bpfsys.array_create(_CHUNK, len(chunks), b"fovea_state")
         try:
             for i, chunk in enumerate(chunks):
                 bpfsys.array_set(fd, i, chunk.ljust(_CHUNK, b"\0"))
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
             bpfsys.pin(fd, str(tmp))
             os.rename(tmp, final)
         finally:
