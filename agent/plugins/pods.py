@@ -1,4 +1,5 @@
-"""Pod traffic and the workload traffic map, from tc programs on pod interfaces."""
+"""Pod traffic, the workload traffic map and the connections between workloads (the
+service map's connection outcomes), from tc programs on pod interfaces."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from agent.series import SeriesStore
 log = logging.getLogger(__name__)
 
 POD_LABELS = ("namespace", "pod", "workload_kind", "workload_name")
-FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload", "protocol")
+PAIR_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload")
+FLOW_LABELS = PAIR_LABELS + ("protocol",)
+CONNECTION_LABELS = PAIR_LABELS + ("result",)
 DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
 
 
@@ -39,8 +42,11 @@ class PodsPlugin(Plugin):
                                       cfg.podLevel.seriesTTL, keep_on_overflow=("direction",))
         self.flow_series = SeriesStore(FLOW_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                        keep_on_overflow=("protocol",))
+        self.connection_series = SeriesStore(CONNECTION_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
+                                             keep_on_overflow=("result",))
         self._pod_pending = self.attribution.pending("pod_packets")
         self._flow_pending = self.attribution.pending("workload_flow")
+        self._connection_pending = self.attribution.pending("workload_connections")
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
@@ -100,10 +106,16 @@ class PodsPlugin(Plugin):
         self._attribute_pod_counts()
         self._flow_pending.add(flows)
         self._flow_pending.drain(self._attribute_flow)
+        connections: dict[tuple, list[int]] = {}
+        for key, result in self.flows.outcomes:  # the opener's SYN, where the tracker kept it
+            connections.setdefault((key.src, key.dst, key.point == POD_RECEIVED, result), [0, 0])[0] += 1
+        self._connection_pending.add(connections)
+        self._connection_pending.drain(self._attribute_connection)
         self._records.release()
         present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
+        self.connection_series.touch(lambda labels: True)
 
     def _attribute_pod_counts(self) -> None:
         def attribute(key, p, b) -> bool:
@@ -128,9 +140,24 @@ class PodsPlugin(Plugin):
             self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
         return True
 
+    def _attribute_connection(self, key, n, _) -> bool:
+        """A connection attempt counts once per cluster, by the traffic map's rule applied to its SYN."""
+        client, server, to_pod, result = key
+        pair = self.attribution.workload_pair(client, server, to_pod)
+        if pair is WAIT:
+            return False
+        if pair is not None:
+            c, s = pair
+            self.connection_series.add((c.namespace, c.workload, s.namespace, s.workload, result), n, 0)
+        return True
+
     def metrics(self):
         return (self.pod_series.families("fovea_pod", "of observed pods")
-                + self.flow_series.families("fovea_workload_flow", "between workloads, once per cluster"))
+                + self.flow_series.families("fovea_workload_flow", "between workloads, once per cluster")
+                + [self.connection_series.counter(
+                    "fovea_workload_connections",
+                    "TCP connection attempts between workloads by result (established, refused, timeout), "
+                    "once per cluster")])
 
     def health(self) -> PluginHealth:
         return PluginHealth(
@@ -138,9 +165,11 @@ class PodsPlugin(Plugin):
             lost=flow_lost(self.flows, "pods"),
             records=flow_records(self.flows, "pods"),
             series={"fovea_pod_packets_total": len(self.pod_series),
-                    "fovea_workload_flow_packets_total": len(self.flow_series)},
+                    "fovea_workload_flow_packets_total": len(self.flow_series),
+                    "fovea_workload_connections_total": len(self.connection_series)},
             overflowed={"fovea_pod_packets_total": self.pod_series.overflowed,
-                        "fovea_workload_flow_packets_total": self.flow_series.overflowed},
+                        "fovea_workload_flow_packets_total": self.flow_series.overflowed,
+                        "fovea_workload_connections_total": self.connection_series.overflowed},
         )
 
     def close(self) -> None:
