@@ -3,6 +3,7 @@ service map's connection outcomes), from tc programs on pod interfaces."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from agent.attribution import WAIT, flow_addresses
@@ -105,12 +106,12 @@ class PodsPlugin(Plugin):
         self._pod_pending.add(pods)
         self._attribute_pod_counts()
         self._flow_pending.add(flows)
-        self._flow_pending.drain(self._attribute_flow)
+        self._flow_pending.drain(functools.partial(self._attribute_pair, self.flow_series))
         connections: dict[tuple, list[int]] = {}
-        for key, result in self.flows.outcomes:  # the opener's SYN, where the tracker kept it
-            connections.setdefault((key.src, key.dst, key.point == POD_RECEIVED, result), [0, 0])[0] += 1
+        for key, result in self.flows.outcomes:  # counted where the tracker kept the attempt's SYN
+            connections.setdefault((key.src, key.dst, result, key.point == POD_RECEIVED), [0, 0])[0] += 1
         self._connection_pending.add(connections)
-        self._connection_pending.drain(self._attribute_connection)
+        self._connection_pending.drain(functools.partial(self._attribute_pair, self.connection_series))
         self._records.release()
         present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
@@ -129,26 +130,17 @@ class PodsPlugin(Plugin):
 
         self._pod_pending.drain(attribute)
 
-    def _attribute_flow(self, key, p, b) -> bool:
-        """The traffic map counts each packet once per cluster (agent/attribution.py)."""
-        src, dst, proto, to_pod = key
+    def _attribute_pair(self, series: SeriesStore, key, first: int, second: int) -> bool:
+        """The traffic map counts each packet once per cluster (agent/attribution.py), and the
+        connections each attempt by the same rule, applied to its SYN. key: (sender, receiver,
+        the last label: protocol or result, sent to the pod)."""
+        src, dst, label, to_pod = key
         pair = self.attribution.workload_pair(src, dst, to_pod)
         if pair is WAIT:
             return False
         if pair is not None:
             sender, receiver = pair
-            self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
-        return True
-
-    def _attribute_connection(self, key, n, _) -> bool:
-        """A connection attempt counts once per cluster, by the traffic map's rule applied to its SYN."""
-        client, server, to_pod, result = key
-        pair = self.attribution.workload_pair(client, server, to_pod)
-        if pair is WAIT:
-            return False
-        if pair is not None:
-            c, s = pair
-            self.connection_series.add((c.namespace, c.workload, s.namespace, s.workload, result), n, 0)
+            series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, label), first, second)
         return True
 
     def metrics(self):
