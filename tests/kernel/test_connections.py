@@ -22,7 +22,8 @@ import yaml
 
 from tests.conftest import RunningAgent, node_lab
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
-from tests.kernel.test_attribution_lab import HostNat, cluster_ip, eventually, observe
+from tests.kernel.conftest import HostNat
+from tests.kernel.test_attribution_lab import cluster_ip, eventually, observe
 from tests.kernel.test_flows import Server, exchange
 
 pytestmark = pytest.mark.kernel
