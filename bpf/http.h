@@ -139,7 +139,7 @@ static __always_inline int http_line_is_http(struct __sk_buff *skb, u32 off, u32
     struct http_line *l = http_scratch.lookup(&zero);
     if (!l)
         return 0;
-    u32 n = end - off;
+    u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
     if (n > HTTP_LINE_MAX)
         n = HTTP_LINE_MAX;
     if (n < 10 || bpf_skb_load_bytes(skb, off, l->b, n) < 0)
@@ -168,7 +168,7 @@ static __always_inline int http_line_is_http(struct __sk_buff *skb, u32 off, u32
 static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u8 *what)
 {
     u8 b[HTTP_PEEK] = {};
-    u32 n = end - off;
+    u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
     void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
     if (n >= HTTP_PEEK) {
         n = HTTP_PEEK;
@@ -282,7 +282,7 @@ static __always_inline void http_count(struct http_conn *c, u8 to_pod, u8 method
     v->bytes += ns;
 }
 
-static __always_inline void http_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod, u64 now)
+static __always_inline void http_on_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod, u64 now)
 {
     struct http_request r = {.ts = now, .ifindex = skb->ifindex, .method = method, .to_pod = to_pod,
                              .inflight = 1};
@@ -305,7 +305,7 @@ static __always_inline void http_request(struct __sk_buff *skb, struct http_conn
     http_count(c, to_pod, method, HTTP_STATUS_NONE, 0);
 }
 
-static __always_inline void http_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now)
+static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now)
 {
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
@@ -361,9 +361,9 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
             u64 now = bpf_ktime_get_ns();
             http_conn_of(&c, pkt, kind == HTTP_REQUEST);
             if (kind == HTTP_REQUEST)
-                http_request(skb, &c, what, to_pod, now);
+                http_on_request(skb, &c, what, to_pod, now);
             else
-                http_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now);
+                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now);
         }
     }
     if (pkt->tcp_flags & 0x05) { /* FIN, RST */

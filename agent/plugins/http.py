@@ -30,6 +30,7 @@ from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
 from agent.maps import CounterHash
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
+from agent.plugins.pods import PodsPlugin
 from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class _Maps:
 
 class HttpPlugin(Plugin, TcExtension):
     name = "http"
+    capabilities = PodsPlugin.capabilities  # it runs inside the pods programs
 
     def __init__(self):
         self._ctx: PluginContext | None = None

@@ -49,9 +49,10 @@ def samples(p: HttpPlugin) -> dict:
     return out
 
 
-def pair(src, dst) -> tuple:
-    return (("destination_namespace", dst[0]), ("destination_workload", dst[1]),
-            ("source_namespace", src[0]), ("source_workload", src[1]))
+def pair(src, dst, **more) -> tuple:
+    """The sorted labels of a pair's sample."""
+    return tuple(sorted({"source_namespace": src[0], "source_workload": src[1], "destination_namespace": dst[0],
+                         "destination_workload": dst[1], **more}.items()))
 
 
 def test_requests_are_named_as_workload_pairs_once_per_cluster():
@@ -67,19 +68,19 @@ def test_requests_are_named_as_workload_pairs_once_per_cluster():
     })
     p._pending.drain(p._attribute)
     s = samples(p)
-    web_api = pair(("shop", "web"), ("shop", "api"))
-    assert s[("fovea_workload_http_requests_total", web_api + (("method", "GET"), ("status_class", "2xx")))] == 5
-    assert s[("fovea_workload_http_requests_total", web_api + (("method", "OTHER"), ("status_class", "none")))] == 1
-    ext_api = pair(("", "external"), ("shop", "api"))
-    assert s[("fovea_workload_http_requests_total", ext_api + (("method", "POST"), ("status_class", "5xx")))] == 2
-    assert sum(v for (name, _), v in s.items() if name == "fovea_workload_http_requests_total") == 8
+    web, api, outside = ("shop", "web"), ("shop", "api"), ("", "external")
+    requests = "fovea_workload_http_requests_total"
+    assert s[(requests, pair(web, api, method="GET", status_class="2xx"))] == 5
+    assert s[(requests, pair(web, api, method="OTHER", status_class="none"))] == 1
+    assert s[(requests, pair(outside, api, method="POST", status_class="5xx"))] == 2
+    assert sum(v for (name, _), v in s.items() if name == requests) == 8
     h = "fovea_workload_http_request_duration_seconds"
-    assert s[(h + "_count", web_api)] == 5
-    assert s[(h + "_sum", web_api)] == 0.0019
-    assert s[(h + "_bucket", tuple(sorted(web_api + (("le", "0.00025"),))))] == 4
-    assert s[(h + "_bucket", tuple(sorted(web_api + (("le", "0.001"),))))] == 4
-    assert s[(h + "_bucket", tuple(sorted(web_api + (("le", "0.002"),))))] == 5
-    assert s[(h + "_bucket", tuple(sorted(web_api + (("le", "+Inf"),))))] == 5
+    assert s[(h + "_count", pair(web, api))] == 5
+    assert s[(h + "_sum", pair(web, api))] == 0.0019
+    assert s[(h + "_bucket", pair(web, api, le="0.00025"))] == 4
+    assert s[(h + "_bucket", pair(web, api, le="0.001"))] == 4
+    assert s[(h + "_bucket", pair(web, api, le="0.002"))] == 5
+    assert s[(h + "_bucket", pair(web, api, le="+Inf"))] == 5
 
 
 def test_without_its_datapath_the_plugin_says_why():
