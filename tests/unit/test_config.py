@@ -223,7 +223,7 @@ def test_validate_bad_uplink(name):
 
 
 def test_registry():
-    assert sorted(REGISTRY) == sorted(Config().plugins)  # every plugin is on by default
+    assert sorted(REGISTRY) == sorted(Config().enabled_plugins)  # every plugin is on by default
     assert all(cls.name == name for name, cls in REGISTRY.items())
 
 
