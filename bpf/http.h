@@ -301,7 +301,18 @@ static __always_inline void http_count(struct http_conn *c, u8 to_pod, u8 method
     v->bytes += ns;
 }
 
-static __always_inline void http_on_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod, u64 now)
+/* What one packet makes countable: a request, with its status class and duration. */
+struct http_outcome {
+    u64 ns;
+    u8 count; /* 1: count it */
+    u8 to_pod;
+    u8 method;
+    u8 status;
+    s8 stat; /* an http_stats index to add one to, or -1 */
+};
+
+static __always_inline void http_on_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod,
+                                            u64 now, struct http_outcome *out)
 {
     struct http_request r = {.ts = now, .ifindex = skb->ifindex, .method = method, .to_pod = to_pod,
                              .inflight = 1};
@@ -310,26 +321,27 @@ static __always_inline void http_on_request(struct __sk_buff *skb, struct http_c
         return;
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
-    if (!e) {
-        http_stat(HTTP_INFLIGHT_FULL);
-        http_count(c, to_pod, method, HTTP_STATUS_NONE, 0);
-        return;
+    if (e) {
+        if (e->ifindex != skb->ifindex)
+            return; /* tracked at the interface that saw it first */
+        /* The connection has a request in flight, or pipelined before. */
+        e->pipelined = 1;
+        e->ts = now;
     }
-    if (e->ifindex != skb->ifindex)
-        return; /* tracked at the interface that saw it first */
-    /* The connection has a request in flight, or pipelined before. */
-    e->pipelined = 1;
-    e->ts = now;
-    http_stat(HTTP_PIPELINED);
-    http_count(c, to_pod, method, HTTP_STATUS_NONE, 0);
+    out->stat = e ? HTTP_PIPELINED : HTTP_INFLIGHT_FULL;
+    out->count = 1;
+    out->to_pod = to_pod;
+    out->method = method;
 }
 
-static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now)
+static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now,
+                                             struct http_outcome *out)
 {
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
     if (!e) {
-        http_stat(HTTP_UNMATCHED);
+        if (out->stat < 0) /* a status line that was rejected is counted as that */
+            out->stat = HTTP_UNMATCHED;
         return;
     }
     if (e->ifindex != skb->ifindex || !e->inflight)
@@ -342,22 +354,34 @@ static __always_inline void http_on_response(struct __sk_buff *skb, struct http_
         if (http_inflight.delete(c) != 0)
             return; /* expired meanwhile: counted as unanswered */
     }
-    http_count(c, r.to_pod, r.method, status, now > r.ts ? now - r.ts : 0);
+    out->count = 1;
+    out->to_pod = r.to_pod;
+    out->method = r.method;
+    out->status = status;
+    out->ns = now > r.ts ? now - r.ts : 0;
 }
 
-/* The server's FIN or a RST ends what the connection has in flight. */
-static __always_inline void http_end(struct __sk_buff *skb, struct fovea_packet *pkt, int from_client)
+/* The server's FIN, or a RST, ends what the connection has in flight. */
+static __always_inline void http_end(struct __sk_buff *skb, struct fovea_packet *pkt, struct http_conn *c,
+                                     struct http_outcome *out)
 {
-    struct http_conn c = {};
-    http_conn_of(&c, pkt, from_client);
+    http_conn_of(c, pkt, 0); /* the sender as the server */
     fovea_map_op();
-    struct http_request *e = http_inflight.lookup(&c);
+    struct http_request *e = http_inflight.lookup(c);
+    if (!e && (pkt->tcp_flags & 0x04)) { /* a RST: from the client, maybe */
+        http_conn_of(c, pkt, 1);
+        fovea_map_op();
+        e = http_inflight.lookup(c);
+    }
     if (!e || e->ifindex != skb->ifindex)
         return;
     struct http_request r = *e;
     fovea_map_op();
-    if (http_inflight.delete(&c) == 0 && r.inflight)
-        http_count(&c, r.to_pod, r.method, HTTP_STATUS_NONE, 0);
+    if (http_inflight.delete(c) == 0 && r.inflight) {
+        out->count = 1;
+        out->to_pod = r.to_pod;
+        out->method = r.method;
+    }
 }
 
 /* Count one packet seen at a pod interface; to_pod: sent to the pod. */
@@ -368,28 +392,31 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
     u16 sport = pkt->sport, dport = pkt->dport;
     if (!HTTP_PORT(sport) && !HTTP_PORT(dport))
         return;
+    struct http_conn c = {};
+    struct http_outcome out = {.stat = -1};
     u32 off = pkt->l4_offset + (pkt->tcp_doff >> 4) * 4, end = pkt->end;
     if (off < end) {
         u8 what = 0;
         int kind = http_parse(skb, off, end, &what);
         if (kind == HTTP_REJECTED)
-            http_stat(what);
+            out.stat = what;
         if (kind == HTTP_REQUEST || kind == HTTP_RESPONSE ||
             (kind == HTTP_REJECTED && what == HTTP_REJECT_STATUS_LINE)) {
-            struct http_conn c = {};
             u64 now = bpf_ktime_get_ns();
             http_conn_of(&c, pkt, kind == HTTP_REQUEST);
             if (kind == HTTP_REQUEST)
-                http_on_request(skb, &c, what, to_pod, now);
+                http_on_request(skb, &c, what, to_pod, now, &out);
             else
-                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now);
+                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now, &out);
         }
     }
-    if (pkt->tcp_flags & 0x05) { /* FIN, RST */
-        http_end(skb, pkt, 0);
-        if (pkt->tcp_flags & 0x04)
-            http_end(skb, pkt, 1);
-    }
+    /* A FIN or RST in a segment that also counted (a response with FIN): the next one ends it. */
+    if (!out.count && (pkt->tcp_flags & 0x05)) /* FIN, RST */
+        http_end(skb, pkt, &c, &out);
+    if (out.stat >= 0)
+        http_stat(out.stat);
+    if (out.count)
+        http_count(&c, out.to_pod, out.method, out.status, out.ns);
 }
 
 #endif

@@ -44,11 +44,16 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
     if (!fovea_tc_parse(skb, &pkt))
         return TC_ACT_UNSPEC;
     fovea_flow(skb, &pkt, direction == FROM_POD ? FLOW_POD_SENT : FLOW_POD_RECEIVED);
+#ifdef FOVEA_HTTP
+    /* Port 53 is DNS's, every other HTTP's to look at: the verifier then walks
+     * the two parsers side by side, not one after the other. */
+    if (pkt.sport != 53 && pkt.dport != 53) {
+        fovea_http(skb, &pkt, direction == TO_POD);
+        return TC_ACT_UNSPEC;
+    }
+#endif
 #ifdef FOVEA_DNS
     fovea_dns(skb, &pkt, direction == FROM_POD);
-#endif
-#ifdef FOVEA_HTTP
-    fovea_http(skb, &pkt, direction == TO_POD);
 #endif
     return TC_ACT_UNSPEC;
 }
