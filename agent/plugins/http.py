@@ -30,13 +30,12 @@ from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
 from agent.maps import CounterHash
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
-from agent.plugins.pods import PodsPlugin
+from agent.plugins.pods import PAIR_LABELS, PodsPlugin
 from agent.series import SeriesStore
 
 log = logging.getLogger(__name__)
 
 HOST = "pods"  # the tc program that carries bpf/http.h
-PAIR_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload")
 METHODS = ("OTHER", "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")  # index: bpf/http.h
 STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")  # index: the status code's first digit
 DURATION_BASE_NS = 250_000  # first bucket: 0.25 ms; each next one doubles it

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.config import Config, DnsConfig, DropsConfig, HttpConfig, KernelConfig, TcConfig
+from agent.config import Config, DnsConfig, DropsConfig, FlowsConfig, HttpConfig, KernelConfig, TcConfig
 from agent.errors import FoveaError
 from agent.plugins import REGISTRY
 
@@ -36,7 +36,7 @@ def test_defaults():
     assert top["tc"] == {"priority": 1, "mode": "auto"}
     assert top["drops"] == {"mapSize": 16384, "eventsPerSecond": 200}
     assert top["flows"] == {"enabled": True, "mapSize": 65536, "ringBufferSize": 1 << 20, "idleTimeout": 30.0,
-                            "reportInterval": 60.0}
+                            "reportInterval": 60.0, "connectTimeout": 10.0}
     assert top["otlp"] == {"enabled": False, "protocol": "", "endpoint": "", "sampleRatio": 1.0,
                            "maxSpansPerSecond": 1000, "queueSize": 4096, "batchSize": 512}
     assert top["observe"] == {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 4096, "maxFollowers": 64}
@@ -184,6 +184,8 @@ HTTP_PORTS_HINT = "it must be at most 16 distinct TCP ports, 1-65535 (or [] for 
     ({"http": HttpConfig(ports=tuple(range(1, 18)))}, "http.ports", HTTP_PORTS_HINT),
     ({"http": HttpConfig(timeout=0.0)}, "http.timeout", "it must be more than 0 and at most 3600 seconds"),
     ({"http": HttpConfig(inflightMapSize=0)}, "http.inflightMapSize", "it must be 1 to 4194304"),
+    ({"flows": FlowsConfig(connectTimeout=0.0)}, "flows.connectTimeout",
+     "it must be more than 0 and at most 3600 seconds"),
 ])
 def test_validate_rejects(changes, key, hint):
     with pytest.raises(FoveaError) as exc:
