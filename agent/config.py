@@ -88,6 +88,18 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True  # HTTP/1.x requests between workloads, parsed in the pods tc programs (needs pods)
+    ports: tuple[int, ...] = (80, 8080, 8000, 3000, 5000, 9090)  # TCP ports whose packets are parsed; []: every port
+    timeout: float = 60.0  # seconds a request waits for its response, then counts with status_class none
+    mapSize: int = 4096  # counter keys in the kernel (pair, method, status class; pair, duration bucket)
+    inflightMapSize: int = 16384  # requests awaiting their response, tracked in the kernel
+
+
+MAX_HTTP_PORTS = 16  # compiled into a compare chain: every TCP packet runs it
+
+
+@dataclass(frozen=True)
 class PodLevelConfig:
     allPods: bool = False  # pod-level series for every pod, not only annotated ones
     seriesTTL: float = 300.0  # seconds a deleted pod's series stay
@@ -151,6 +163,7 @@ class Config:
     pods: PodsConfig = field(default_factory=PodsConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     podLevel: PodLevelConfig = field(default_factory=PodLevelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     captures: CapturesConfig = field(default_factory=CapturesConfig)
@@ -191,6 +204,12 @@ class Config:
             ("dns.sampleBytes", 12 <= self.dns.sampleBytes <= 4096, "12 to 4096"),
             ("dns.mapSize", 1 <= self.dns.mapSize <= 1 << 20, "1 to 1048576"),
             ("dns.inflightMapSize", 1 <= self.dns.inflightMapSize <= 1 << 22, "1 to 4194304"),
+            ("http.ports", len(self.http.ports) <= MAX_HTTP_PORTS and len(set(self.http.ports)) == len(self.http.ports)
+             and all(1 <= p <= 65535 for p in self.http.ports),
+             f"at most {MAX_HTTP_PORTS} distinct TCP ports, 1-65535 (or [] for every port)"),
+            ("http.timeout", 0 < self.http.timeout <= 3600, "more than 0 and at most 3600 seconds"),
+            ("http.mapSize", 1 <= self.http.mapSize <= 1 << 20, "1 to 1048576"),
+            ("http.inflightMapSize", 1 <= self.http.inflightMapSize <= 1 << 22, "1 to 4194304"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
             ("podLevel.pendingWindow", 0 <= self.podLevel.pendingWindow <= 3600, "0 to 3600 seconds"),
@@ -215,6 +234,12 @@ class Config:
             if not re.fullmatch(r"[^\s/]{1,15}", name):
                 raise FoveaError(f"config key 'uplinks': {name!r} is not an interface name", "use names like eth0")
         return self
+
+    @property
+    def enabled_plugins(self) -> tuple[str, ...]:
+        """`plugins`, and http when http.enabled and the pods plugin that carries it runs."""
+        others = tuple(p for p in self.plugins if p != "http")
+        return others + (("http",) if self.http.enabled and "pods" in others else ())
 
     @property
     def agent_namespace(self) -> str:
@@ -243,6 +268,10 @@ def _convert(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     origin = typing.get_origin(hint)
+    if origin is tuple and typing.get_args(hint)[0] is int:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise FoveaError(f"config key {key!r} must be a list of integers", "e.g. [80, 8080]")
+        return tuple(value)
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise FoveaError(f"config key {key!r} must be a list of strings", "e.g. [eth0, eth1]")

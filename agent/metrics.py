@@ -47,7 +47,7 @@ def build_snapshot(agent) -> list:
         "fovea_agent_records", "Records (flows, drop events) published for spans and the flow stream",
         labels=["kind"],
     )
-    for name in agent.config.plugins:
+    for name in agent.config.enabled_plugins:
         up.add_metric([name], 0.0 if name in agent.down or name not in agent.plugins else 1.0)
     for name, plugin in agent.plugins.items():
         try:

@@ -149,7 +149,7 @@ class Agent:
         held = capabilities.effective()
         candidates = {}
         # Every plugin that can run declares its tc features before any program compiles.
-        for name in cfg.plugins:
+        for name in cfg.enabled_plugins:
             plugin = REGISTRY[name]()
             missing = capabilities.missing(plugin.capabilities, held)
             why = capabilities.describe_missing(missing) if missing else plugin.check(tracefs)
@@ -266,7 +266,7 @@ class Agent:
                 down[name] = why
             elif name in self.down:
                 log.info("plugin %s is up again", name)
-        self.down = {n: w for n, w in down.items() if n in self.config.plugins}
+        self.down = {n: w for n, w in down.items() if n in self.config.enabled_plugins}
         self.snapshot = build_snapshot(self)
 
     def wake(self) -> None:

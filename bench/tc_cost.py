@@ -5,8 +5,9 @@ bench/datapath.py measures the whole datapath with iperf3, which on a shared
 or noisy host cannot resolve a few nanoseconds per packet. This measures the
 programs themselves: bpf/pods.c and bpf/forward.c are built as the agent
 builds them (same flags, from the default config and the plugins' own cflags
-helpers) in four variants: plain, +dns (-DFOVEA_DNS), +flows (-DFOVEA_FLOWS)
-and +dns+flows (the default agent). The kernel runs each build on a synthetic
+helpers) in five variants: plain, +dns (-DFOVEA_DNS), +flows (-DFOVEA_FLOWS),
++dns+flows, and +dns+flows+http (-DFOVEA_HTTP in the pods program: the default
+agent). The kernel runs each build on a synthetic
 packet `--repeat` times with BPF_PROG_TEST_RUN and reports the mean time per
 run; builds are measured interleaved, `--rounds` times, medians shown.
 
@@ -15,12 +16,19 @@ agent lists its pods, so the uplink program leaves the flow to the pods
 program): a 1500-byte TCP segment, a UDP datagram with a 64-byte payload to a
 port that is not DNS, a DNS query (A, www.shop.example) and a DNS response
 for which no query is in flight; and the same UDP datagram from the node
-itself (not a pod: the uplink program keeps its flow). Each packet is one
+itself (not a pod: the uplink program keeps its flow); and a 1500-byte TCP
+segment to HTTP port 80 that starts no message (a body: the parser reads its
+first bytes and stops). Each packet is one
 flow, so after its first run the flow table holds it: the steady state of a
 flow already seen. A pod's packet is run with __sk_buff.ingress_ifindex set
 (it came in through the pod's veth), as at the uplink in the real path, where
 the DNS code then leaves it to the pods program. The "pods + forward" rows add up the two programs: the
 path of a pod's packet to the outside (bench/datapath.py).
+
+HTTP messages change state (a request inserts, its response takes), so they
+cannot be repeated: an exchange on one keep-alive connection is timed a run
+at a time, request then response, beside the same request sent to a port that
+is not HTTP's, in the builds without and with HTTP (the cost per HTTP message).
 
 Needs root (loads eBPF). Creates no interface and attaches nothing.
 Markdown to stdout.
@@ -47,8 +55,10 @@ from agent.config import Config  # noqa: E402
 from agent.flows import KernelFlowTable, flow_cflags, flow_table_cflags  # noqa: E402
 from agent.kernel.headers import find_headers  # noqa: E402
 from agent.plugins.dns import dns_cflags  # noqa: E402
+from agent.plugins.http import http_cflags  # noqa: E402
 
-BUILDS = ("plain", "+dns", "+flows", "+dns+flows")  # the last is what the default agent loads
+BUILDS = ("plain", "+dns", "+flows", "+dns+flows", "+dns+flows+http")
+DEFAULT = BUILDS[-1]  # what the default agent loads
 PROGRAMS = (("pods", b"pod_from_pod"), ("forward", b"forward_egress"))  # packets leaving a pod, then the node
 
 
@@ -90,7 +100,15 @@ PACKETS = {
     "DNS response, no query in flight": packet(17, 53, 40000, dns_message(True)),
     "UDP, 64-byte payload, from the node": packet(17, 40000, 5201, bytes(64), src=NODE),
 }
+PACKETS["TCP segment to port 80, 1500 bytes (a body)"] = packet(6, 40001, 80, bytes(1500 - 40))
 FROM_POD = [name for name in PACKETS if "from the node" not in name]
+
+# One HTTP exchange on a keep-alive connection: the request and its response, in turn
+# (the response is run through the same program: the parser does not look at the hook).
+HTTP_REQUEST = packet(6, 40030, 80, b"GET /cart HTTP/1.1\r\nHost: shop\r\nAccept: */*\r\n\r\n")
+HTTP_RESPONSE = packet(6, 80, 40030, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+HTTP_RESPONSE = HTTP_RESPONSE[:26] + HTTP_RESPONSE[30:34] + HTTP_RESPONSE[26:30] + HTTP_RESPONSE[34:]  # PEER -> POD
+NOT_HTTP = packet(6, 40031, 5201, b"GET /cart HTTP/1.1\r\nHost: shop\r\nAccept: */*\r\n\r\n")  # not an HTTP port
 
 
 SKB_INGRESS_IFINDEX = 36  # offset of ingress_ifindex in struct __sk_buff (uapi/linux/bpf.h)
@@ -122,7 +140,9 @@ def build_flags(cfg: Config) -> dict[tuple[str, str], list[str]]:
     own = {"pods": [f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows)],  # its counters
            "forward": []}
     flows, dns = flow_cflags(cfg.flows), dns_cflags(cfg.dns)
+    http = {"pods": http_cflags(cfg.http), "forward": []}  # HTTP is parsed at pod interfaces only
     return {(program, build): own[program] + (flows if "flows" in build else []) + (dns if "dns" in build else [])
+            + (http[program] if "http" in build else [])
             for program, _ in PROGRAMS for build in BUILDS}
 
 
@@ -130,6 +150,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="interleaved measurements per build and packet (default 7)")
     p.add_argument("--repeat", type=int, default=200_000, help="runs per measurement (default 200000)")
+    p.add_argument("--exchanges", type=int, default=20_000, help="HTTP exchanges timed one by one (default 20000)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/tc_cost.py needs root (loads eBPF): run it with sudo")
@@ -149,6 +170,7 @@ def main() -> int:
                 for (program, build), fn in loaded.items():
                     ifindex = POD_VETH if name in FROM_POD else 0
                     ns.setdefault((program, build, name), []).append(test_run(fn.fd, data, args.repeat, ifindex))
+        exchanges = http_exchanges(loaded, args.exchanges)
     finally:
         for bpf in objects:
             bpf.cleanup()
@@ -164,8 +186,34 @@ def main() -> int:
             row = [med[(program, b, name)] for b in BUILDS]
             print(f"| {program} | {name} | " + " | ".join(f"{v:.0f}" for v in row) + f" | {row[-1] - row[0]:+.0f} |")
     print(f"\nMedians of {args.rounds} interleaved rounds of {args.repeat} runs each "
-          f"(BPF_PROG_TEST_RUN, kernel {os.uname().release}); default = +dns+flows.")
+          f"(BPF_PROG_TEST_RUN, kernel {os.uname().release}); default = {DEFAULT}.")
+    print("\n| pods program, one run each | " + " | ".join(f"{b}, ns" for b in HTTP_BUILDS) + " | difference, ns |")
+    print("|---|" + "---:|" * (len(HTTP_BUILDS) + 1))
+    for name in ("HTTP request (GET, port 80)", "HTTP response (200)", "the same request to port 5201 (not HTTP)"):
+        row = [statistics.median(exchanges[(b, name)]) for b in HTTP_BUILDS]
+        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row) + f" | {row[-1] - row[0]:+.0f} |")
+    print(f"\nMedians of {args.exchanges} exchanges on one keep-alive connection, a run each "
+          "(the request, then its response: one run per packet, so each time includes the test run's own overhead).")
     return 0
+
+
+HTTP_BUILDS = ("+dns+flows", DEFAULT)
+
+
+def http_exchanges(loaded, exchanges: int) -> dict[tuple, list[float]]:
+    """Request, response and a non-HTTP packet of the same size, one run each, in turn."""
+    out: dict[tuple, list[float]] = {}
+    for build in HTTP_BUILDS:
+        fd = loaded[("pods", build)].fd
+        for data in (HTTP_REQUEST, HTTP_RESPONSE, NOT_HTTP):  # the flows' first packets make their entries
+            test_run(fd, data, 1, POD_VETH)
+    for _ in range(exchanges):
+        for build in HTTP_BUILDS:
+            fd = loaded[("pods", build)].fd
+            for name, data in (("HTTP request (GET, port 80)", HTTP_REQUEST), ("HTTP response (200)", HTTP_RESPONSE),
+                               ("the same request to port 5201 (not HTTP)", NOT_HTTP)):
+                out.setdefault((build, name), []).append(test_run(fd, data, 1, POD_VETH))
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
  * reused index never mixes two pods.
  *
  * Set from user space (-D): flows.inc's sizes; POD_MAP_SIZE, FOVEA_DNS and
- * the settings of dns.h when the dns plugin runs.
+ * the settings of dns.h when the dns plugin runs; FOVEA_HTTP and the
+ * settings of http.h when the http plugin runs.
  */
 #include "fovea.h"
 #include "flows.inc"
@@ -33,12 +34,24 @@ static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct f
 #include "dns.h"
 #endif
 
+#ifdef FOVEA_HTTP
+#include "http.h"
+#endif
+
 static __always_inline int count(struct __sk_buff *skb, u32 direction)
 {
     struct fovea_packet pkt = {};
     if (!fovea_tc_parse(skb, &pkt))
         return TC_ACT_UNSPEC;
     fovea_flow(skb, &pkt, direction == FROM_POD ? FLOW_POD_SENT : FLOW_POD_RECEIVED);
+#ifdef FOVEA_HTTP
+    /* Port 53 is DNS's, every other HTTP's to look at: the verifier then walks
+     * the two parsers side by side, not one after the other. */
+    if (pkt.sport != 53 && pkt.dport != 53) {
+        fovea_http(skb, &pkt, direction == TO_POD);
+        return TC_ACT_UNSPEC;
+    }
+#endif
 #ifdef FOVEA_DNS
     fovea_dns(skb, &pkt, direction == FROM_POD);
 #endif

@@ -137,7 +137,7 @@ def test_the_image_on_a_node_without_headers(image, chart, node):
                              command=tuple(podman_run(image, chart, node, name)))
         try:
             m = agent.scrape()
-            for plugin in Config().plugins:  # the defaults
+            for plugin in Config().enabled_plugins:  # the defaults
                 assert m.get("fovea_agent_plugin_up", plugin=plugin) == 1, (plugin, agent.output())
             assert "the image's own headers" in agent.output()
 

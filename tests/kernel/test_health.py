@@ -19,7 +19,7 @@ from tests.otlp_receiver import GrpcReceiver
 pytestmark = pytest.mark.kernel
 
 WEB = {"namespace": "shop", "pod": "web-0", "workload_kind": "Deployment", "workload_name": "web"}
-PLUGINS = ("forward", "drops", "pods", "tcp", "dns")
+PLUGINS = ("forward", "drops", "pods", "tcp", "dns", "http")
 ECHO_V4 = 20 + 8 + 56  # ping's default payload
 
 
@@ -68,8 +68,8 @@ def assert_counts_exactly(lab, agent, up: set[str], n: int = 20) -> None:
 # What each capability the chart grants is for, removed alone (the agent runs as root, so the
 # kernel's stand-ins apply: CAP_SYS_ADMIN passes bpf_capable() and perfmon_capable()).
 CAPABILITIES = {
-    "net_admin": {"forward", "pods", "dns"},  # tc attach; DNS counts inside their programs
-    "sys_admin": {"pods", "tcp"},  # entering pod network namespaces
+    "net_admin": {"forward", "pods", "dns", "http"},  # tc attach; DNS and HTTP count inside their programs
+    "sys_admin": {"pods", "tcp", "http"},  # entering pod network namespaces; HTTP counts inside pods
     "bpf": set(),  # CAP_SYS_ADMIN stands in
     "perfmon": set(),  # CAP_SYS_ADMIN stands in
     "sys_ptrace": set(),  # the lab's namespaces are named under /run/netns, not found through /proc

@@ -1,6 +1,6 @@
 """One lookup per packet per hook: the map operations the tc programs make, counted.
 
-The programs are built as the default agent builds them (flows and DNS on),
+The programs are built as the default agent builds them (flows, DNS and HTTP on),
 plus -DFOVEA_COUNT_MAP_OPS, which counts every map operation on the packet
 path in fovea_map_ops (bpf/fovea.h). The kernel runs each program on a
 synthetic packet with BPF_PROG_TEST_RUN (bench/tc_cost.py's packets): the
@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import tc_cost  # noqa: E402
-from tc_cost import NODE, POD, POD_VETH, build_flags, dns_message, packet  # noqa: E402
+from tc_cost import DEFAULT, NODE, POD, POD_VETH, build_flags, dns_message, packet  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -44,7 +44,7 @@ def programs(root):
     try:
         for program, names in (("pods", (b"pod_from_pod", b"pod_to_pod")),
                                ("forward", (b"forward_ingress", b"forward_egress"))):
-            bpf = compile_program(program, flags[(program, "+dns+flows")] + ["-DFOVEA_COUNT_MAP_OPS"], headers)
+            bpf = compile_program(program, flags[(program, DEFAULT)] + ["-DFOVEA_COUNT_MAP_OPS"], headers)
             objects.append(bpf)
             KernelFlowTable(bpf).set_pod_addresses({POD}, set())
             KernelFlowTable(bpf).set_pod_interfaces({POD_VETH}, set())  # the uplink's program only
@@ -134,3 +134,31 @@ def test_uplink_leaves_a_dns_response_for_a_local_pod_to_its_interface(programs)
     response = swap_addresses(packet(17, 40000, 53, dns_message(True)))  # PEER:53 -> POD:40000
     assert ops_per_run(programs, "forward_ingress", response) == 2
 
+
+def ops_of_one_run(programs, function: str, data: bytes, ingress_ifindex: int = 0) -> int:
+    bpf, fn = programs[function]
+    counter = bpf["fovea_map_ops"]
+    before = sum(counter[0])
+    tc_cost.test_run(fn.fd, data, 1, ingress_ifindex)
+    return sum(counter[0]) - before
+
+
+def test_http_code_is_reached_by_http_ports_with_a_payload_only(programs):
+    """A request line to a port that is not an HTTP port, and an HTTP port's packet without
+    a payload (an ACK), cost the flow's lookup and nothing more."""
+    not_http = packet(6, 40020, 5201, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert ops_per_run(programs, "pod_from_pod", not_http) == 1
+    assert ops_per_run(programs, "pod_from_pod", packet(6, 40021, 80, b"")) == 1
+
+
+def test_an_http_exchange_costs_its_request_one_operation_and_its_response_four(programs):
+    """The request's first segment inserts the connection's in-flight entry; the response's
+    takes it (lookup, delete) and counts the request and its duration. Keep-alive: the
+    same connection, exchange after exchange."""
+    request = packet(6, 40022, 80, b"GET /cart HTTP/1.1\r\nHost: shop\r\n\r\n")
+    response = swap_addresses(packet(6, 80, 40022, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    ops_of_one_run(programs, "pod_from_pod", request)  # the flows' first packets make their entries
+    ops_of_one_run(programs, "pod_to_pod", response, POD_VETH)
+    for _ in range(RUNS):
+        assert ops_of_one_run(programs, "pod_from_pod", request) == 1 + 1
+        assert ops_of_one_run(programs, "pod_to_pod", response, POD_VETH) == 1 + 4

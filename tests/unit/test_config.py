@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.config import Config, DnsConfig, DropsConfig, FlowsConfig, KernelConfig, TcConfig
+from agent.config import Config, DnsConfig, DropsConfig, FlowsConfig, HttpConfig, KernelConfig, TcConfig
 from agent.errors import FoveaError
 from agent.plugins import REGISTRY
 
@@ -44,6 +44,8 @@ def test_defaults():
     assert top["tcp"] == {"mapSize": 16384, "socketMapSize": 65536, "reconcileInterval": 30.0, "includeHost": True}
     assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,
                           "inflightMapSize": 16384}
+    assert top["http"] == {"enabled": True, "ports": (80, 8080, 8000, 3000, 5000, 9090), "timeout": 60.0,
+                           "mapSize": 4096, "inflightMapSize": 16384}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000, "pendingWindow": 30.0}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
     assert top["tls"] == {"certFile": "", "keyFile": ""}
@@ -157,6 +159,9 @@ def test_overrides_on_non_mapping_file_give_fovea_error(tmp_path, text, override
     assert "must be a mapping" in exc.value.problem
 
 
+HTTP_PORTS_HINT = "it must be at most 16 distinct TCP ports, 1-65535 (or [] for every port)"
+
+
 @pytest.mark.parametrize("changes, key, hint", [
     ({"port": 0}, "port", "it must be a TCP port, 1-65535"),
     ({"port": 65536}, "port", "it must be a TCP port, 1-65535"),
@@ -174,6 +179,11 @@ def test_overrides_on_non_mapping_file_give_fovea_error(tmp_path, text, override
     ({"dns": DnsConfig(sampleRatio=-0.1)}, "dns.sampleRatio", "it must be a share from 0 to 1"),
     ({"dns": DnsConfig(sampleBytes=8)}, "dns.sampleBytes", "it must be 12 to 4096"),
     ({"dns": DnsConfig(inflightMapSize=0)}, "dns.inflightMapSize", "it must be 1 to 4194304"),
+    ({"http": HttpConfig(ports=(80, 0))}, "http.ports", HTTP_PORTS_HINT),
+    ({"http": HttpConfig(ports=(80, 80))}, "http.ports", HTTP_PORTS_HINT),
+    ({"http": HttpConfig(ports=tuple(range(1, 18)))}, "http.ports", HTTP_PORTS_HINT),
+    ({"http": HttpConfig(timeout=0.0)}, "http.timeout", "it must be more than 0 and at most 3600 seconds"),
+    ({"http": HttpConfig(inflightMapSize=0)}, "http.inflightMapSize", "it must be 1 to 4194304"),
     ({"flows": FlowsConfig(connectTimeout=0.0)}, "flows.connectTimeout",
      "it must be more than 0 and at most 3600 seconds"),
 ])
@@ -189,6 +199,7 @@ def test_validate_rejects(changes, key, hint):
     {"drops": DropsConfig(mapSize=1)}, {"drops": DropsConfig(mapSize=1 << 20)},
     {"tc": TcConfig(priority=65535)}, {"logLevel": "WARNING"}, {"plugins": ()},
     {"plugins": ("drops",)}, {"uplinks": ("eth0", "enp0s31f6", "veth-pod.1", "a" * 15)},
+    {"http": HttpConfig(ports=())}, {"http": HttpConfig(ports=tuple(range(65520, 65536)))},
 ])
 def test_validate_accepts_edges(changes):
     cfg = dataclasses.replace(Config(), **changes)
@@ -214,7 +225,7 @@ def test_validate_bad_uplink(name):
 
 
 def test_registry():
-    assert sorted(REGISTRY) == sorted(Config().plugins)  # every plugin is on by default
+    assert sorted(REGISTRY) == sorted(Config().enabled_plugins)  # every plugin is on by default
     assert all(cls.name == name for name, cls in REGISTRY.items())
 
 
@@ -299,3 +310,21 @@ def test_every_key_is_documented():
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [k for k in dotted_keys(Config) if f"| `{k}` |" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+def test_http_ports_are_a_list_of_integers(tmp_path):
+    assert config_mod.load(write(tmp_path, "http:\n  ports: [80, 8443]\n")).http.ports == (80, 8443)
+    with pytest.raises(FoveaError) as exc:
+        config_mod.load(write(tmp_path, "http:\n  ports: [\"80\"]\n"))
+    assert exc.value.problem == "config key 'http.ports' must be a list of integers"
+
+
+@pytest.mark.parametrize("plugins, enabled, started", [
+    (("forward", "pods", "dns"), True, ("forward", "pods", "dns", "http")),
+    (("forward", "pods", "dns"), False, ("forward", "pods", "dns")),
+    (("drops",), True, ("drops",)),  # HTTP is parsed in the pods programs: nothing to carry it
+    (("pods", "http"), False, ("pods",)),
+])
+def test_http_runs_when_enabled_beside_the_pods_plugin(plugins, enabled, started):
+    cfg = Config(plugins=plugins, http=HttpConfig(enabled=enabled))
+    assert cfg.enabled_plugins == started
