@@ -109,6 +109,7 @@ class Answer(BaseHTTPRequestHandler):
     /drop closes the connection without an answer."""
 
     protocol_version = "HTTP/1.1"  # keep-alive unless the client says close
+    disable_nagle_algorithm = True  # the body goes out at once, not after the client's delayed ACK
 
     def answer(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
