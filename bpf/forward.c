@@ -19,9 +19,10 @@ BPF_PERCPU_ARRAY(forward_counts, struct fovea_counter, 2);
 
 /* DNS at an uplink is the node's own (host network): what a pod sent or is
  * sent is counted at the pod's interface. Leaving: count() passes only what
- * the node itself sent. Arriving: the kernel's route lookup says whether it
- * will be forwarded or delivered here (port 53 only: fovea_dns tests the
- * ports first). */
+ * the node itself sent. Arriving: with flows on, a packet for a local pod (or
+ * a masqueraded pod flow's reply) never gets here; for the rest, the kernel's
+ * route lookup says whether it will be forwarded or delivered here (port 53
+ * only: fovea_dns tests the ports first). */
 static __always_inline int dns_counted_elsewhere(struct __sk_buff *skb, struct fovea_packet *pkt, int egress)
 {
     if (egress)
@@ -62,7 +63,9 @@ static __always_inline int count(struct __sk_buff *skb, u32 direction)
         return TC_ACT_UNSPEC;
     }
 #ifdef FOVEA_FLOWS
-    fovea_flow(skb, &pkt, direction == FOVEA_INGRESS ? FLOW_UPLINK_IN : FLOW_UPLINK_OUT);
+    /* Arriving for a local pod: its interface keeps the flow and the DNS. */
+    if (fovea_flow(skb, &pkt, direction == FOVEA_INGRESS ? FLOW_UPLINK_IN : FLOW_UPLINK_OUT))
+        return TC_ACT_UNSPEC;
 #endif
 #ifdef FOVEA_DNS
     fovea_dns(skb, &pkt, direction == FOVEA_EGRESS);

@@ -62,17 +62,36 @@ struct fovea_packet {
     u8 daddr[16];
     u32 l4_offset; /* where the L4 header starts; 0 in a non-first IPv4 fragment */
     u32 end;       /* where the IP packet ends (Ethernet padding excluded) */
+    u64 now;       /* bpf_ktime_get_ns() once read (fovea_now): one clock read per packet */
 };
+
+/* The packet's time, read from the clock once: the flow table and DNS share it. */
+static __always_inline u64 fovea_now(struct fovea_packet *pkt)
+{
+    if (!pkt->now)
+        pkt->now = bpf_ktime_get_ns();
+    return pkt->now;
+}
 
 /* Copy len bytes at off into dst: in place when they are in the linear part
  * of the skb (almost always: a helper call costs more than the read), else
- * with bpf_skb_load_bytes. off must be a bounded value (the verifier checks). */
+ * with bpf_skb_load_bytes. In place up to FOVEA_READ_MAX_OFF, which bounds
+ * the offset for the verifier and reaches the end of a DNS question after
+ * IPv6 and TCP options. */
+#define FOVEA_READ_MAX_OFF 511 /* 2^n - 1: also the mask */
 static __always_inline int fovea_read(struct __sk_buff *skb, u32 off, void *dst, u32 len)
 {
     void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-    if (off <= 128 && data + off + len <= data_end) {
-        __builtin_memcpy(dst, data + off, len);
-        return 0;
+    if (off <= FOVEA_READ_MAX_OFF) {
+        /* The compiler may test a copy of off; the mask bounds the register
+         * that is added to the packet pointer, and the empty asm keeps the
+         * compiler from dropping the mask as redundant. */
+        asm volatile("" : "+r"(off));
+        off &= FOVEA_READ_MAX_OFF;
+        if (data + off + len <= data_end) {
+            __builtin_memcpy(dst, data + off, len);
+            return 0;
+        }
     }
     return bpf_skb_load_bytes(skb, off, dst, len);
 }

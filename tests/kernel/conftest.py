@@ -1,4 +1,6 @@
-"""Fixtures shared by the kernel tests."""
+"""Fixtures and helpers shared by the kernel tests."""
+
+import subprocess
 
 import pytest
 
@@ -11,3 +13,34 @@ def receiver():
     r = GrpcReceiver()
     yield r
     r.stop()
+
+
+class HostNat:
+    """nat rules in the host, in chains of the test's own, jumped to from the built-in
+    chains and removed afterwards whatever happens."""
+
+    def __init__(self, lab, name: str, hooks: tuple[str, ...], rules: list[list[str]]):
+        self.chain = f"{lab.prefix}-{name}"
+        self.hooks = hooks
+        self.rules = rules
+
+    def ipt(self, *args: str, check: bool = True) -> None:
+        subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True)
+
+    def __enter__(self):
+        self.ipt("-N", self.chain)
+        try:
+            for rule in self.rules:
+                self.ipt("-A", self.chain, *rule)
+            for hook in self.hooks:
+                self.ipt("-I", hook, "-j", self.chain)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            self.ipt("-D", hook, "-j", self.chain, check=False)
+        self.ipt("-F", self.chain, check=False)
+        self.ipt("-X", self.chain, check=False)

@@ -32,6 +32,7 @@ import yaml
 from tests.conftest import FOVEA, RunningAgent, node_lab
 from tests.dns_server import DnsServer
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
+from tests.kernel.conftest import HostNat
 from tests.kernel.test_dns import ask
 from tests.kernel.test_flows import Server, exchange
 
@@ -83,37 +84,6 @@ def cluster(lab, receiver, tmp_path_factory):
 
 def cluster_ip(lab) -> str:
     return f"10.{lab.octet}.99.10"
-
-
-class HostNat:
-    """nat rules in the host, in chains of the test's own, jumped to from the built-in
-    chains and removed afterwards whatever happens."""
-
-    def __init__(self, lab, name: str, hooks: tuple[str, ...], rules: list[list[str]]):
-        self.chain = f"{lab.prefix}-{name}"
-        self.hooks = hooks
-        self.rules = rules
-
-    def ipt(self, *args: str, check: bool = True) -> None:
-        subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True)
-
-    def __enter__(self):
-        self.ipt("-N", self.chain)
-        try:
-            for rule in self.rules:
-                self.ipt("-A", self.chain, *rule)
-            for hook in self.hooks:
-                self.ipt("-I", hook, "-j", self.chain)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self.hooks:
-            self.ipt("-D", hook, "-j", self.chain, check=False)
-        self.ipt("-F", self.chain, check=False)
-        self.ipt("-X", self.chain, check=False)
 
 
 def sent(lab, ep, *match: str) -> tuple[int, int]:

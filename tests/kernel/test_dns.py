@@ -19,6 +19,7 @@ import yaml
 
 from tests.conftest import RunningAgent
 from tests.dns_server import DnsServer
+from tests.kernel.conftest import HostNat
 
 pytestmark = pytest.mark.kernel
 
@@ -233,6 +234,21 @@ def test_node_query_over_the_uplink_counts_once(lab, dns_agent, servers):
         s.delta(before, "fovea_dns_unanswered_total", qtype=q) for q in ("A", "MX")) >= unanswered)
     check_counts(before, after, plan)
     assert after.delta(before, "fovea_dns_latency_seconds_count") == total
+
+
+def test_a_masqueraded_pods_queries_count_at_the_pod_only(lab, dns_agent, servers):
+    """web's queries to the world leave the uplink masqueraded (the host's address):
+    counted once, at web's interface; the responses reach the uplink addressed to the
+    node before de-NAT, and are neither counted there nor called unmatched."""
+    web, world = lab.pods[0], lab.world
+    plan = [p for p in PLAN if p[2] == "udp" and p[3] is not None][:10] + [p for p in PLAN if p[2] == "tcp"]
+    before = settle(dns_agent)
+    with HostNat(lab, "dnsmasq", ("POSTROUTING",), [["-s", f"{web.ipv4}/32", "-o", lab.uplink, "-j", "MASQUERADE"]]):
+        run_plan(lab, web.netns, world.ipv4, plan)
+    after = settle(dns_agent, until=lambda s: s.delta(before, "fovea_dns_latency_seconds_count") >= len(plan))
+    check_counts(before, after, plan, pod=WEB)
+    assert after.delta(before, "fovea_dns_latency_seconds_count") == len(plan)
+    assert after.delta(before, "fovea_agent_dns_unmatched_responses_total") == 0
 
 
 def _name(labels: list[bytes]) -> bytes:

@@ -125,3 +125,12 @@ def test_dns_code_is_reached_by_its_port_only(programs):
     """A DNS query adds the DNS counter and the in-flight entry to the flow's lookup: the
     counter sees them, so the single operation of the tests above is not a blind spot."""
     assert ops_per_run(programs, "pod_from_pod", PACKETS["dns query"]) == 3
+
+
+def test_uplink_leaves_a_dns_response_for_a_local_pod_to_its_interface(programs):
+    """A DNS response arriving for a local pod costs the uplink what any packet for a pod
+    costs (the array add and the pod-address lookup): no route lookup, no in-flight lookup;
+    the pod's interface counts it."""
+    response = swap_addresses(packet(17, 40000, 53, dns_message(True)))  # PEER:53 -> POD:40000
+    assert ops_per_run(programs, "forward_ingress", response) == 2
+
