@@ -15,7 +15,9 @@ rule of its own. The rules:
   reply whose source is a ClusterIP (reverse NAT) was sent by the Service's
   backend pod, so it is counted where that pod's node counts it, never again
   at the receiver under the Service's name. The API server is the exception:
-  its backends are not pods, so its replies count at the receiver;
+  its backends are not pods, so its replies count at the receiver. A TCP
+  connection attempt (the service map) counts by the same rule, applied to
+  its SYN;
 - the pending window: a pod's address that the pod source does not name yet
   (a new pod's first packets), one that a pod interface of this node holds or
   that lies in a node's pod CIDR (spec.podCIDRs), is held for

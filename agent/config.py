@@ -37,6 +37,7 @@ class FlowsConfig:
     ringBufferSize: int = 1 << 20  # bytes; a power of two, at least 4096
     idleTimeout: float = 30.0  # seconds without a packet that end a flow
     reportInterval: float = 60.0  # a longer flow is reported once per this many seconds
+    connectTimeout: float = 10.0  # seconds a TCP SYN may wait for its answer before the attempt is a timeout
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Config:
              and self.flows.ringBufferSize & (self.flows.ringBufferSize - 1) == 0, "a power of two, at least 4096"),
             ("flows.idleTimeout", self.flows.idleTimeout > 0, "a positive number of seconds"),
             ("flows.reportInterval", self.flows.reportInterval > 0, "a positive number of seconds"),
+            ("flows.connectTimeout", 0 < self.flows.connectTimeout <= 3600, "more than 0 and at most 3600 seconds"),
             ("otlp.protocol", self.otlp.protocol in ("", "grpc", "http/protobuf"), "grpc or http/protobuf"),
             ("otlp.sampleRatio", 0 <= self.otlp.sampleRatio <= 1, "between 0 and 1"),
             ("otlp.maxSpansPerSecond", self.otlp.maxSpansPerSecond >= 1, "at least 1"),

@@ -61,6 +61,9 @@ class FlowRecord:
     final: bool  # the flow ended with this report
     end_reason: str  # fin | rst | idle | interval (still running)
     ifindex: int = 0
+    # A TCP connection attempt's outcome: established | refused | timeout (agent/flows.py
+    # connection_outcome); "" while undecided, or not a TCP flow whose opening SYN was seen.
+    connection: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ Service, with the backend's replies as its reply counts.
 
 Only the entries of ended flows are deleted from the kernel, with
 lookup-and-delete, so whatever arrived until the delete is in the record.
+
+A TCP flow whose opening SYN the table kept is a connection attempt, and its
+outcome is decided once (connection_outcome): established, refused or
+timeout. Each read hands the outcomes it decided to the caller (`outcomes`),
+with the opener's key, for the service map (agent/plugins/pods.py); the flow's
+records carry it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
 NAT_REPLIES = 65536  # reply tuples of masqueraded pod flows the uplink programs remember (an LRU)
 MAX_RING_FLOWS = 65536  # flows re-aggregated here from ring-buffer records; past it they are counted lost
+ESTABLISHED, REFUSED, TIMEOUT = "established", "refused", "timeout"  # connection outcomes
+# The longest a client waits between two SYNs of one attempt (the kernel's TCP_RTO_MAX): a
+# flow that ended unanswered is remembered that long, so a retransmit after it is no new attempt.
+SYN_RETRY_GAP_NS = 120 * 1_000_000_000
+MAX_UNANSWERED = 65536  # unanswered attempts remembered; past it, a late retransmit counts again
 
 
 class FlowId(ct.Structure):
@@ -142,6 +153,7 @@ class Flow:
     last_seen: tuple = ()  # totals at the previous read: closing flows end once unchanged
     joined: tuple = ()  # flow keys of the halves joined to this one (a Service's backend replies)
     client: tuple = ()  # (family, l4proto, address, port) of a Service connection's client
+    outcome: str | None = ""  # connection_outcome once decided; None: a TCP attempt, undecided; "": none
 
     def forward(self, key: Key) -> bool:
         return (key.src, key.sport) == self.source
@@ -179,6 +191,9 @@ class Flow:
                 return "source"
         return "destination"
 
+    def answered(self) -> bool:
+        return any(not self.forward(self.keys[raw]) and s.packets for raw, s in self.totals.items())
+
     def closing(self) -> str | None:
         if self.key.l4proto != 6:
             return None
@@ -187,6 +202,29 @@ class Flow:
         if self.flags(True) & FIN and self.flags(False) & FIN:
             return "fin"
         return None
+
+
+def connection_outcome(flow: Flow, now_ns: int, timeout_ns: int, ended: bool = False) -> str | None:
+    """The outcome of a TCP connection attempt (DESIGN.md, service map), from the flags each
+    direction OR'ed and the time of its first packet: `refused` when the other end answered
+    the SYN with a RST and no SYN-ACK, `established` when it answered otherwise (a SYN-ACK;
+    or later packets, when the SYN-ACK found the flow table and ring buffer full), `timeout`
+    when no answer came within `timeout_ns` of the first SYN. A retransmitted SYN is the same
+    key, so the same attempt; an answer that came later is a timeout still, decided from the
+    kernel's times whenever the read happens. None while unanswered and within the timeout,
+    unless the flow ended (then `timeout`: it was never answered)."""
+    syn_ns = min((s.first_ns for raw, s in flow.totals.items()
+                  if s.flags & SYN_ONLY and s.first_ns and flow.forward(flow.keys[raw])), default=0)
+    answer_ns = flags = 0
+    for raw, s in flow.totals.items():
+        if s.packets and s.first_ns and not flow.forward(flow.keys[raw]):
+            answer_ns = min(answer_ns or s.first_ns, s.first_ns)
+            flags |= s.flags
+    if answer_ns and answer_ns - syn_ns <= timeout_ns:
+        return REFUSED if flags & RST and not flags & SYN else ESTABLISHED
+    if answer_ns or ended or now_ns - syn_ns > timeout_ns:
+        return TIMEOUT
+    return None
 
 
 def keep_point(key: Key, pod_addresses: frozenset[str] | set[str], pod_interfaces=()) -> bool:
@@ -301,6 +339,8 @@ class FlowTracker:
         self._clients: dict[tuple, tuple] = {}  # client end of a live Service flow -> its flow key
         self._counted: dict[bytes, tuple[int, int]] = {}  # raw key -> (packets, bytes) handed out by read()
         self._increments: dict[Key, list[int]] = {}
+        self._unanswered: dict[bytes, int] = {}  # opener's raw key of an attempt that timed out -> until (ns)
+        self.outcomes: list[tuple[Key, str]] = []  # (opener's key, outcome) of the attempts the last read decided
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
         self.ring_records = 0
@@ -359,6 +399,7 @@ class FlowTracker:
         """Read the table; returns what each key gained since the previous read (packets,
         bytes), every observation point included: the per-interface counters come from it."""
         self._increments = {}
+        self.outcomes = []
         now = self.clock()
         self._wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         pods = self.attribution.pod_addresses
@@ -406,16 +447,20 @@ class FlowTracker:
             if flow.client:
                 self._clients[flow.client] = fkey
         self._closed = {raw: until for raw, until in self._closed.items() if until > now}
+        self._unanswered = {raw: until for raw, until in self._unanswered.items() if until > now}
 
         for fkey, flow in list(self._flows.items()):
             counts = flow.counts()
+            # A timeout is reported at once: the flow may go on retransmitting SYNs for minutes.
+            timed_out = flow.outcome is None and self._decide(flow, now) == TIMEOUT
             idle = now - flow.last_ns > self.cfg.idleTimeout * 1e9
             closing = flow.closing()
             if closing and counts == flow.last_seen:
                 self._end(fkey, flow, closing)
             elif idle:
                 self._end(fkey, flow, "idle")
-            elif now - flow.window_opened_ns >= self.cfg.reportInterval * 1e9 and counts != flow.reported:
+            elif (timed_out or now - flow.window_opened_ns >= self.cfg.reportInterval * 1e9) \
+                    and counts != flow.reported:
                 self._report(flow, final=False, reason="interval")
                 flow.window_opened_ns = now
             flow.last_seen = counts
@@ -425,8 +470,11 @@ class FlowTracker:
         """Who opened it: the direction that sent a SYN without ACK, else the first packet."""
         opener = next((p for p in parts if p[2].flags & SYN_ONLY), None)
         opener = opener or min(parts, key=lambda p: p[2].first_ns or 1 << 63)
-        _, okey, _ = opener
+        oraw, okey, ostats = opener
         flow = Flow(next(self._ids), (okey.src, okey.sport), (okey.dst, okey.dport), okey)
+        if okey.l4proto == 6 and ostats.flags & SYN_ONLY:
+            # A SYN after an unanswered attempt's flow ended idle: that attempt's retransmit, counted already.
+            flow.outcome = TIMEOUT if self._unanswered.pop(oraw, 0) > self.clock() else None
         for raw, key, stats in parts:
             flow.keys[raw] = key
             flow.totals[raw] = stats
@@ -469,11 +517,25 @@ class FlowTracker:
         self._count(raw, out, final=True)
         return out
 
+    def _decide(self, flow: Flow, now: int, ended: bool = False) -> str | None:
+        """Decide an attempt's outcome once, and hand it out with this read's."""
+        flow.outcome = connection_outcome(flow, now, int(self.cfg.connectTimeout * 1e9), ended)
+        if flow.outcome:
+            self.outcomes.append((flow.key, flow.outcome))
+        return flow.outcome
+
     def _end(self, fkey: tuple, flow: Flow, reason: str) -> None:
         for raw in flow.keys:
             final = self._delete(raw)  # kernel + ring part, as in the snapshot, plus what came since
             if final.packets >= flow.totals[raw].packets:
                 flow.totals[raw] = final
+        if flow.outcome is None:
+            self._decide(flow, self.clock(), ended=True)
+        if flow.outcome == TIMEOUT and not flow.answered() and len(self._unanswered) < MAX_UNANSWERED:
+            until = flow.last_ns + SYN_RETRY_GAP_NS
+            for raw, key in flow.keys.items():
+                if flow.forward(key) and flow.totals[raw].flags & SYN_ONLY:
+                    self._unanswered[raw] = until
         self._report(flow, final=True, reason=reason)
         del self._flows[fkey]
         for joined in flow.joined:
@@ -498,7 +560,7 @@ class FlowTracker:
             destination=flow.destination[0], destination_port=flow.destination[1],
             packets=fp - pp, bytes=fb - pb, reply_packets=rp - prp, reply_bytes=rb - prb,
             tcp_flags=flow.flags() & 0xFF, observer=flow.observer, final=final, end_reason=reason,
-            ifindex=max(flow.totals.values(), key=lambda s: s.last_ns).ifindex,
+            ifindex=max(flow.totals.values(), key=lambda s: s.last_ns).ifindex, connection=flow.outcome or "",
         )
         flow.reported = counts
         flow.window += 1

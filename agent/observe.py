@@ -104,14 +104,14 @@ def record_dict(record, attribution=None, node: str = "") -> dict | None:
     if isinstance(record, FlowRecord):
         return {
             "type": "flow", "time": _time(record.end), "start": _time(record.start), "node": node,
-            "verdict": "forwarded", "protocol": record.transport,
+            "verdict": _verdict(record), "protocol": record.transport,
             "source": describe_address(attribution, record.source, record.source_port),
             "destination": describe_address(attribution, record.destination, record.destination_port),
             "packets": record.packets, "bytes": record.bytes,
             "reply_packets": record.reply_packets, "reply_bytes": record.reply_bytes,
             "tcp_flags": _flags(record), "observer": record.observer,
             "final": record.final, "end_reason": record.end_reason, "flow_id": record.flow_id,
-            "window": record.window,
+            "window": record.window, "connection": record.connection or None,
         }
     if isinstance(record, DropEvent):
         return {
@@ -131,6 +131,11 @@ def record_dict(record, attribution=None, node: str = "") -> dict | None:
             "latency": record.duration, "answers": list(record.answers), "observer": record.observer,
         }
     return None
+
+
+def _verdict(record: FlowRecord) -> str:
+    """A connection attempt that failed is `refused` or `timeout` (`fovea observe --verdict`)."""
+    return record.connection if record.connection in ("refused", "timeout") else "forwarded"
 
 
 def _flags(record: FlowRecord) -> str:

@@ -243,6 +243,8 @@ class SpanBuilder:
         })
         if r.transport == "tcp":
             attrs["fovea.tcp.flags"] = tcp_flag_names(r.tcp_flags)
+        if r.connection:
+            attrs["fovea.tcp.connection"] = r.connection
         attrs.update(self.endpoint_attributes(local, peer))
         links = []
         previous = self._links.pop(r.flow_id, None)

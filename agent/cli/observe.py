@@ -33,7 +33,8 @@ def add_observe_filters(o: argparse.ArgumentParser) -> None:
     o.add_argument("--pod", help="records with an end in this pod ([namespace/]name)")
     o.add_argument("--protocol", choices=["tcp", "udp", "icmp", "other"], help="this L4 protocol only")
     o.add_argument("--port", type=int, help="records with an end on this port")
-    o.add_argument("--verdict", choices=["forwarded", "dropped"], help="dropped: drops only")
+    o.add_argument("--verdict", choices=["forwarded", "dropped", "refused", "timeout"],
+                   help="dropped: drops only; refused, timeout: TCP connection attempts that failed so")
     o.add_argument("--dns", action="store_true", help="DNS transactions only")
     o.add_argument("-o", "--output", choices=["human", "json"], default="human",
                    help="human (default) or json: one JSON object per line")
@@ -103,6 +104,8 @@ def format_human(d: dict) -> str:
     if kind == "flow":
         tail = (f"{d['packets']} pkts {_size(d['bytes'])} / {d['reply_packets']} pkts {_size(d['reply_bytes'])}"
                 f"  {d.get('tcp_flags') or ''}  {d['end_reason'] if d['final'] else 'ongoing'}")
+        if d.get("verdict") in ("refused", "timeout"):
+            tail += f"  {d['verdict'].upper()}"
         return f"{head}  {tail}"
     if kind == "drop":
         return f"{head}  DROPPED {d['reason']} ({d['packets']} pkts {_size(d['bytes'])})"

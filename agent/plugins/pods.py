@@ -1,7 +1,9 @@
-"""Pod traffic and the workload traffic map, from tc programs on pod interfaces."""
+"""Pod traffic, the workload traffic map and the connections between workloads (the
+service map's connection outcomes), from tc programs on pod interfaces."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from agent.attribution import WAIT, flow_addresses
@@ -15,7 +17,9 @@ from agent.series import SeriesStore
 log = logging.getLogger(__name__)
 
 POD_LABELS = ("namespace", "pod", "workload_kind", "workload_name")
-FLOW_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload", "protocol")
+PAIR_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload")
+FLOW_LABELS = PAIR_LABELS + ("protocol",)
+CONNECTION_LABELS = PAIR_LABELS + ("result",)
 DIRECTIONS = ("egress", "ingress")  # index = direction in pods.c, relative to the pod
 
 
@@ -39,8 +43,11 @@ class PodsPlugin(Plugin):
                                       cfg.podLevel.seriesTTL, keep_on_overflow=("direction",))
         self.flow_series = SeriesStore(FLOW_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                        keep_on_overflow=("protocol",))
+        self.connection_series = SeriesStore(CONNECTION_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
+                                             keep_on_overflow=("result",))
         self._pod_pending = self.attribution.pending("pod_packets")
         self._flow_pending = self.attribution.pending("workload_flow")
+        self._connection_pending = self.attribution.pending("workload_connections")
         self._datapath = ctx.datapath
         self._bpf, self._programs = ctx.datapath.load_tc_programs("pods", [
             f"-DPOD_MAP_SIZE={cfg.pods.mapSize}", *flow_table_cflags(cfg.flows),
@@ -99,11 +106,17 @@ class PodsPlugin(Plugin):
         self._pod_pending.add(pods)
         self._attribute_pod_counts()
         self._flow_pending.add(flows)
-        self._flow_pending.drain(self._attribute_flow)
+        self._flow_pending.drain(functools.partial(self._attribute_pair, self.flow_series))
+        connections: dict[tuple, list[int]] = {}
+        for key, result in self.flows.outcomes:  # counted where the tracker kept the attempt's SYN
+            connections.setdefault((key.src, key.dst, result, key.point == POD_RECEIVED), [0, 0])[0] += 1
+        self._connection_pending.add(connections)
+        self._connection_pending.drain(functools.partial(self._attribute_pair, self.connection_series))
         self._records.release()
         present = self.attribution.local_pod_labels()
         self.pod_series.touch(lambda labels: labels[:4] in present)
         self.flow_series.touch(lambda labels: True)  # bounded by workloads, kept
+        self.connection_series.touch(lambda labels: True)
 
     def _attribute_pod_counts(self) -> None:
         def attribute(key, p, b) -> bool:
@@ -117,20 +130,26 @@ class PodsPlugin(Plugin):
 
         self._pod_pending.drain(attribute)
 
-    def _attribute_flow(self, key, p, b) -> bool:
-        """The traffic map counts each packet once per cluster (agent/attribution.py)."""
-        src, dst, proto, to_pod = key
+    def _attribute_pair(self, series: SeriesStore, key, first: int, second: int) -> bool:
+        """The traffic map counts each packet once per cluster (agent/attribution.py), and the
+        connections each attempt by the same rule, applied to its SYN. key: (sender, receiver,
+        the last label: protocol or result, sent to the pod)."""
+        src, dst, label, to_pod = key
         pair = self.attribution.workload_pair(src, dst, to_pod)
         if pair is WAIT:
             return False
         if pair is not None:
             sender, receiver = pair
-            self.flow_series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, proto), p, b)
+            series.add((sender.namespace, sender.workload, receiver.namespace, receiver.workload, label), first, second)
         return True
 
     def metrics(self):
         return (self.pod_series.families("fovea_pod", "of observed pods")
-                + self.flow_series.families("fovea_workload_flow", "between workloads, once per cluster"))
+                + self.flow_series.families("fovea_workload_flow", "between workloads, once per cluster")
+                + [self.connection_series.counter(
+                    "fovea_workload_connections",
+                    "TCP connection attempts between workloads by result (established, refused, timeout), "
+                    "once per cluster")])
 
     def health(self) -> PluginHealth:
         return PluginHealth(
@@ -138,9 +157,11 @@ class PodsPlugin(Plugin):
             lost=flow_lost(self.flows, "pods"),
             records=flow_records(self.flows, "pods"),
             series={"fovea_pod_packets_total": len(self.pod_series),
-                    "fovea_workload_flow_packets_total": len(self.flow_series)},
+                    "fovea_workload_flow_packets_total": len(self.flow_series),
+                    "fovea_workload_connections_total": len(self.connection_series)},
             overflowed={"fovea_pod_packets_total": self.pod_series.overflowed,
-                        "fovea_workload_flow_packets_total": self.flow_series.overflowed},
+                        "fovea_workload_flow_packets_total": self.flow_series.overflowed,
+                        "fovea_workload_connections_total": self.connection_series.overflowed},
         )
 
     def close(self) -> None:

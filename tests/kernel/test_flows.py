@@ -259,6 +259,11 @@ def test_flow_table_full_every_flow_reaches_a_span_or_a_counter(lab, receiver, t
         ring = m.get("fovea_agent_records_total", kind="flows_pods_ring_buffer")
         assert ring > 0  # the fallback was used
         assert len(spans) + lost == n
+        # Each connection's outcome, too: decided from the re-aggregated SYN, or counted lost.
+        outcomes = {r: m.get("fovea_workload_connections_total", source_namespace="shop", source_workload="web",
+                             destination_namespace="shop", destination_workload="db", result=r)
+                    for r in ("established", "refused", "timeout")}
+        assert outcomes == {"established": n - lost, "refused": 0, "timeout": 0}
         for s in spans:  # re-aggregated flows are as exact as table flows
             a = s.attributes
             assert a["fovea.flow.reply_bytes"] == 2000 + SYN_HEADERS + HEADERS * (a["fovea.flow.reply_packets"] - 1)

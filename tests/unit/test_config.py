@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.config import Config, DnsConfig, DropsConfig, KernelConfig, TcConfig
+from agent.config import Config, DnsConfig, DropsConfig, FlowsConfig, KernelConfig, TcConfig
 from agent.errors import FoveaError
 from agent.plugins import REGISTRY
 
@@ -36,7 +36,7 @@ def test_defaults():
     assert top["tc"] == {"priority": 1, "mode": "auto"}
     assert top["drops"] == {"mapSize": 16384, "eventsPerSecond": 200}
     assert top["flows"] == {"enabled": True, "mapSize": 65536, "ringBufferSize": 1 << 20, "idleTimeout": 30.0,
-                            "reportInterval": 60.0}
+                            "reportInterval": 60.0, "connectTimeout": 10.0}
     assert top["otlp"] == {"enabled": False, "protocol": "", "endpoint": "", "sampleRatio": 1.0,
                            "maxSpansPerSecond": 1000, "queueSize": 4096, "batchSize": 512}
     assert top["observe"] == {"socket": "/run/fovea/observe.sock", "port": 9811, "buffer": 4096, "maxFollowers": 64}
@@ -174,6 +174,8 @@ def test_overrides_on_non_mapping_file_give_fovea_error(tmp_path, text, override
     ({"dns": DnsConfig(sampleRatio=-0.1)}, "dns.sampleRatio", "it must be a share from 0 to 1"),
     ({"dns": DnsConfig(sampleBytes=8)}, "dns.sampleBytes", "it must be 12 to 4096"),
     ({"dns": DnsConfig(inflightMapSize=0)}, "dns.inflightMapSize", "it must be 1 to 4194304"),
+    ({"flows": FlowsConfig(connectTimeout=0.0)}, "flows.connectTimeout",
+     "it must be more than 0 and at most 3600 seconds"),
 ])
 def test_validate_rejects(changes, key, hint):
     with pytest.raises(FoveaError) as exc:

@@ -252,3 +252,174 @@ def test_a_packet_sent_to_a_pod_after_coming_from_a_pod_interface_is_kept_where_
     assert not keep_point(reply, pods, ifaces)
     assert keep_point(Key(4, 6, POD_RECEIVED, "10.96.0.10", 80, "10.1.1.2", 40000, ifindex=7, came_in=2),
                       pods, ifaces)
+
+
+# -- connection outcomes (the service map) ----------------------------------------------
+
+def outcomes(t) -> list[tuple[str, int, str, int, str]]:
+    return [(k.src, k.sport, k.dst, k.dport, result) for k, result in t.outcomes]
+
+
+def test_an_answered_connection_is_established_once_and_its_record_says_so():
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    tcp_connection(table, clock.now)
+    t.read()
+    assert outcomes(t) == [(WEB, 40000, DB, 5432, "established")]
+    clock.now += S
+    t.read()
+    assert outcomes(t) == []  # decided once
+    [r] = out
+    assert r.connection == "established"
+
+
+def test_a_reset_answering_the_syn_is_refused():
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    table.add(fid(WEB, 40001, DB, 5433), 1, 60, clock.now, SYN)
+    table.add(fid(DB, 5433, WEB, 40001), 1, 40, clock.now + 1000, RST | ACK)
+    t.read()
+    assert outcomes(t) == [(WEB, 40001, DB, 5433, "refused")]
+    clock.now += S
+    t.read()
+    assert [(r.end_reason, r.connection) for r in out] == [("rst", "refused")]
+
+
+def test_a_reset_after_the_handshake_is_an_established_connection():
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    tcp_connection(table, clock.now, reset=True)
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["established"]
+
+
+def test_an_answer_whose_syn_ack_the_kernel_could_not_keep_is_established():
+    """The SYN-ACK found the table and ring buffer full (counted lost); the server's later
+    packets were kept: it answered."""
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    table.add(fid(WEB, 40010, DB, 5432), 2, 120, clock.now, SYN)
+    table.add(fid(DB, 5432, WEB, 40010), 1, 352, clock.now + 3000, ACK)
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["established"]
+
+
+def test_a_retransmitted_syn_is_the_same_attempt():
+    """The first SYN lost, the retransmit answered within connectTimeout: one attempt, established."""
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    c = fid(WEB, 40002, DB, 5432)
+    table.add(c, 1, 60, clock.now, SYN)
+    t.read()
+    assert outcomes(t) == []  # no answer yet, time left
+    clock.now += S
+    table.add(c, 1, 60, clock.now, SYN)  # the retransmit, a second later
+    table.add(fid(DB, 5432, WEB, 40002), 1, 60, clock.now + 1000, SYN | ACK)
+    t.read()
+    assert outcomes(t) == [(WEB, 40002, DB, 5432, "established")]
+    clock.now += 10 * S
+    t.read()
+    [r] = out
+    assert r.connection == "established" and r.packets == 2
+
+
+def test_an_unanswered_syn_is_a_timeout_reported_at_once_and_counted_once():
+    t, table, clock, out = tracker(connectTimeout=3.0, idleTimeout=5.0)
+    c = fid(WEB, 40003, DB, 5432)
+    start = clock.now
+    seen = []
+    for retransmit in (0, 1, 3):  # the kernel's SYN retransmits
+        clock.now = start + retransmit * S
+        table.add(c, 1, 60, clock.now, SYN)
+        t.read()
+        seen += outcomes(t)
+    assert seen == [] and out == []  # 3 s after the first SYN, not more: undecided
+    clock.now = start + 3 * S + 1
+    t.read()
+    assert outcomes(t) == [(WEB, 40003, DB, 5432, "timeout")]
+    [r] = out  # at once, not when the flow ends
+    assert (r.final, r.connection, r.packets, r.reply_packets) == (False, "timeout", 3, 0)
+    clock.now = start + 9 * S  # idle: 6 s since the last SYN
+    t.read()
+    assert outcomes(t) == [] and [(r.final, r.end_reason, r.connection) for r in out[1:]] == [(True, "idle", "timeout")]
+
+
+def test_a_late_answer_is_a_timeout_whenever_the_read_comes():
+    """Decided on the kernel's times: the SYN-ACK came 4 s after the first SYN, past
+    connectTimeout (3 s), though no read happened in between."""
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    table.add(fid(WEB, 40004, DB, 5432), 1, 60, clock.now, SYN)
+    table.add(fid(DB, 5432, WEB, 40004), 1, 60, clock.now + 4 * S, SYN | ACK)
+    clock.now += 4 * S + 1
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["timeout"]
+    table.add(fid(WEB, 40004, DB, 5432), 5, 500, clock.now, ACK)  # the connection goes on
+    clock.now += S
+    t.read()
+    assert outcomes(t) == []  # never counted again as established
+
+
+def test_an_answer_in_time_read_late_is_established():
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    table.add(fid(WEB, 40005, DB, 5432), 1, 60, clock.now, SYN)
+    table.add(fid(DB, 5432, WEB, 40005), 1, 60, clock.now + 2 * S, SYN | ACK)
+    clock.now += 10 * S  # the first read long after
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["established"]
+
+
+def test_a_flow_that_ends_unanswered_before_the_timeout_is_a_timeout():
+    """idleTimeout shorter than connectTimeout, and the client gave up: never answered."""
+    t, table, clock, out = tracker(connectTimeout=20.0, idleTimeout=2.0)
+    table.add(fid(WEB, 40006, DB, 5432), 1, 60, clock.now, SYN)
+    t.read()
+    clock.now += 3 * S
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["timeout"]
+    assert [(r.end_reason, r.connection) for r in out] == [("idle", "timeout")]
+
+
+def test_a_syn_retransmitted_after_the_flow_ended_idle_is_not_a_new_attempt():
+    """The kernel's SYN retransmits grow apart (1, 2, 4... up to 120 s): one may come after
+    the unanswered flow ended. Its record says timeout; the attempt is not counted again."""
+    t, table, clock, out = tracker(connectTimeout=3.0, idleTimeout=5.0)
+    c = fid(WEB, 40007, DB, 5432)
+    table.add(c, 1, 60, clock.now, SYN)
+    t.read()
+    clock.now += 4 * S
+    t.read()
+    first = outcomes(t)
+    clock.now += 2 * S
+    t.read()  # idle: ended, deleted from the kernel
+    assert [r for *_, r in first] == ["timeout"] and out[-1].final and table.entries == {}
+    clock.now += 30 * S
+    table.add(c, 1, 60, clock.now, SYN)  # the next retransmit
+    table.add(fid(DB, 5432, WEB, 40007), 1, 60, clock.now + 1000, SYN | ACK)  # answered, too late
+    t.read()
+    assert outcomes(t) == []
+    clock.now += 10 * S
+    t.read()
+    assert out[-1].connection == "timeout" and out[-1].flow_id != out[0].flow_id
+    # Past the longest retransmit gap, the same ports are a new attempt.
+    clock.now += 200 * S
+    table.add(c, 1, 60, clock.now, SYN)
+    table.add(fid(DB, 5432, WEB, 40007), 1, 60, clock.now + 1000, SYN | ACK)
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["established"]
+
+
+def test_no_outcome_without_an_opening_syn():
+    """UDP, and a TCP connection already open when the agent started (no SYN seen)."""
+    t, table, clock, out = tracker(connectTimeout=1.0)
+    table.add(fid(WEB, 5000, DB, 53, proto=17), 1, 80, clock.now)
+    table.add(fid(WEB, 40008, DB, 5432), 3, 300, clock.now, ACK)
+    table.add(fid(DB, 5432, WEB, 40008), 3, 300, clock.now, ACK)
+    t.read()
+    clock.now += 10 * S
+    t.read()
+    assert outcomes(t) == [] and len(out) == 2 and {r.connection for r in out} == {""}
+
+
+def test_a_service_connection_is_decided_on_the_backends_answer_and_named_by_the_clusterip():
+    t, table, clock, out = tracker(services=(CLUSTER_IP,), connectTimeout=3.0)
+    table.add(fid(WEB, 40009, CLUSTER_IP, 80), 1, 60, clock.now, SYN)
+    t.read()
+    table.add(fid(DB, 8080, WEB, 40009), 1, 40, clock.now + 1000, RST | ACK)  # the backend refuses
+    t.read()
+    assert outcomes(t) == [(WEB, 40009, CLUSTER_IP, 80, "refused")]
+    assert t.outcomes[0][0].point == POD_SENT

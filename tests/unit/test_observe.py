@@ -14,7 +14,7 @@ from agent.attribution import Attribution
 from agent.events import DropEvent, EventHub
 from agent.k8s.static import StaticPods
 from agent.cli.observe import connect, format_human, stream
-from agent.observe import ObserveServer, matches
+from agent.observe import ObserveServer, matches, record_dict
 from tests.unit.test_traces import dns, flow
 
 NOW = time.time()
@@ -123,6 +123,27 @@ def test_unreachable_stream_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["observe", "--socket", str(tmp_path / "none.sock")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fovea: error: cannot reach the flow stream at") and "port-forward" in err
+
+
+@pytest.mark.parametrize("outcome, verdict", [
+    ("refused", "refused"), ("timeout", "timeout"), ("established", "forwarded"), ("", "forwarded"),
+])
+def test_a_connection_attempt_that_failed_has_its_own_verdict(outcome, verdict):
+    d = record_dict(flow(connection=outcome))
+    assert d["verdict"] == verdict and d["connection"] == (outcome or None)
+    assert matches(d, {"verdict": "refused"}) == (verdict == "refused")
+    assert format_human(d).endswith(f"  {verdict.upper()}") == (verdict != "forwarded")
+
+
+@pytest.mark.parametrize("verdict", ["refused", "timeout"])
+def test_the_cli_asks_for_failed_connections(server, capsys, verdict):
+    srv, hub, sock = server
+    hub.publish(flow(flow_id=5, connection=verdict, source_port=40005))
+    deadline = time.monotonic() + 5
+    while len(srv.recent) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [line] = run_cli(capsys, "--socket", sock, "-o", "json", "--verdict", verdict)
+    assert json.loads(line)["source"]["port"] == 40005
 
 
 def test_matches_needs_every_filter():

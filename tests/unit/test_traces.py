@@ -100,7 +100,7 @@ def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
     hub.publish(DropEvent(time=NOW + 61, reason="NETFILTER_DROP", transport="tcp", family=4,
                           source="10.1.0.9", source_port=5432, destination="10.1.0.5", destination_port=40001,
                           packets=1, bytes=52))
-    hub.publish(flow(window=1, start=NOW + 60, end=NOW + 62, tcp_flags=0x1F))  # RST seen
+    hub.publish(flow(window=1, start=NOW + 60, end=NOW + 62, tcp_flags=0x1F, connection="established"))  # RST seen
     hub.publish(flow(flow_id=78, transport="udp", source_port=5353, destination_port=53, tcp_flags=0,
                      observer="destination", end_reason="idle"))
     exp.close()
@@ -113,6 +113,8 @@ def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
     assert first.duration == pytest.approx(60, abs=1e-6)
     assert not first.error and second.error and second.status_message == "connection reset"
     assert second.attributes["fovea.tcp.flags"] == "FIN|SYN|RST|PSH|ACK"
+    assert second.attributes["fovea.tcp.connection"] == "established"
+    assert "fovea.tcp.connection" not in first.attributes  # undecided, or no SYN seen
     assert [(n, a["fovea.drop.reason"]) for n, _, a in second.events] == [("drop", "NETFILTER_DROP")]
     assert first.events == []
     udp = next(s for s in spans if s.name == "udp flow")

@@ -1,0 +1,182 @@
+"""Connection outcomes between workloads (fovea_workload_connections_total), exact, on a real kernel.
+
+One lab node (node-a) with the Kubernetes API emulator:
+
+    pod0  shop/web-7d9c-abcde  Deployment web     client
+    pod1  shop/db-0            StatefulSet db     server, backend of the Service shop/db-svc
+
+web connects to db directly and through db-svc's ClusterIP (DNATed by the host in
+chains of the test's own, as kube-proxy does): to a listening port (established),
+to a closed port (refused: db's kernel answers the SYN with a RST), and to a port
+whose SYNs an iptables rule in db's namespace drops (timeout, past
+flows.connectTimeout). The truth is what each connect() returned.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import RunningAgent, node_lab
+from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
+from tests.kernel.conftest import HostNat
+from tests.kernel.test_attribution_lab import cluster_ip, eventually, observe
+from tests.kernel.test_flows import Server, exchange
+
+pytestmark = pytest.mark.kernel
+
+NODE = "node-a"
+CONNECT_TIMEOUT = 2.0  # flows.connectTimeout
+IDLE = 2.0  # flows.idleTimeout
+CLIENT_TIMEOUT = 1.5  # connect() gives up after the SYN and its first retransmit (1 s later)
+RESULTS = ("established", "refused", "timeout")
+
+
+@pytest.fixture(scope="module")
+def lab(root):
+    with node_lab(pods=2, ipv6=False) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def agent(lab, tmp_path_factory):
+    web, db = lab.pods[:2]
+    api = K8sEmulator().start()
+    api.create(make_namespace("shop"))
+    api.create(make_pod("web-7d9c-abcde", "shop", NODE, web.ipv4, labels={"pod-template-hash": "7d9c"},
+                        owner=("ReplicaSet", "web-7d9c")))
+    api.create(make_pod("db-0", "shop", NODE, db.ipv4, owner=("StatefulSet", "db")))
+    api.create(make_service("db-svc", "shop", cluster_ip(lab)))
+    d = tmp_path_factory.mktemp("connections")
+    kubeconfig = api.write_kubeconfig(d / "kubeconfig")
+    cfg = d / "fovea.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "plugins": ["pods"],
+        "pods": {"interfaces": [lab.prefix + "p*"]},
+        "flows": {"idleTimeout": IDLE, "connectTimeout": CONNECT_TIMEOUT, "reportInterval": 60.0},
+    }))
+    agent = RunningAgent("--uplink", lab.uplink, "--kubeconfig", str(kubeconfig), "--node-name", NODE,
+                         "--config", str(cfg))
+    try:
+        deadline = time.monotonic() + 30
+        while agent.scrape().get("fovea_agent_cache_objects", kind="services") < 1:
+            assert time.monotonic() < deadline, agent.output()
+            time.sleep(0.2)
+        yield agent
+    finally:
+        assert agent.stop() == 0, agent.output()
+        api.stop()
+
+
+class DropSyns:
+    """An iptables rule in `ep`'s namespace that drops the SYNs to `port`; removed afterwards."""
+
+    def __init__(self, lab, ep, port: int):
+        self.lab, self.ep = lab, ep
+        self.rule = ["INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-m", "comment",
+                     "--comment", f"{lab.prefix}-drop-syn-{port}", "-j", "DROP"]
+
+    def __enter__(self):
+        self.lab.run(self.ep.netns, "iptables", "-w", "-A", *self.rule)
+        return self
+
+    def __exit__(self, *exc):
+        self.lab.run(self.ep.netns, "iptables", "-w", "-D", *self.rule, check=False)
+
+
+def attempt(lab, ep, dst: str, port: int) -> str:
+    """One connect(): what it returned, as the result it should be counted under."""
+    s = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(CLIENT_TIMEOUT)
+    try:
+        s.connect((dst, port))
+        return "established"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    finally:
+        s.close()
+
+
+def connections(agent, source: str, destination: str) -> dict[str, float]:
+    """fovea_workload_connections_total of one pair ("namespace/workload" each), by result."""
+    (sns, swl), (dns_, dwl) = source.split("/"), destination.split("/")
+    m = agent.scrape()
+    return {r: m.get("fovea_workload_connections_total", source_namespace=sns, source_workload=swl,
+                     destination_namespace=dns_, destination_workload=dwl, result=r) for r in RESULTS}
+
+
+def plus(before: dict[str, float], **made: int) -> dict[str, float]:
+    return {r: before[r] + made.get(r, 0) for r in RESULTS}
+
+
+def test_connects_between_pods_are_counted_by_result_exactly(lab, agent):
+    web, db = lab.pods[:2]
+    n_ok, n_refused, n_timeout = 5, 4, 3
+    pairs = ("shop/web>shop/db", "shop/db>shop/web")
+    before = {p: connections(agent, *p.split(">")) for p in pairs}
+    server = Server(lab, db, 7400, 10)
+    try:
+        made = [exchange(lab, web, db.ipv4, 7400, 20) for _ in range(n_ok)]
+    finally:
+        server.close()
+    refused = [attempt(lab, web, db.ipv4, 7401) for _ in range(n_refused)]
+    with DropSyns(lab, db, 7402):
+        timed_out = [attempt(lab, web, db.ipv4, 7402) for _ in range(n_timeout)]
+    assert [r for _, _, r in made] == [10] * n_ok
+    assert refused == ["refused"] * n_refused and timed_out == ["timeout"] * n_timeout
+
+    expected = plus(before["shop/web>shop/db"], established=n_ok, refused=n_refused, timeout=n_timeout)
+    # A timeout is decided connectTimeout after its first SYN, at the next read.
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(IDLE + 2)  # every flow has ended by now: nothing is counted again at its end
+    assert connections(agent, "shop/web", "shop/db") == expected
+    assert connections(agent, "shop/db", "shop/web") == before["shop/db>shop/web"]  # the server opened nothing
+
+    # fovea observe: each attempt's records carry its outcome; --verdict picks the failures.
+    ok = [r for r in observe(agent, "--port", "7400", "--last", "1000") if r["type"] == "flow"]
+    assert sorted({r["source"]["port"] for r in ok}) == sorted(m[0] for m in made)
+    assert {r["connection"] for r in ok} == {"established"} and {r["verdict"] for r in ok} == {"forwarded"}
+    for verdict, port, n in (("refused", 7401, n_refused), ("timeout", 7402, n_timeout)):
+        records = observe(agent, "--verdict", verdict, "--port", str(port), "--last", "1000")
+        assert len({r["flow_id"] for r in records}) == n, records
+        assert all(r["connection"] == verdict and r["source"]["pod"] == "web-7d9c-abcde" for r in records)
+        assert all(r["destination"]["pod"] == "db-0" and r["reply_packets"] in (0, 1) for r in records)
+
+
+def test_connects_through_a_service_are_named_by_it_and_counted_once(lab, agent):
+    web, db = lab.pods[:2]
+    vip = cluster_ip(lab)
+    n_ok, n_refused, n_timeout = 4, 3, 2
+    dnat = HostNat(lab, "conn", ("PREROUTING", "OUTPUT"), [
+        ["-d", f"{vip}/32", "-p", "tcp", "--dport", str(port), "-j", "DNAT", "--to-destination", f"{db.ipv4}:{to}"]
+        for port, to in ((80, 8080), (81, 8081), (82, 8082))])
+    pairs = ("shop/web>shop/db-svc", "shop/web>shop/db", "shop/db-svc>shop/web", "shop/db>shop/web")
+    before = {p: connections(agent, *p.split(">")) for p in pairs}
+    server = Server(lab, db, 8080, 10)
+    try:
+        with dnat:
+            made = [exchange(lab, web, vip, 80, 20) for _ in range(n_ok)]
+            refused = [attempt(lab, web, vip, 81) for _ in range(n_refused)]
+            with DropSyns(lab, db, 8082):
+                timed_out = [attempt(lab, web, vip, 82) for _ in range(n_timeout)]
+    finally:
+        server.close()
+    assert [r for _, _, r in made] == [10] * n_ok
+    assert refused == ["refused"] * n_refused and timed_out == ["timeout"] * n_timeout
+
+    expected = plus(before["shop/web>shop/db-svc"], established=n_ok, refused=n_refused, timeout=n_timeout)
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db-svc"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(IDLE + 2)
+    assert connections(agent, "shop/web", "shop/db-svc") == expected
+    for pair in pairs[1:]:  # not again after DNAT, nor from the backend's replies
+        assert connections(agent, *pair.split(">")) == before[pair], pair
+    records = observe(agent, "--verdict", "refused", "--port", "81", "--last", "1000")
+    assert len({r["flow_id"] for r in records}) == n_refused
+    assert all(r["destination"]["address"] == vip and r["destination"]["workload"] == "db-svc" for r in records)
