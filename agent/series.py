@@ -94,10 +94,3 @@ class SeriesStore:
             packets.add_metric(labels, p)
             nbytes.add_metric(labels, b)
         return [packets, nbytes]
-
-    def counter(self, name: str, doc: str) -> CounterMetricFamily:
-        """One `<name>_total` family of event counts (series fed with `add(labels, count, 0)`)."""
-        family = CounterMetricFamily(name, doc, labels=self.label_names)
-        for labels, (count, _) in sorted(self.values.items()):
-            family.add_metric(labels, count)
-        return family
