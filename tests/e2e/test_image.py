@@ -5,8 +5,10 @@ node's host header directories (/lib/modules, /usr/src) are empty, the normal ca
 managed node images, so the agent must use the image's own headers.
 
 Checked: ready, every default plugin up, `fovea doctor` passes inside the image, lab
-traffic counted exactly, SIGTERM leaves nothing attached; then the agent run with each
-granted capability removed in turn fails loudly and names that capability.
+traffic counted exactly; SIGTERM leaves the programs attached (the chart sets
+lifecycle.keepAttached) and the chart's uninstall hook (its cleanup Job, run the same way)
+removes every program and pin; then the agent run with each granted capability removed in
+turn fails loudly, names that capability and leaves nothing attached.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent.config import Config
+from agent.config import Config, load
+from agent.pins import ROOT
 from tests.conftest import REPO, RunningAgent, free_port, node_lab, require, tc_filters, tcx_program_names
 
 pytestmark = pytest.mark.kernel
@@ -39,6 +42,7 @@ PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF",
 EMPTY_HOST_DIRS = ("/lib/modules", "/usr/src", "/var/lib/fovea/captures")
 RENDER = manifests.render()  # the chart's defaults, with the real Helm engine
 (DAEMONSET,) = [d for d in RENDER if d["kind"] == "DaemonSet"]
+(CLEANUP_JOB,) = [d for d in RENDER if d["kind"] == "Job"]  # the pre-delete hook: `fovea cleanup`
 CHART_CAPABILITIES = DAEMONSET["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
 
 
@@ -112,12 +116,22 @@ def podman_run(image: str, chart, node: dict[str, Path], name: str, without: tup
             options.append("rslave")
         args += ["-v", f"{source}:{m['mountPath']}:{','.join(options)}"]
     fields = {"spec.nodeName": name, "metadata.namespace": "fovea-system"}
-    for e in c["env"]:
+    for e in c.get("env", []):
         args += ["-e", f"{e['name']}={fields[e['valueFrom']['fieldRef']['fieldPath']]}"]
     return [*args, image, *c["args"]]
 
 
 FOVEA_PROGRAMS = ("forward_ingress", "forward_egress", "pod_from_pod", "pod_to_pod")
+
+
+def uninstall_hook(image: str, node: dict[str, Path]) -> str:
+    """The chart's cleanup Job (`fovea cleanup` with its own security context and volumes),
+    run the way the agent is run: what `helm uninstall` does on each node."""
+    run = podman_run(image, (CLEANUP_JOB["spec"]["template"]["spec"], {}), node, f"fovea-cleanup-{free_port()}")
+    done = subprocess.run(run, env=PODMAN_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not Path(ROOT).exists() or not any(Path(ROOT).iterdir()), list(Path(ROOT).iterdir())
+    return done.stdout
 
 
 def attached(ifname: str) -> str:
@@ -158,8 +172,13 @@ def test_the_image_on_a_node_without_headers(image, chart, node):
             code = agent.stop()
             subprocess.run(["podman", "rm", "-f", "--ignore", name], env=PODMAN_ENV, capture_output=True)
         assert code == 0, agent.output()
-        for ifname in [lab.uplink] + [p.host_if for p in lab.pods]:
-            assert attached(ifname) == "", ifname
+        interfaces = [lab.uplink] + [p.host_if for p in lab.pods]
+        assert load(str(node["config"] / "config.yaml")).lifecycle.keepAttached  # the chart's default
+        for ifname in interfaces:  # kept for the next agent
+            assert attached(ifname), ifname
+        removed = uninstall_hook(image, node)
+        for ifname in interfaces:
+            assert attached(ifname) == "", (ifname, removed)
 
 
 # The kernel lets CAP_SYS_ADMIN stand in for these (bpf_capable(), perfmon_capable()): each is
@@ -215,9 +234,14 @@ def test_each_capability_removed_is_a_loud_named_failure(image, chart, node, cap
     doctor = doctor_without(image, chart, node, caps)
     with node_lab(pods=1, ipv6=False) as lab:
         code, readyz, output = run_without(image, chart, node, lab, caps)
-        for ifname in [lab.uplink] + [p.host_if for p in lab.pods]:
+        interfaces = [lab.uplink] + [p.host_if for p in lab.pods]
+        left = {ifname: attached(ifname) for ifname in interfaces}
+        uninstall_hook(image, node)  # an agent that could run kept its programs (keepAttached)
+        for ifname in interfaces:
             assert attached(ifname) == "", ifname
     said = f"readyz: {readyz}\nexit: {code}\n{output[-3000:]}\ndoctor:\n{doctor.stdout}{doctor.stderr}"
+    if cap not in NOT_NEEDED_HERE | FEATURE_ONLY:  # the agent could not run: it left nothing
+        assert not any(left.values()), (left, said)
     if cap in NOT_NEEDED_HERE:
         assert readyz.startswith("200") and doctor.returncode == 0, said
     elif cap in FEATURE_ONLY:
