@@ -57,6 +57,19 @@ def image(root) -> str:
     return built.stdout.split()[-1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def node_bpffs(root):
+    """bpffs at /sys/fs/bpf on the host, as on a Kubernetes node (systemd mounts it): the
+    chart's hostPath must be the host's bpffs for kept programs to outlive the agent's
+    container. Mounted for these tests when the host has none, and unmounted after."""
+    mounted = os.path.ismount("/sys/fs/bpf")
+    if not mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+    yield
+    if not mounted:
+        subprocess.run(["umount", "/sys/fs/bpf"], check=False)
+
+
 @pytest.fixture(scope="module")
 def chart():
     (cm,) = [d for d in RENDER if d["kind"] == "ConfigMap"]
