@@ -116,3 +116,32 @@ class CounterHash:
 def read_percpu_array(table) -> list[Counts]:
     """A BPF_PERCPU_ARRAY of struct fovea_counter: one cumulative total per index."""
     return [_sum_percpu(table[ct.c_int(i)]) for i in range(table.max_entries)]
+
+
+def take_expired(table, now_ns: int, timeout_ns: int) -> tuple[int, list]:
+    """The entries of an in-flight hash (DNS queries, HTTP requests: a leaf with a `ts` in
+    ns) older than timeout_ns, each taken with an atomic lookup-and-delete, so an answer
+    racing the expiry is counted once, one way or the other; and how many entries stay.
+    An entry made again meanwhile (a newer `ts` under the same key) is put back."""
+    from bcc import libbcc
+
+    try:
+        items = list(table.items_lookup_batch())
+    except Exception:  # kernels or maps without batch ops
+        items = list(table.items())
+    entries, taken = len(items), []
+    for key, value in items:
+        if now_ns - value.ts <= timeout_ns:
+            continue
+        leaf = table.Leaf()
+        if libbcc.lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(leaf)) != 0:
+            continue  # answered meanwhile
+        if now_ns - leaf.ts <= timeout_ns:  # made again meanwhile: still in flight
+            try:
+                table[key] = leaf
+            except Exception:  # the table filled up meanwhile: its answer will be unmatched
+                pass
+            continue
+        entries -= 1
+        taken.append((key, leaf))
+    return entries, taken

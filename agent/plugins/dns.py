@@ -29,7 +29,7 @@ from agent.attribution import WAIT, dns_addresses
 from agent.config import DnsConfig
 from agent.errors import FoveaError
 from agent.events import DnsTransaction
-from agent.maps import CounterHash
+from agent.maps import CounterHash, take_expired
 from agent.datapath import Datapath, TcExtension
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.pods import POD_LABELS
@@ -196,26 +196,8 @@ class DnsPlugin(Plugin, TcExtension):
     def _expire(self, host: _Host, now_ns: int) -> None:
         """Queries older than the timeout: unanswered. Taken with lookup-and-delete,
         so a response that lands meanwhile is counted once, one way or the other."""
-        from bcc import libbcc
-
-        try:
-            items = list(host.inflight.items_lookup_batch())
-        except Exception:  # kernels or maps without batch ops
-            items = list(host.inflight.items())
-        host.inflight_entries = len(items)
-        for key, value in items:
-            if now_ns - value.ts <= self._timeout_ns:
-                continue
-            leaf = host.inflight.Leaf()
-            if libbcc.lib.bpf_lookup_and_delete(host.inflight.map_fd, ct.byref(key), ct.byref(leaf)) != 0:
-                continue  # answered meanwhile
-            if now_ns - leaf.ts <= self._timeout_ns:  # asked again meanwhile: still in flight
-                try:
-                    host.inflight[key] = leaf
-                except Exception:  # the table filled up meanwhile: its response will be unmatched
-                    pass
-                continue
-            host.inflight_entries -= 1
+        host.inflight_entries, taken = take_expired(host.inflight, now_ns, self._timeout_ns)
+        for key, leaf in taken:
             qtype = dnswire.qtype_name(leaf.qtype)
             self.unanswered[qtype] += 1
             if leaf.sampled:

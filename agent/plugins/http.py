@@ -28,7 +28,7 @@ from agent.attribution import WAIT
 from agent.config import HttpConfig
 from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
-from agent.maps import CounterHash
+from agent.maps import CounterHash, take_expired
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
 from agent.plugins.pods import PAIR_LABELS, PodsPlugin
 from agent.series import SeriesStore
@@ -151,21 +151,9 @@ class HttpPlugin(Plugin, TcExtension):
     def _expire(self, maps: _Maps, now_ns: int) -> None:
         """Requests older than the timeout: status class none. Taken with lookup-and-delete,
         so a response that lands meanwhile is counted once, one way or the other."""
-        from bcc import libbcc
-
-        try:
-            items = list(maps.inflight.items_lookup_batch())
-        except Exception:  # kernels or maps without batch ops
-            items = list(maps.inflight.items())
-        maps.inflight_entries = len(items)
+        maps.inflight_entries, taken = take_expired(maps.inflight, now_ns, self._timeout_ns)
         expired: dict[tuple, tuple[int, int]] = defaultdict(lambda: (0, 0))
-        for key, value in items:
-            if now_ns - value.ts <= self._timeout_ns:
-                continue
-            leaf = maps.inflight.Leaf()
-            if libbcc.lib.bpf_lookup_and_delete(maps.inflight.map_fd, ct.byref(key), ct.byref(leaf)) != 0:
-                continue  # answered meanwhile
-            maps.inflight_entries -= 1
+        for key, leaf in taken:
             if leaf.inflight:
                 k = (ip_text(key.family, key.client), ip_text(key.family, key.server), bool(leaf.to_pod),
                      leaf.method, 0)
