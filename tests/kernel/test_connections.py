@@ -61,10 +61,7 @@ def agent(lab, tmp_path_factory):
     agent = RunningAgent("--uplink", lab.uplink, "--kubeconfig", str(kubeconfig), "--node-name", NODE,
                          "--config", str(cfg))
     try:
-        deadline = time.monotonic() + 30
-        while agent.scrape().get("fovea_agent_cache_objects", kind="services") < 1:
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.2)
+        agent.wait_cached("services")
         yield agent
     finally:
         assert agent.stop() == 0, agent.output()
