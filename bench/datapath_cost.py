@@ -364,7 +364,8 @@ def report(args, runs: list[dict]) -> str:
         r = cell("fovea", kind, "ns_per_packet") / cell("reference", kind, "ns_per_packet")
         w = work("fovea", kind) / work("reference", kind)
         goals.append(f"{kind} program time Fovea/reference {r:.2f}, work alone {num(w, '.2f')} (goal ≤ {GOAL_COST})")
-    lines.append("Goals: " + "; ".join(goals) + ".")
+    if goals:
+        lines.append("Goals: " + "; ".join(goals) + ".")
     return "\n".join(lines)
 
 
