@@ -30,6 +30,7 @@ from agent.supervise import Supervisor, fault
 log = logging.getLogger(__name__)
 
 ERROR_RCODES = ("SERVFAIL", "REFUSED")
+CONNECT_FAILURES = {"refused": "connection refused", "timeout": "connect timeout"}  # a span's error message
 WORKLOAD_ATTRIBUTES = {  # owner kind -> semantic-convention attribute of its name
     "Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name",
     "DaemonSet": "k8s.daemonset.name", "ReplicaSet": "k8s.replicaset.name",
@@ -258,7 +259,10 @@ class SpanBuilder:
             span.add_event("drop", {"fovea.drop.reason": d.reason, "fovea.drop.packets": d.packets,
                                     "fovea.drop.bytes": d.bytes, "source.address": d.source,
                                     "destination.address": d.destination}, timestamp=_ns(d.time))
-        if r.transport == "tcp" and r.tcp_flags & 0x04:
+        failed = CONNECT_FAILURES.get(r.connection)
+        if failed:
+            span.set_status(Status(StatusCode.ERROR, failed))
+        elif r.transport == "tcp" and r.tcp_flags & 0x04:
             span.set_status(Status(StatusCode.ERROR, "connection reset"))
         span.end(end_time=max(_ns(r.end), _ns(r.start)))
         if not r.final:

@@ -103,9 +103,15 @@ def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
     hub.publish(flow(window=1, start=NOW + 60, end=NOW + 62, tcp_flags=0x1F, connection="established"))  # RST seen
     hub.publish(flow(flow_id=78, transport="udp", source_port=5353, destination_port=53, tcp_flags=0,
                      observer="destination", end_reason="idle"))
+    hub.publish(flow(flow_id=79, source_port=40002, tcp_flags=0x16, connection="refused"))  # SYN, RST|ACK
+    hub.publish(flow(flow_id=80, source_port=40003, tcp_flags=0x02, connection="timeout", end_reason="idle"))
     exp.close()
     spans = receiver.wait(lambda s: True, timeout=10)
-    tcp = sorted((s for s in spans if s.name == "tcp connection"), key=lambda s: s.attributes["fovea.flow.window"])
+    failed = {s.attributes["fovea.flow.id"]: s for s in spans if s.attributes["fovea.flow.id"] in (79, 80)}
+    assert [(failed[i].error, failed[i].status_message) for i in (79, 80)] == [
+        (True, "connection refused"), (True, "connect timeout")]
+    tcp = sorted((s for s in spans if s.name == "tcp connection" and s not in failed.values()),
+                 key=lambda s: s.attributes["fovea.flow.window"])
     assert len(tcp) == 2
     first, second = tcp
     assert second.links == [(first.trace_id, first.span_id)]
