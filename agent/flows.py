@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 POD_SENT, POD_RECEIVED, UPLINK_IN, UPLINK_OUT = range(4)  # observation points, as in flows.inc
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SYN_ONLY = 0x100
+REJECTED = 0x200  # an ICMP error rejecting the connection, kept by the kernel as its answer (flows.inc)
 L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 POD_ADDRESSES = 16384  # local pod addresses the kernel knows (flow_pod_addrs)
 NAT_REPLIES = 65536  # reply tuples of masqueraded pod flows the uplink programs remember (an LRU)
@@ -207,7 +208,7 @@ class Flow:
 def connection_outcome(flow: Flow, now_ns: int, timeout_ns: int, ended: bool = False) -> str | None:
     """The outcome of a TCP connection attempt (DESIGN.md, service map), from the flags each
     direction OR'ed and the time of its first packet: `refused` when the other end answered
-    the SYN with a RST and no SYN-ACK, `established` when it answered otherwise (a SYN-ACK;
+    the SYN with a RST (or a firewall with an ICMP rejection) and no SYN-ACK, `established` when it answered otherwise (a SYN-ACK;
     or later packets, when the SYN-ACK found the flow table and ring buffer full), `timeout`
     when no answer came within `timeout_ns` of the first SYN. A retransmitted SYN is the same
     key, so the same attempt; an answer that came later is a timeout still, decided from the
@@ -221,7 +222,7 @@ def connection_outcome(flow: Flow, now_ns: int, timeout_ns: int, ended: bool = F
             answer_ns = min(answer_ns or s.first_ns, s.first_ns)
             flags |= s.flags
     if answer_ns and answer_ns - syn_ns <= timeout_ns:
-        return REFUSED if flags & RST and not flags & SYN else ESTABLISHED
+        return REFUSED if flags & (RST | REJECTED) and not flags & SYN else ESTABLISHED
     if answer_ns or ended or now_ns - syn_ns > timeout_ns:
         return TIMEOUT
     return None

@@ -16,16 +16,17 @@ def receiver():
 
 
 class HostNat:
-    """nat rules in the host, in chains of the test's own, jumped to from the built-in
-    chains and removed afterwards whatever happens."""
+    """iptables rules in the host (nat, or the `table` given), in chains of the test's own,
+    jumped to from the built-in chains and removed afterwards whatever happens."""
 
-    def __init__(self, lab, name: str, hooks: tuple[str, ...], rules: list[list[str]]):
+    def __init__(self, lab, name: str, hooks: tuple[str, ...], rules: list[list[str]], table: str = "nat"):
         self.chain = f"{lab.prefix}-{name}"
         self.hooks = hooks
         self.rules = rules
+        self.table = table
 
     def ipt(self, *args: str, check: bool = True) -> None:
-        subprocess.run(["iptables", "-w", "-t", "nat", *args], check=check, capture_output=True)
+        subprocess.run(["iptables", "-w", "-t", self.table, *args], check=check, capture_output=True)
 
     def __enter__(self):
         self.ipt("-N", self.chain)

@@ -45,7 +45,7 @@ def lab(root):
 def agent(lab, tmp_path_factory):
     web, db = lab.pods[:2]
     api = K8sEmulator().start()
-    api.create(make_namespace("shop"))
+    api.create(make_namespace("shop", annotations={"fovea.dev/observe": "true"}))  # pod metrics too
     api.create(make_pod("web-7d9c-abcde", "shop", NODE, web.ipv4, labels={"pod-template-hash": "7d9c"},
                         owner=("ReplicaSet", "web-7d9c")))
     api.create(make_pod("db-0", "shop", NODE, db.ipv4, owner=("StatefulSet", "db")))
@@ -205,3 +205,33 @@ def test_a_port_used_again_is_a_new_attempt_each_time(lab, agent):
     assert len({r["flow_id"] for r in records}) == n, records
     assert all(r["connection"] == "refused" and r["source"]["port"] == sport and r["reply_packets"] == 1
                for r in records), records
+
+
+def test_a_service_without_endpoints_rejects_by_icmp_and_the_attempt_is_refused(lab, agent):
+    """kube-proxy rejects a connect to a Service without endpoints with an ICMP port
+    unreachable (a REJECT rule in the filter table): connect() fails at once, and the attempt
+    is counted refused, named by the Service; the ICMP errors are counted once, as the pod's."""
+    web = lab.pods[0]
+    vip, port, n = cluster_ip(lab), 84, 3
+    reject = HostNat(lab, "reject", ("FORWARD", "OUTPUT"), [
+        ["-d", f"{vip}/32", "-p", "tcp", "--dport", str(port), "-j", "REJECT", "--reject-with", "icmp-port-unreachable"]],
+        table="filter")
+    before = connections(agent, "shop/web", "shop/db-svc")
+    web_ingress = {"namespace": "shop", "pod": "web-7d9c-abcde", "workload_kind": "Deployment",
+                   "workload_name": "web", "direction": "ingress"}
+    received = agent.settled("fovea_pod_packets_total", **web_ingress)
+    errors = lab.snmp(web.netns, "Icmp", "InDestUnreachs")
+    with reject:
+        refused = [attempt(lab, web, vip, port) for _ in range(n)]
+    assert refused == ["refused"] * n
+    assert lab.snmp(web.netns, "Icmp", "InDestUnreachs") - errors == n
+
+    expected = plus(before, refused=n)
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db-svc"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(CONNECT_TIMEOUT + 1)  # never a timeout later
+    assert connections(agent, "shop/web", "shop/db-svc") == expected
+    assert agent.settled("fovea_pod_packets_total", **web_ingress) - received == n
+    records = observe(agent, "--verdict", "refused", "--port", str(port), "--last", "1000")
+    assert len({r["flow_id"] for r in records}) == n, records
+    assert all(r["destination"]["workload"] == "db-svc" and r["reply_packets"] == 1 for r in records), records

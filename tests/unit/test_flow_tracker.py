@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from agent.config import FlowsConfig
-from agent.flows import (ACK, FIN, POD_RECEIVED, POD_SENT, RST, SYN, SYN_ONLY, UPLINK_IN, FlowEvent, FlowId,
+from agent.flows import (ACK, FIN, POD_RECEIVED, POD_SENT, REJECTED, RST, SYN, SYN_ONLY, UPLINK_IN, FlowEvent, FlowId,
                          FlowStats, FlowTracker)
 
 S = 1_000_000_000
@@ -307,6 +307,19 @@ def test_a_port_used_again_after_a_refused_attempt_is_a_new_attempt_with_its_own
     assert decided == [(WEB, 40010, DB, 5433, "refused")] * 3
     assert [(r.end_reason, r.connection, r.packets, r.reply_packets) for r in out] == [("rst", "refused", 1, 1)] * 3
     assert len({r.flow_id for r in out}) == 3 and t.late_packets == 0 and table.entries == {}
+
+
+def test_an_icmp_rejection_answering_the_syn_is_refused():
+    """The kernel keeps an ICMP error that rejects a connection under the reverse of the
+    tuple it quotes (flows.inc): the attempt's answer, as a reset would be."""
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    table.add(fid(WEB, 40011, DB, 5434), 1, 60, clock.now, SYN)
+    table.add(fid(DB, 5434, WEB, 40011), 1, 88, clock.now + 1000, REJECTED)  # a REJECT rule in db
+    t.read()
+    assert outcomes(t) == [(WEB, 40011, DB, 5434, "refused")]
+    clock.now += 10 * S  # ends idle: nothing closes it, and it is not decided again
+    t.read()
+    assert outcomes(t) == [] and [(r.connection, r.reply_packets) for r in out] == [("refused", 1)]
 
 
 def test_a_reset_after_the_handshake_is_an_established_connection():
