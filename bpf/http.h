@@ -32,9 +32,15 @@
  * response racing the expiry is counted once, one way or the other. A status
  * line that cannot be parsed answers its request with status class none.
  *
+ * A sampled share of the requests counted (prandom below HTTP_SAMPLE_THRESHOLD,
+ * decided when the request is counted) also goes up the http_events ring buffer,
+ * one record each, for spans and `fovea observe` (agent/plugins/http.py): no
+ * packet pays for it, only a counted request that is sampled.
+ *
  * Set from user space (-D): HTTP_PORT(p) or HTTP_ALL_PORTS, HTTP_COUNT_SIZE,
  * HTTP_INFLIGHT_SIZE, HTTP_DURATION_BASE_NS (upper bound of the first
- * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS.
+ * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS,
+ * HTTP_SAMPLE_THRESHOLD (0..2^32; 0: no records).
  */
 #ifndef FOVEA_HTTP_H
 #define FOVEA_HTTP_H
@@ -71,7 +77,9 @@
 #define HTTP_PIPELINED 3           /* a request sent before the previous one's response */
 #define HTTP_INFLIGHT_FULL 4       /* a request not tracked (counted at once, status class none) */
 #define HTTP_COUNTS_FULL 5         /* a request or duration not counted: the table is full */
-#define HTTP_STATS 6
+#define HTTP_EVENTS_FULL 6         /* a sampled request's record lost: the ring buffer is full */
+#define HTTP_STATS 7
+#define HTTP_EVENT_PAGES 64        /* http_events: ~3,600 records between two reads */
 
 struct http_conn {
     u8 family;
@@ -109,6 +117,17 @@ struct http_duration_key {
     u8 server[16];
 };
 
+/* A sampled request, as it was counted (agent/plugins/http.py HttpEvent). */
+struct http_event {
+    u64 ts;       /* bpf_ktime_get_ns() of the request's first byte */
+    u64 duration; /* ns to the response's first byte; 0 without a status code */
+    struct http_conn conn;
+    u32 ifindex;
+    u16 status;   /* 100..599, 0: none */
+    u8 method;
+    u8 to_pod;
+};
+
 struct http_line {
     u8 b[HTTP_LINE_MAX];
 };
@@ -118,6 +137,7 @@ BPF_PERCPU_HASH(http_counts, struct http_count_key, struct fovea_counter, HTTP_C
 BPF_PERCPU_HASH(http_durations, struct http_duration_key, struct fovea_counter, HTTP_COUNT_SIZE); /* requests, ns */
 BPF_PERCPU_ARRAY(http_stats, u64, HTTP_STATS);
 BPF_PERCPU_ARRAY(http_scratch, struct http_line, 1);
+FOVEA_RINGBUF(http_events, HTTP_EVENT_PAGES);
 
 static __always_inline void http_stat(int reason)
 {
@@ -183,8 +203,9 @@ static __always_inline int http_line_is_http(struct __sk_buff *skb, u32 off, u32
 }
 
 /* What the payload at off..end starts with; *what: the method, the status
- * class, or the reject reason. Bytes past the payload read as 0 and match nothing. */
-static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u8 *what)
+ * class, or the reject reason; *code: a response's status code. Bytes past the
+ * payload read as 0 and match nothing. */
+static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u8 *what, u16 *code)
 {
     u8 b[HTTP_PEEK] = {};
     u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
@@ -211,6 +232,7 @@ static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u
         if (n > 12 && b[12] != ' ' && b[12] != '\r')
             return HTTP_REJECTED;
         *what = b[9] - '0';
+        *code = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
         return HTTP_RESPONSE;
     }
     if (b[0] < 'A' || b[0] > 'Z')
@@ -303,7 +325,9 @@ static __always_inline void http_count(struct http_conn *c, u8 to_pod, u8 method
 
 /* What one packet makes countable: a request, with its status class and duration. */
 struct http_outcome {
+    u64 ts; /* the request's first byte */
     u64 ns;
+    u16 code; /* the status code, 0: none */
     u8 count; /* 1: count it */
     u8 to_pod;
     u8 method;
@@ -330,12 +354,13 @@ static __always_inline void http_on_request(struct __sk_buff *skb, struct http_c
     }
     out->stat = e ? HTTP_PIPELINED : HTTP_INFLIGHT_FULL;
     out->count = 1;
+    out->ts = now;
     out->to_pod = to_pod;
     out->method = method;
 }
 
-static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now,
-                                             struct http_outcome *out)
+static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u16 code,
+                                             u64 now, struct http_outcome *out)
 {
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
@@ -358,6 +383,8 @@ static __always_inline void http_on_response(struct __sk_buff *skb, struct http_
     out->to_pod = r.to_pod;
     out->method = r.method;
     out->status = status;
+    out->code = status == HTTP_STATUS_NONE ? 0 : code;
+    out->ts = r.ts;
     out->ns = now > r.ts ? now - r.ts : 0;
 }
 
@@ -379,9 +406,22 @@ static __always_inline void http_end(struct __sk_buff *skb, struct fovea_packet 
     fovea_map_op();
     if (http_inflight.delete(c) == 0 && r.inflight) {
         out->count = 1;
+        out->ts = r.ts;
         out->to_pod = r.to_pod;
         out->method = r.method;
     }
+}
+
+/* A sampled request's record for user space (spans, `fovea observe`). */
+static __always_inline void http_sample(struct __sk_buff *skb, struct http_conn *c, struct http_outcome *out)
+{
+    if (!HTTP_SAMPLE_THRESHOLD || (u64)bpf_get_prandom_u32() >= (u64)HTTP_SAMPLE_THRESHOLD)
+        return;
+    struct http_event ev = {.ts = out->ts, .duration = out->code ? out->ns : 0, .conn = *c,
+                            .ifindex = skb->ifindex, .status = out->code, .method = out->method,
+                            .to_pod = out->to_pod};
+    if (http_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        http_stat(HTTP_EVENTS_FULL);
 }
 
 /* Count one packet seen at a pod interface; to_pod: sent to the pod. */
@@ -397,7 +437,8 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
     u32 off = pkt->l4_offset + (pkt->tcp_doff >> 4) * 4, end = pkt->end;
     if (off < end) {
         u8 what = 0;
-        int kind = http_parse(skb, off, end, &what);
+        u16 code = 0;
+        int kind = http_parse(skb, off, end, &what, &code);
         if (kind == HTTP_REJECTED)
             out.stat = what;
         if (kind == HTTP_REQUEST || kind == HTTP_RESPONSE ||
@@ -407,7 +448,7 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
             if (kind == HTTP_REQUEST)
                 http_on_request(skb, &c, what, to_pod, now, &out);
             else
-                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now, &out);
+                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, code, now, &out);
         }
     }
     /* A FIN or RST in a segment that also counted (a response with FIN): the next one ends it. */
@@ -415,8 +456,10 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
         http_end(skb, pkt, &c, &out);
     if (out.stat >= 0)
         http_stat(out.stat);
-    if (out.count)
+    if (out.count) {
         http_count(&c, out.to_pod, out.method, out.status, out.ns);
+        http_sample(skb, &c, &out);
+    }
 }
 
 #endif

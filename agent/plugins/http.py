@@ -10,26 +10,36 @@ log2 bucket). Here:
   client's node when the client is a pod of the cluster, at the server's only
   when not; a Service's ClusterIP names the Service;
 - requests in flight longer than `http.timeout` are taken out of the kernel's
-  table (an atomic lookup-and-delete) and counted with status_class none.
-Python's cost grows with pairs and scrapes, not with the request rate.
+  table (an atomic lookup-and-delete) and counted with status_class none;
+- a sampled share of the requests (`http.sampleRatio`, decided in the kernel as
+  each is counted; here for the expired ones) is published as HttpRequest
+  records on the event hub, for spans and `fovea observe --http`. Their ring
+  buffer is read on the read loop, with the flow table (bpf.ring_buffer_consume
+  reads every ring buffer of the pods programs), so a request is published
+  before the flow report that covers its packets: its span finds its
+  connection's (agent/traces.py).
+Python's cost grows with pairs, scrapes and sampled requests, not with the request rate.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import logging
+import random
 import time
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.addresses import ip_text
-from agent.attribution import WAIT
+from agent.attribution import WAIT, http_addresses
 from agent.config import HttpConfig
 from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
+from agent.events import HttpRequest
 from agent.maps import CounterHash, take_expired
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
+from agent.plugins.dns import OBSERVERS, wall_clock
 from agent.plugins.pods import PAIR_LABELS, PodsPlugin
 from agent.series import SeriesStore
 
@@ -42,16 +52,44 @@ DURATION_BASE_NS = 250_000  # first bucket: 0.25 ms; each next one doubles it
 DURATION_BUCKETS = 17  # up to 16.4 s
 # Index in http_stats (bpf/http.h).
 KERNEL_REJECTS = ("status_line", "request_line")
-UNMATCHED, PIPELINED, INFLIGHT_FULL, COUNTS_FULL = 2, 3, 4, 5
-STATS = 6
+UNMATCHED, PIPELINED, INFLIGHT_FULL, COUNTS_FULL, EVENTS_FULL = 2, 3, 4, 5, 6
+STATS = 7
 DURATION = "duration"  # pending key kind of a duration bucket (beside a method index)
+
+
+class HttpConn(ct.Structure):
+    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("client_port", ct.c_uint16),
+                ("server_port", ct.c_uint16), ("client", ct.c_uint8 * 16), ("server", ct.c_uint8 * 16)]
+
+
+class HttpEvent(ct.Structure):
+    """struct http_event (bpf/http.h): one sampled request."""
+
+    _fields_ = [("ts", ct.c_uint64), ("duration", ct.c_uint64), ("conn", HttpConn), ("ifindex", ct.c_uint32),
+                ("status", ct.c_uint16), ("method", ct.c_uint8), ("to_pod", ct.c_uint8)]
+
+
+def method_name(index: int) -> str:
+    return METHODS[index] if index < len(METHODS) else "OTHER"
+
+
+def http_request(conn, start: float, duration_ns: int, method: int, status: int, to_pod: bool,
+                 ifindex: int) -> HttpRequest:
+    """A kernel request (an event, or an expired in-flight entry) as a hub record."""
+    return HttpRequest(
+        start=start, duration=duration_ns / 1e9 if status else None,
+        client=ip_text(conn.family, conn.client), client_port=conn.client_port,
+        server=ip_text(conn.family, conn.server), server_port=conn.server_port,
+        method=method_name(method), status_code=status or None,
+        observer=OBSERVERS[1 if to_pod else 0], ifindex=ifindex)  # seen sent to the server pod: its end
 
 
 def http_cflags(cfg: HttpConfig) -> list[str]:
     """The -D flags that put bpf/http.h into the pods programs."""
     ports = ("-DHTTP_ALL_PORTS" if not cfg.ports
              else "-DHTTP_PORT(p)=(" + "||".join(f"(p)=={p}" for p in cfg.ports) + ")")
-    return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}",
+    threshold = min(1 << 32, int(cfg.sampleRatio * (1 << 32)))  # sampled: prandom u32 below it
+    return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}", f"-DHTTP_SAMPLE_THRESHOLD={threshold}ULL",
             f"-DHTTP_INFLIGHT_SIZE={cfg.inflightMapSize}",
             f"-DHTTP_DURATION_BASE_NS={DURATION_BASE_NS}ULL", f"-DHTTP_DURATION_BUCKETS={DURATION_BUCKETS}"]
 
@@ -64,12 +102,14 @@ def bucket_bounds() -> list[str]:
 class _Maps:
     """The HTTP maps inside the pods plugin's BPF object."""
 
-    def __init__(self, bpf, idle_reads: int):
+    def __init__(self, bpf, idle_reads: int, on_event):
+        self.bpf = bpf
         self.counts = CounterHash(bpf[b"http_counts"], self._decode_count, idle_reads)
         self.durations = CounterHash(bpf[b"http_durations"], self._decode_duration, idle_reads)
         self.inflight = bpf[b"http_inflight"]
         self.stats = bpf[b"http_stats"]
         self.inflight_entries = 0
+        bpf[b"http_events"].open_ring_buffer(on_event)
 
     @staticmethod
     def _decode_count(k) -> tuple:
@@ -95,6 +135,7 @@ class HttpPlugin(Plugin, TcExtension):
         self._failed = ""  # why HTTP is not in the pods programs
         self._stats = [0] * STATS
         self.unanswered_expired = 0
+        self.published = 0
 
     # -- the plugin -----------------------------------------------------------
 
@@ -118,16 +159,21 @@ class HttpPlugin(Plugin, TcExtension):
                                      keep_on_overflow=("bucket",))
         self._pending = self.attribution.pending("http")
         self._timeout_ns = int(cfg.http.timeout * 1e9)
+        self._sample_ratio = cfg.http.sampleRatio
+        # Sampled requests naming a pod not known yet wait for it (the pending window).
+        self._records = self.attribution.holding("http_request", ctx.events.publish, http_addresses)
 
     def refresh(self) -> None:
         maps = self._maps
         if maps is None:
             return
+        maps.bpf.ring_buffer_consume()  # sampled requests (also read with the flow table, before it)
         for read in (maps.counts.read(), maps.durations.read()):
             self._pending.add(read)
         self._stats = maps.stat_totals()
         self._expire(maps, time.monotonic_ns())
         self._pending.drain(self._attribute)
+        self._records.release()
         for store in (self.requests, self.durations):
             store.touch(lambda labels: True)  # bounded by workload pairs, kept
 
@@ -159,6 +205,9 @@ class HttpPlugin(Plugin, TcExtension):
                      leaf.method, 0)
                 expired[k] = (expired[k][0] + 1, 0)
                 self.unanswered_expired += 1
+                if random.random() < self._sample_ratio:  # the kernel samples those it counts
+                    self._publish(http_request(key, wall_clock(leaf.ts), 0, leaf.method, 0, leaf.to_pod,
+                                               leaf.ifindex))
         self._pending.add(expired)
 
     def metrics(self):
@@ -217,13 +266,30 @@ class HttpPlugin(Plugin, TcExtension):
                     "pods/http_inflight": self._maps.inflight_entries / self._maps.inflight.max_entries}
         return PluginHealth(
             map_fill=fill,
-            lost={"http_inflight_full": self._stats[INFLIGHT_FULL], "http_counts_full": self._stats[COUNTS_FULL]},
+            lost={"http_inflight_full": self._stats[INFLIGHT_FULL], "http_counts_full": self._stats[COUNTS_FULL],
+                  "http_events": self._stats[EVENTS_FULL]},
             series={"fovea_workload_http_requests_total": len(self.requests)} if self._ctx else {},
             overflowed={"fovea_workload_http_requests_total": self.requests.overflowed} if self._ctx else {},
         )
 
     def close(self) -> None:
         self._maps = None
+        if self._ctx is not None:
+            self._records.flush()
+
+    # -- sampled requests (the read loop) ---------------------------------------------
+
+    def _on_event(self, _ctx, data, size) -> None:
+        if size < ct.sizeof(HttpEvent):
+            return
+        ev = ct.cast(data, ct.POINTER(HttpEvent)).contents
+        self._publish(http_request(ev.conn, wall_clock(ev.ts), ev.duration, ev.method, ev.status, ev.to_pod,
+                                   ev.ifindex))
+
+    def _publish(self, record: HttpRequest) -> None:
+        if self._ctx is not None:
+            self._records.publish(record)
+            self.published += 1
 
     # -- the extension of the pods programs ---------------------------------------
 
@@ -231,7 +297,7 @@ class HttpPlugin(Plugin, TcExtension):
         return list(self._cflags) if program == HOST else []
 
     def loaded(self, program: str, bpf) -> None:
-        self._maps = _Maps(bpf, self._idle_reads)
+        self._maps = _Maps(bpf, self._idle_reads, self._on_event)
         self._failed = ""
         log.info("counting HTTP in the %s programs (%s)", program, self._ports)
 

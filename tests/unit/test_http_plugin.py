@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes as ct
+import socket
+
 from prometheus_client.core import Metric
 
 from agent.attribution import Attribution
 from agent.config import Config, HttpConfig
+from agent.events import EventHub, HttpRequest
 from agent.k8s.records import PodRecord
 from agent.k8s.static import StaticPods
-from agent.plugins.http import DURATION, DURATION_BUCKETS, HttpPlugin, bucket_bounds, http_cflags
+from agent.plugins.dns import wall_clock
+from agent.plugins.http import DURATION, DURATION_BUCKETS, HttpEvent, HttpPlugin, bucket_bounds, http_cflags
 
 WEB, API, OUTSIDE = "10.1.1.2", "10.1.2.2", "192.0.2.7"
 
@@ -19,6 +24,7 @@ def pod(name: str, ip: str, workload: str) -> PodRecord:
 
 class Context:
     config = Config()
+    events = EventHub()
     attribution = Attribution(StaticPods([pod("web-1", WEB, "web"), pod("api-1", API, "api")]), "node-a",
                               pending_window=0.0)
 
@@ -33,6 +39,37 @@ def test_flags_name_the_ports_or_every_port():
     assert "-DHTTP_PORT(p)=((p)==80||(p)==8080)" in http_cflags(HttpConfig(ports=(80, 8080)))
     flags = http_cflags(HttpConfig(ports=()))
     assert "-DHTTP_ALL_PORTS" in flags and not [f for f in flags if f.startswith("-DHTTP_PORT(")]
+
+
+def test_sampled_share_is_a_threshold_of_the_kernels_random_u32():
+    assert "-DHTTP_SAMPLE_THRESHOLD=42949672ULL" in http_cflags(HttpConfig())  # 0.01 of 2^32
+    assert "-DHTTP_SAMPLE_THRESHOLD=4294967296ULL" in http_cflags(HttpConfig(sampleRatio=1.0))  # every one
+    assert "-DHTTP_SAMPLE_THRESHOLD=0ULL" in http_cflags(HttpConfig(sampleRatio=0.0))
+
+
+def event(status: int, duration: int, method: int, to_pod: int) -> bytes:
+    ev = HttpEvent(ts=10**9, duration=duration, ifindex=7, status=status, method=method, to_pod=to_pod)
+    ev.conn.family, ev.conn.client_port, ev.conn.server_port = 4, 40001, 8080
+    ct.memmove(ev.conn.client, socket.inet_aton(WEB), 4)
+    ct.memmove(ev.conn.server, socket.inet_aton(API), 4)
+    return bytes(ev)
+
+
+def test_a_sampled_request_from_the_kernel_becomes_one_record():
+    p = started()
+    sub = p._ctx.events.subscribe("t")
+    for raw in (event(404, 2_500_000, 4, 0), event(0, 0, 0, 1)):
+        buf = ct.create_string_buffer(raw)
+        p._on_event(None, buf, len(raw))
+    p._on_event(None, ct.create_string_buffer(8), 8)  # short: not an event
+    first, second = sub.get(timeout=1), sub.get(timeout=1)
+    assert sub.get(timeout=0) is None and p.published == 2
+    start = wall_clock(10**9)
+    assert first == HttpRequest(start=first.start, duration=0.0025, client=WEB, client_port=40001, server=API,
+                                server_port=8080, method="DELETE", status_code=404, observer="source", ifindex=7)
+    assert abs(first.start - start) < 0.01
+    assert (second.method, second.status_code, second.duration, second.observer) == ("OTHER", None, None,
+                                                                                      "destination")
 
 
 def test_buckets_suit_a_millisecond_to_ten_seconds():
