@@ -8,6 +8,7 @@ import signal
 import sys
 
 from agent import __version__
+from agent.cli import run_command
 from agent.cli.observe import add_observe_filters
 from agent.errors import FoveaError
 
@@ -182,14 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FoveaError as e:
-        print(f"fovea: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser().parse_args(argv), "fovea: error: ")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 from agent.cli.capture import Api, add_capture_commands, agent_pod, run_capture
+from agent.cli import run_command
 from agent.cli.observe import add_observe_filters, run_observe
 from agent.errors import FoveaError
 
@@ -135,11 +135,4 @@ def kubectl_main(argv: list[str] | None = None) -> int:
     add_capture_commands(sub)
     sub.choices["capture"].set_defaults(func=run_capture)
     add_observe_command(sub)
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except FoveaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(p.parse_args(argv), "error: ")  # kubectl's own prefix
