@@ -47,7 +47,7 @@ MAX_DROP_KEYS = 10_000  # flows with drop events waiting for their span
 MAX_DROPS_PER_FLOW = 16
 RECORD_QUEUE = 10_000  # a full one loses records (fovea_agent_lost_events_total{source="records_otlp_queue_full"})
 MAX_OPEN_FLOWS = 100_000  # span contexts of long flows, for the next window's link
-MAX_CONNECTIONS = 100_000  # TCP connections whose span ids their HTTP requests know
+MAX_REPORTED = 16_384  # TCP windows reported last, for an HTTP request published after its window
 HTTP_METHOD_OTHER = "_OTHER"  # semantic conventions: a method the instrumentation does not know
 
 
@@ -189,6 +189,14 @@ def _flow_key(transport: str, a: tuple[str, int], b: tuple[str, int]) -> tuple:
     return (transport, min(a, b), max(a, b))
 
 
+def _bounded_put(table: collections.OrderedDict, key, value, size: int) -> None:
+    """Put, forgetting the oldest entries past `size`."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > size:
+        table.popitem(last=False)
+
+
 def _connection_key(record) -> tuple | None:
     """The TCP connection of a flow record or an HTTP request (the same for both), else None."""
     if isinstance(record, HttpRequest):
@@ -218,17 +226,6 @@ class ReservedIds(RandomIdGenerator):
         return super().generate_span_id()
 
 
-class _Connection:
-    """The span ids of one TCP connection's windows, for its HTTP requests."""
-
-    __slots__ = ("next", "last", "last_end")
-
-    def __init__(self):
-        self.next: SpanContext | None = None  # the window not reported yet, once a request named it
-        self.last: SpanContext | None = None  # the window reported last
-        self.last_end = 0  # its last packet (ns)
-
-
 class SpanBuilder:
     """Records -> spans, named by the attribution stage (pods, workloads, peers)."""
 
@@ -236,7 +233,10 @@ class SpanBuilder:
         self.tracer = tracer
         self.ids = ids  # the tracer's id generator
         self.attribution = attribution
-        self._connections: collections.OrderedDict[tuple, _Connection] = collections.OrderedDict()
+        # The span ids of TCP connections' windows, for their HTTP requests: chosen by a request
+        # for the window to come, and those of the window reported last (with its last packet, ns).
+        self._next: collections.OrderedDict[tuple, SpanContext] = collections.OrderedDict()
+        self._reported: collections.OrderedDict[tuple, tuple[SpanContext, int]] = collections.OrderedDict()
         self._drops: collections.OrderedDict[tuple, list[DropEvent]] = collections.OrderedDict()
         self._links: collections.OrderedDict[int, object] = collections.OrderedDict()  # flow id -> SpanContext
 
@@ -303,14 +303,13 @@ class SpanBuilder:
         if previous is not None:
             links.append(Link(previous, {"fovea.link": "previous window"}))
         name = "tcp connection" if r.transport == "tcp" else f"{r.transport} flow"
-        conn = self._connection(_connection_key(r)) if r.transport == "tcp" else None
-        if conn is not None and conn.next is not None:  # its requests' parent
-            self.ids.reserved, conn.next = conn.next, None
+        connection = _connection_key(r)
+        self.ids.reserved = self._next.pop(connection, None)  # the ids its requests named as their parent's
         span = self.tracer.start_span(name, start_time=_ns(r.start), kind=SpanKind.INTERNAL,
                                       attributes=attrs, links=links)
         self.ids.reserved = None
-        if conn is not None:
-            conn.last, conn.last_end = span.get_span_context(), _ns(r.end)
+        if connection is not None:
+            _bounded_put(self._reported, connection, (span.get_span_context(), _ns(r.end)), MAX_REPORTED)
         key = _flow_key(r.transport, (r.source, r.source_port), (r.destination, r.destination_port))
         for d in self._drops.pop(key, ()):
             span.add_event("drop", {"fovea.drop.reason": d.reason, "fovea.drop.packets": d.packets,
@@ -344,27 +343,19 @@ class SpanBuilder:
         span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))  # exact: seconds since 1970 lose ns
 
 
-    def _connection(self, key: tuple) -> _Connection:
-        conn = self._connections.get(key)
-        if conn is None:
-            conn = self._connections[key] = _Connection()
-            while len(self._connections) > MAX_CONNECTIONS:
-                self._connections.popitem(last=False)
-        else:
-            self._connections.move_to_end(key)
-        return conn
-
     def _connection_span(self, key: tuple, start_ns: int) -> SpanContext:
         """The span of the connection's window that holds `start_ns`: the window reported
-        last if the request began within it (a request published late), else the
-        window to come, whose ids are chosen now."""
-        conn = self._connection(key)
-        if conn.last is not None and start_ns <= conn.last_end:
-            return conn.last
-        if conn.next is None:
-            conn.next = SpanContext(_RANDOM.generate_trace_id(), _RANDOM.generate_span_id(), is_remote=False,
-                                    trace_flags=TraceFlags(TraceFlags.SAMPLED))
-        return conn.next
+        last if the request began within it (a request published after that report),
+        else the window to come, whose ids are chosen now."""
+        reported = self._reported.get(key)
+        if reported is not None and start_ns <= reported[1]:
+            return reported[0]
+        parent = self._next.get(key)
+        if parent is None:
+            parent = SpanContext(_RANDOM.generate_trace_id(), _RANDOM.generate_span_id(), is_remote=False,
+                                 trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            _bounded_put(self._next, key, parent, MAX_OPEN_FLOWS)
+        return parent
 
     def http_span(self, t: HttpRequest) -> None:
         """A child of its connection's span, named by the semantic conventions' HTTP attributes."""
