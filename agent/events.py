@@ -48,6 +48,7 @@ class HttpRequest:
     #                          pipelined, or a status line that could not be parsed)
     observer: str  # "source" | "destination": which end this node saw
     ifindex: int = 0
+    path: str | None = None  # url.path, cut at http.urlPathMaxLength; None unless http.urlPath
 
 
 @dataclass(frozen=True)

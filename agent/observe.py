@@ -136,8 +136,8 @@ def record_dict(record, attribution=None, node: str = "") -> dict | None:
             "type": "http", "time": _time(record.start), "node": node, "verdict": "forwarded", "protocol": "tcp",
             "source": describe_address(attribution, record.client, record.client_port),
             "destination": describe_address(attribution, record.server, record.server_port),
-            "method": record.method, "status_code": record.status_code, "latency": record.duration,
-            "observer": record.observer,
+            "method": record.method, "path": record.path, "status_code": record.status_code,
+            "latency": record.duration, "observer": record.observer,
         }
     return None
 

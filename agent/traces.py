@@ -365,6 +365,8 @@ class SpanBuilder:
                       "http.request.method": t.method if t.method != "OTHER" else HTTP_METHOD_OTHER})
         if t.status_code is not None:
             attrs["http.response.status_code"] = t.status_code
+        if t.path is not None:
+            attrs["url.path"] = t.path
         attrs.update(self.endpoint_attributes(local, peer))
         parent = self._connection_span(_connection_key(t), _ns(t.start))
         span = self.tracer.start_span(f"http {t.method}", context=set_span_in_context(NonRecordingSpan(parent)),

@@ -32,15 +32,19 @@
  * response racing the expiry is counted once, one way or the other. A status
  * line that cannot be parsed answers its request with status class none.
  *
- * A sampled share of the requests counted (prandom below HTTP_SAMPLE_THRESHOLD,
- * decided when the request is counted) also goes up the http_events ring buffer,
- * one record each, for spans and `fovea observe` (agent/plugins/http.py): no
- * packet pays for it, only a counted request that is sampled.
+ * A sampled share of the requests counted also goes up the http_events ring
+ * buffer, one record each, for spans and `fovea observe` (agent/plugins/http.py):
+ * no packet pays for it, only a counted request that is sampled. Whether a
+ * request is sampled is a hash of its first byte's time (http_sampled), so the
+ * request's packet and the one that counts it agree without storing a flag;
+ * with HTTP_PATH_BYTES set (http.urlPath), the request's packet sends up the
+ * first bytes of its request line (struct http_path_event) for url.path.
  *
  * Set from user space (-D): HTTP_PORT(p) or HTTP_ALL_PORTS, HTTP_COUNT_SIZE,
  * HTTP_INFLIGHT_SIZE, HTTP_DURATION_BASE_NS (upper bound of the first
  * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS,
- * HTTP_SAMPLE_THRESHOLD (0..2^32; 0: no records).
+ * HTTP_SAMPLE_THRESHOLD (0..2^32; 0: no records), HTTP_PATH_BYTES (a power of
+ * two up to HTTP_LINE_MAX; unset: no request lines).
  */
 #ifndef FOVEA_HTTP_H
 #define FOVEA_HTTP_H
@@ -128,6 +132,15 @@ struct http_event {
     u8 to_pod;
 };
 
+/* A sampled request's line (with HTTP_PATH_BYTES), sent before its http_event. */
+struct http_path_event {
+    u64 ts; /* the request's first byte: with conn, names its http_event */
+    struct http_conn conn;
+    u32 length; /* bytes of line that hold the payload's first bytes */
+    u32 pad;
+    u8 line[HTTP_LINE_MAX];
+};
+
 struct http_line {
     u8 b[HTTP_LINE_MAX];
 };
@@ -138,6 +151,16 @@ BPF_PERCPU_HASH(http_durations, struct http_duration_key, struct fovea_counter, 
 BPF_PERCPU_ARRAY(http_stats, u64, HTTP_STATS);
 BPF_PERCPU_ARRAY(http_scratch, struct http_line, 1);
 FOVEA_RINGBUF(http_events, HTTP_EVENT_PAGES);
+#ifdef HTTP_PATH_BYTES
+BPF_PERCPU_ARRAY(http_path_scratch, struct http_path_event, 1);
+#endif
+
+/* Is the request whose first byte came at `ts` (ns) sampled? A multiplicative hash:
+ * the nanoseconds' low bits spread over the top 32 bits, compared with the threshold. */
+static __always_inline int http_sampled(u64 ts)
+{
+    return HTTP_SAMPLE_THRESHOLD && ((ts * 0x9E3779B97F4A7C15ULL) >> 32) < (u64)HTTP_SAMPLE_THRESHOLD;
+}
 
 static __always_inline void http_stat(int reason)
 {
@@ -335,14 +358,39 @@ struct http_outcome {
     s8 stat; /* an http_stats index to add one to, or -1 */
 };
 
+/* The first bytes of a sampled request's line, for url.path. */
+static __always_inline void http_send_line(struct __sk_buff *skb, struct http_conn *c, u64 now, u32 off, u32 end)
+{
+#ifdef HTTP_PATH_BYTES
+    if (!http_sampled(now))
+        return;
+    int zero = 0;
+    struct http_path_event *ev = http_path_scratch.lookup(&zero);
+    if (!ev)
+        return;
+    u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
+    if (n > HTTP_PATH_BYTES)
+        n = HTTP_PATH_BYTES;
+    if (n == 0 || bpf_skb_load_bytes(skb, off, ev->line, n) < 0)
+        return;
+    ev->ts = now;
+    ev->conn = *c;
+    ev->length = n;
+    if (http_events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+        http_stat(HTTP_EVENTS_FULL);
+#endif
+}
+
 static __always_inline void http_on_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod,
-                                            u64 now, struct http_outcome *out)
+                                            u64 now, u32 off, u32 end, struct http_outcome *out)
 {
     struct http_request r = {.ts = now, .ifindex = skb->ifindex, .method = method, .to_pod = to_pod,
                              .inflight = 1};
     fovea_map_op();
-    if (http_inflight.insert(c, &r) == 0)
+    if (http_inflight.insert(c, &r) == 0) {
+        http_send_line(skb, c, now, off, end);
         return;
+    }
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
     if (e) {
@@ -355,6 +403,7 @@ static __always_inline void http_on_request(struct __sk_buff *skb, struct http_c
     out->stat = e ? HTTP_PIPELINED : HTTP_INFLIGHT_FULL;
     out->count = 1;
     out->ts = now;
+    http_send_line(skb, c, now, off, end);
     out->to_pod = to_pod;
     out->method = method;
 }
@@ -415,7 +464,7 @@ static __always_inline void http_end(struct __sk_buff *skb, struct fovea_packet 
 /* A sampled request's record for user space (spans, `fovea observe`). */
 static __always_inline void http_sample(struct __sk_buff *skb, struct http_conn *c, struct http_outcome *out)
 {
-    if (!HTTP_SAMPLE_THRESHOLD || (u64)bpf_get_prandom_u32() >= (u64)HTTP_SAMPLE_THRESHOLD)
+    if (!http_sampled(out->ts))
         return;
     struct http_event ev = {.ts = out->ts, .duration = out->code ? out->ns : 0, .conn = *c,
                             .ifindex = skb->ifindex, .status = out->code, .method = out->method,
@@ -446,7 +495,7 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
             u64 now = bpf_ktime_get_ns();
             http_conn_of(&c, pkt, kind == HTTP_REQUEST);
             if (kind == HTTP_REQUEST)
-                http_on_request(skb, &c, what, to_pod, now, &out);
+                http_on_request(skb, &c, what, to_pod, now, off, end, &out);
             else
                 http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, code, now, &out);
         }

@@ -114,7 +114,8 @@ def format_human(d: dict) -> str:
         latency = f"{d['latency'] * 1000:.1f} ms" if d.get("latency") is not None else "no answer"
         return f"{head}  {d['qtype']} {d.get('name') or '?'} {d.get('rcode') or 'UNANSWERED'} {latency}"
     if kind == "http":
+        request = f"{d['method']} {d['path']}" if d.get("path") is not None else d["method"]
         if d.get("status_code") is None:
-            return f"{head}  {d['method']} NO RESPONSE"
-        return f"{head}  {d['method']} {d['status_code']} {d['latency'] * 1000:.1f} ms"
+            return f"{head}  {request} NO RESPONSE"
+        return f"{head}  {request} {d['status_code']} {d['latency'] * 1000:.1f} ms"
     return f"{head}  {json.dumps(d)}"

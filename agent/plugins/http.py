@@ -11,9 +11,11 @@ log2 bucket). Here:
   when not; a Service's ClusterIP names the Service;
 - requests in flight longer than `http.timeout` are taken out of the kernel's
   table (an atomic lookup-and-delete) and counted with status_class none;
-- a sampled share of the requests (`http.sampleRatio`, decided in the kernel as
-  each is counted; here for the expired ones) is published as HttpRequest
-  records on the event hub, for spans and `fovea observe --http`. Their ring
+- a sampled share of the requests (`http.sampleRatio`: a hash of the request's
+  first byte's time, in the kernel and here for the expired ones, so both agree)
+  is published as HttpRequest records on the event hub, for spans and `fovea
+  observe --http`, with url.path when `http.urlPath` is on (the request line's
+  first bytes come up before the request's record and wait for it). Their ring
   buffer is read on the read loop, with the flow table (bpf.ring_buffer_consume
   reads every ring buffer of the pods programs), so a request is published
   before the flow report that covers its packets: its span finds its
@@ -25,15 +27,14 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
-import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.addresses import ip_text
 from agent.attribution import WAIT, http_addresses
-from agent.config import HttpConfig
+from agent.config import MAX_URL_PATH, HttpConfig
 from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
 from agent.events import HttpRequest
@@ -55,6 +56,8 @@ KERNEL_REJECTS = ("status_line", "request_line")
 UNMATCHED, PIPELINED, INFLIGHT_FULL, COUNTS_FULL, EVENTS_FULL = 2, 3, 4, 5, 6
 STATS = 7
 DURATION = "duration"  # pending key kind of a duration bucket (beside a method index)
+LINE_MAX = 256  # HTTP_LINE_MAX (bpf/http.h)
+MAX_WAITING_LINES = 10_000  # sampled request lines waiting for their request's record
 
 
 class HttpConn(ct.Structure):
@@ -69,27 +72,57 @@ class HttpEvent(ct.Structure):
                 ("status", ct.c_uint16), ("method", ct.c_uint8), ("to_pod", ct.c_uint8)]
 
 
+class HttpPathEvent(ct.Structure):
+    """struct http_path_event (bpf/http.h): a sampled request's line, before its HttpEvent."""
+
+    _fields_ = [("ts", ct.c_uint64), ("conn", HttpConn), ("length", ct.c_uint32), ("pad", ct.c_uint32),
+                ("line", ct.c_uint8 * LINE_MAX)]
+
+
+def sampled(ts_ns: int, threshold: int) -> bool:
+    """http_sampled (bpf/http.h): the same choice for a request the kernel did not count."""
+    return threshold > 0 and ((ts_ns * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 32 < threshold
+
+
+def url_path(line: bytes, max_length: int) -> str | None:
+    """The path of a request line's target (no query, no fragment), cut at max_length
+    characters; None when the target has none (`*`, an authority) or was not read."""
+    _, space, rest = line.partition(b" ")
+    target = rest.split(b" ", 1)[0].split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if b"://" in target[:16]:  # absolute-form, as sent to a proxy: scheme://authority/path
+        target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    if not space or not path.startswith(b"/"):
+        return None
+    return path.decode("utf-8", "replace")[:max_length]
+
+
 def method_name(index: int) -> str:
     return METHODS[index] if index < len(METHODS) else "OTHER"
 
 
 def http_request(conn, start: float, duration_ns: int, method: int, status: int, to_pod: bool,
-                 ifindex: int) -> HttpRequest:
+                 ifindex: int, path: str | None = None) -> HttpRequest:
     """A kernel request (an event, or an expired in-flight entry) as a hub record."""
     return HttpRequest(
         start=start, duration=duration_ns / 1e9 if status else None,
         client=ip_text(conn.family, conn.client), client_port=conn.client_port,
         server=ip_text(conn.family, conn.server), server_port=conn.server_port,
         method=method_name(method), status_code=status or None,
-        observer=OBSERVERS[1 if to_pod else 0], ifindex=ifindex)  # seen sent to the server pod: its end
+        observer=OBSERVERS[1 if to_pod else 0], ifindex=ifindex, path=path)  # seen sent to the server pod: its end
+
+
+def sample_threshold(cfg: HttpConfig) -> int:
+    return min(1 << 32, int(cfg.sampleRatio * (1 << 32)))  # sampled: a 32-bit hash below it
 
 
 def http_cflags(cfg: HttpConfig) -> list[str]:
     """The -D flags that put bpf/http.h into the pods programs."""
     ports = ("-DHTTP_ALL_PORTS" if not cfg.ports
              else "-DHTTP_PORT(p)=(" + "||".join(f"(p)=={p}" for p in cfg.ports) + ")")
-    threshold = min(1 << 32, int(cfg.sampleRatio * (1 << 32)))  # sampled: prandom u32 below it
-    return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}", f"-DHTTP_SAMPLE_THRESHOLD={threshold}ULL",
+    path = [f"-DHTTP_PATH_BYTES={min(LINE_MAX, cfg.urlPathMaxLength + LINE_MAX - MAX_URL_PATH)}"] if cfg.urlPath else []
+    return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}",
+            f"-DHTTP_SAMPLE_THRESHOLD={sample_threshold(cfg)}ULL", *path,
             f"-DHTTP_INFLIGHT_SIZE={cfg.inflightMapSize}",
             f"-DHTTP_DURATION_BASE_NS={DURATION_BASE_NS}ULL", f"-DHTTP_DURATION_BUCKETS={DURATION_BUCKETS}"]
 
@@ -159,7 +192,9 @@ class HttpPlugin(Plugin, TcExtension):
                                      keep_on_overflow=("bucket",))
         self._pending = self.attribution.pending("http")
         self._timeout_ns = int(cfg.http.timeout * 1e9)
-        self._sample_ratio = cfg.http.sampleRatio
+        self._threshold = sample_threshold(cfg.http)
+        self._path_length = cfg.http.urlPathMaxLength if cfg.http.urlPath else 0
+        self._lines: OrderedDict[tuple[bytes, int], str | None] = OrderedDict()  # (conn, ts) -> url.path
         # Sampled requests naming a pod not known yet wait for it (the pending window).
         self._records = self.attribution.holding("http_request", ctx.events.publish, http_addresses)
 
@@ -205,9 +240,9 @@ class HttpPlugin(Plugin, TcExtension):
                      leaf.method, 0)
                 expired[k] = (expired[k][0] + 1, 0)
                 self.unanswered_expired += 1
-                if random.random() < self._sample_ratio:  # the kernel samples those it counts
+                if sampled(leaf.ts, self._threshold):  # as the kernel samples those it counts
                     self._publish(http_request(key, wall_clock(leaf.ts), 0, leaf.method, 0, leaf.to_pod,
-                                               leaf.ifindex))
+                                               leaf.ifindex, self._lines.pop((bytes(key), leaf.ts), None)))
         self._pending.add(expired)
 
     def metrics(self):
@@ -280,11 +315,19 @@ class HttpPlugin(Plugin, TcExtension):
     # -- sampled requests (the read loop) ---------------------------------------------
 
     def _on_event(self, _ctx, data, size) -> None:
+        if size >= ct.sizeof(HttpPathEvent):  # a request line: its request's record follows
+            line = ct.cast(data, ct.POINTER(HttpPathEvent)).contents
+            if self._path_length:
+                text = bytes(line.line[:min(line.length, LINE_MAX)])
+                self._lines[(bytes(line.conn), line.ts)] = url_path(text, self._path_length)
+                while len(self._lines) > MAX_WAITING_LINES:  # lines whose request was never counted here
+                    self._lines.popitem(last=False)
+            return
         if size < ct.sizeof(HttpEvent):
             return
         ev = ct.cast(data, ct.POINTER(HttpEvent)).contents
         self._publish(http_request(ev.conn, wall_clock(ev.ts), ev.duration, ev.method, ev.status, ev.to_pod,
-                                   ev.ifindex))
+                                   ev.ifindex, self._lines.pop((bytes(ev.conn), ev.ts), None)))
 
     def _publish(self, record: HttpRequest) -> None:
         if self._ctx is not None:

@@ -3,7 +3,8 @@
 The real HTTP/1.1 server and client of tests/kernel/test_http.py between two lab
 pods named by a static file; spans decoded by a gRPC OTLP receiver in the test.
 Every request the kernel sampled is one span and one `fovea observe` record,
-exactly; at `http.sampleRatio: 1` that is every request the client made.
+exactly; at `http.sampleRatio: 1` that is every request the client made, and
+there `http.urlPath` is on (off, the default, at the other ratio).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def http_span_agent(request, lab, servers, receiver, tmp_path_factory):  # noqa:
     (d / "pods.yaml").write_text(yaml.safe_dump({"pods": pods}))
     (d / "fovea.yaml").write_text(yaml.safe_dump({
         "staticPods": str(d / "pods.yaml"), "pods": {"interfaces": [lab.prefix + "p*"]}, "interval": 1.0,
-        "flows": {"idleTimeout": 2.0}, "http": {"ports": [PORT], "sampleRatio": ratio},
+        "flows": {"idleTimeout": 2.0}, "http": {"ports": [PORT], "sampleRatio": ratio, "urlPath": ratio == 1},
         "otlp": {"enabled": True, "protocol": "grpc", "endpoint": receiver.endpoint},
     }))
     node = f"{lab.prefix}-{int(ratio * 100)}"  # its spans' resource, apart from the other ratio's
@@ -82,6 +83,8 @@ def test_each_sampled_request_is_one_span_under_its_connection_and_one_observe_r
         assert s.name == "http " + a["http.request.method"].lstrip("_")
         assert s.error == (a["http.response.status_code"] >= 500)
         assert 0 < s.duration <= max(times)  # request's first byte -> response's, inside the client's time
+        # The client asks for /<status> (tests/kernel/test_http.py Handler).
+        assert a.get("url.path") == (f"/{a['http.response.status_code']}" if agent.ratio == 1 else None)
     got = Counter((s.attributes["http.request.method"].lstrip("_"), s.attributes["http.response.status_code"])
                   for s in requests)
     sent = Counter()
@@ -108,6 +111,7 @@ def test_each_sampled_request_is_one_span_under_its_connection_and_one_observe_r
     for r in records:
         assert (r["source"]["pod"], r["destination"]["pod"], r["destination"]["port"]) == (WEB[1], API[1], PORT)
         assert 0 < r["latency"] <= max(times) and r["observer"] == "source"
+        assert r["path"] == (f"/{r['status_code']}" if agent.ratio == 1 else None)
     human = observe(agent, "--http", "--last", "1000")
     assert len(human) == len(records) and all(f"HTTP  tcp  shop/{WEB[1]}:" in line for line in human)
     assert observe(agent, "-o", "json", "--http", "--namespace", "elsewhere") == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes as ct
 import socket
 
+import pytest
+
 from prometheus_client.core import Metric
 
 from agent.attribution import Attribution
@@ -13,7 +15,8 @@ from agent.events import EventHub, HttpRequest
 from agent.k8s.records import PodRecord
 from agent.k8s.static import StaticPods
 from agent.plugins.dns import wall_clock
-from agent.plugins.http import DURATION, DURATION_BUCKETS, HttpEvent, HttpPlugin, bucket_bounds, http_cflags
+from agent.plugins.http import (DURATION, DURATION_BUCKETS, HttpEvent, HttpPathEvent, HttpPlugin, bucket_bounds,
+                                http_cflags, sampled, url_path)
 
 WEB, API, OUTSIDE = "10.1.1.2", "10.1.2.2", "192.0.2.7"
 
@@ -47,12 +50,60 @@ def test_sampled_share_is_a_threshold_of_the_kernels_random_u32():
     assert "-DHTTP_SAMPLE_THRESHOLD=0ULL" in http_cflags(HttpConfig(sampleRatio=0.0))
 
 
-def event(status: int, duration: int, method: int, to_pod: int) -> bytes:
-    ev = HttpEvent(ts=10**9, duration=duration, ifindex=7, status=status, method=method, to_pod=to_pod)
+def event(status: int, duration: int, method: int, to_pod: int, ts: int = 10**9, cls=HttpEvent, **more) -> bytes:
+    ev = cls(ts=ts, **more) if cls is HttpPathEvent else cls(ts=ts, duration=duration, ifindex=7, status=status,
+                                                              method=method, to_pod=to_pod)
     ev.conn.family, ev.conn.client_port, ev.conn.server_port = 4, 40001, 8080
     ct.memmove(ev.conn.client, socket.inet_aton(WEB), 4)
     ct.memmove(ev.conn.server, socket.inet_aton(API), 4)
     return bytes(ev)
+
+
+def line_event(line: bytes, ts: int = 10**9) -> bytes:
+    raw = bytearray(event(0, 0, 0, 0, ts, HttpPathEvent, length=len(line)))
+    offset = HttpPathEvent.line.offset
+    raw[offset:offset + len(line)] = line
+    return bytes(raw)
+
+
+def feed(p: HttpPlugin, raw: bytes) -> None:
+    buf = ct.create_string_buffer(raw)
+    p._on_event(None, buf, len(raw))
+
+
+@pytest.mark.parametrize("line, path", [
+    (b"GET /cart/items?id=7 HTTP/1.1\r\nHost: a", "/cart/items"),
+    (b"POST /a#frag HTTP/1.1", "/a"),
+    (b"GET http://shop.example/x/y?z HTTP/1.1", "/x/y"),  # absolute-form, to a proxy
+    (b"OPTIONS * HTTP/1.1", None),
+    (b"CONNECT shop.example:443 HTTP/1.1", None),
+    (b"GET /" + b"p" * 300, "/" + "p" * 19),  # cut at the configured length
+    (b"GET /caf\xc3\xa9/\xff HTTP/1.1", "/caf\u00e9/\ufffd"),  # not UTF-8: replaced, never raised
+    (b"GET", None),
+])
+def test_url_path_is_the_targets_path_without_query_cut_at_its_length(line, path):
+    assert url_path(line, 20) == path
+
+
+def test_a_request_line_waits_for_its_requests_record_and_is_off_by_default():
+    p = started()
+    sub = p._ctx.events.subscribe("lines")
+    p._path_length = 64  # http.urlPath
+    feed(p, line_event(b"GET /a/b?c HTTP/1.1\r\n", ts=5))
+    feed(p, line_event(b"GET /other HTTP/1.1\r\n", ts=6))  # another request: not this one's
+    feed(p, event(200, 1000, 1, 0, ts=5))
+    assert sub.get(timeout=1).path == "/a/b" and len(p._lines) == 1
+    p._path_length = 0
+    feed(p, line_event(b"GET /a/b HTTP/1.1\r\n", ts=7))
+    feed(p, event(200, 1000, 1, 0, ts=7))
+    assert sub.get(timeout=1).path is None
+
+
+def test_the_agent_samples_the_requests_it_takes_as_the_kernel_does():
+    threshold = 1 << 31  # a half
+    picked = [ts for ts in range(10**9, 10**9 + 4000) if sampled(ts, threshold)]
+    assert 1800 <= len(picked) <= 2200  # binomial(4000, 0.5): sd 32; ~6 sd
+    assert not any(sampled(ts, 0) for ts in range(1000)) and all(sampled(ts, 1 << 32) for ts in range(1000))
 
 
 def test_a_sampled_request_from_the_kernel_becomes_one_record():

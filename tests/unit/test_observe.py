@@ -97,11 +97,13 @@ def test_http_requests_in_the_stream_with_the_other_filters(server, capsys):
                              "workload": "web"},
                   "destination": {"address": "10.1.0.9", "port": 5432, "namespace": "data", "pod": "db-0",
                                   "workload": "db"},
-                  "method": "POST", "status_code": 201, "latency": 0.0123, "observer": "source"}
+                  "method": "POST", "path": None, "status_code": 201, "latency": 0.0123, "observer": "source"}
     assert (none["method"], none["status_code"], none["latency"]) == ("OTHER", None, None)
     human = run_cli(capsys, "--socket", sock, "--http")
     assert human[0].endswith("HTTP  tcp  shop/web-1:40001 -> data/db-0:5432  POST 201 12.3 ms")
     assert human[1].endswith("HTTP  tcp  shop/web-1:40009 -> data/db-0:5432  OTHER NO RESPONSE")
+    with_path = record_dict(http(path="/cart/items", status_code=404, duration=0.002))
+    assert with_path["path"] == "/cart/items" and format_human(with_path).endswith("GET /cart/items 404 2.0 ms")
     types = lambda *args: [json.loads(x)["type"] for x in run_cli(capsys, "--socket", sock, "-o", "json", *args)]  # noqa: E731
     assert types("--http", "--dns") == ["dns", "http", "http"]  # either
     assert types("--http", "--port", "40009") == ["http"]

@@ -138,7 +138,7 @@ def test_http_requests_are_children_of_their_connections_window(receiver, tmp_pa
     cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
                                                     endpoint=receiver.endpoint))
     exp = TraceExporter(cfg, hub, attribution=attribution(tmp_path))
-    hub.publish(http(start=NOW + 1, status_code=201, method="POST"))
+    hub.publish(http(start=NOW + 1, status_code=201, method="POST", path="/orders"))
     hub.publish(http(start=NOW + 2, status_code=None, duration=None))
     hub.publish(flow(window=0, final=False, end_reason="interval", end=NOW + 60))
     hub.publish(http(start=NOW + 59, status_code=503, method="OTHER"))  # published after its window
@@ -158,6 +158,7 @@ def test_http_requests_are_children_of_their_connections_window(receiver, tmp_pa
     ok = requests[201]
     assert ok.name == "http POST" and ok.attributes["http.request.method"] == "POST" and not ok.error
     assert ok.end_ns - ok.start_ns == 2_000_000
+    assert ok.attributes["url.path"] == "/orders" and "url.path" not in requests[404].attributes
     assert (ok.attributes["k8s.pod.name"], ok.attributes["fovea.peer.pod"]) == ("web-1", "db-0")
     assert (ok.attributes["source.port"], ok.attributes["destination.port"]) == (40001, 5432)
     assert ok.attributes["network.transport"] == "tcp" and ok.attributes["fovea.observer"] == "source"
