@@ -365,6 +365,7 @@ static __always_inline void http_send_line(struct __sk_buff *skb, struct http_co
     if (!http_sampled(now))
         return;
     int zero = 0;
+    fovea_map_op();
     struct http_path_event *ev = http_path_scratch.lookup(&zero);
     if (!ev)
         return;
