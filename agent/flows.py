@@ -412,11 +412,14 @@ class FlowTracker:
             self._ifaces_in_kernel = ifaces
         snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
-        decoded = {}
+        decoded = {raw: self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw)) for raw in snapshot}
+        # A SYN on a closed flow's tuple is a new connection (the client used its port again):
+        # its packets, either way, are none of the closed flow's late ones.
+        reopened = {decoded[raw].flow for raw, stats in snapshot.items()
+                    if stats.flags & SYN_ONLY and raw in self._closed}
         for raw, stats in snapshot.items():
-            key = decoded[raw] = self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw))
-            until = self._closed.get(raw)
-            if until is not None and not stats.flags & SYN_ONLY:
+            key = decoded[raw]
+            if raw in self._closed and key.flow not in reopened:
                 self.late_packets += self._delete(raw).packets  # after the close: not a new flow
                 continue
             if not keep_point(key, pods, ifaces):  # a record of it is kept at another point

@@ -142,6 +142,13 @@ class RunningAgent:
             last = now
         return last
 
+    def wait_cached(self, kind: str, n: int = 1, timeout: float = 30) -> None:
+        """Until the agent's Kubernetes cache holds n objects of this kind (pods, services, ...)."""
+        deadline = time.monotonic() + timeout
+        while self.scrape().get("fovea_agent_cache_objects", kind=kind) < n:
+            assert time.monotonic() < deadline, f"fewer than {n} {kind} in the agent's cache:\n{self.output()}"
+            time.sleep(0.2)
+
     def stop(self, sig: str = "TERM") -> int:
         if self.proc.poll() is None:
             if sig == "KILL":

@@ -541,6 +541,12 @@ def node_graph(panel: dict, results: dict[str, list[dict]]) -> tuple[list[list[d
     return edges, [rows for rows in frames.values() if rows not in edges]
 
 
+def differences(got: dict, want: dict) -> str:
+    """Only the keys where two tallies differ, as `key: got against want`."""
+    return ", ".join(f"{k}: {got.get(k, 0.0)} against {want.get(k, 0.0)}"
+                     for k in sorted(got.keys() | want.keys(), key=str) if got.get(k, 0.0) != want.get(k, 0.0))
+
+
 def test_service_map_matches_the_calls(scraped):
     """Every query of the service map dashboard and of its alerts, on the calls api made to db:
     rates within 15% of api's own tally over the same window (the window's ends move by a
@@ -660,7 +666,9 @@ def test_service_map_matches_the_calls(scraped):
                 f"sum by (le) (fovea_workload_http_request_duration_seconds_bucket{{{API_DB_SELECTOR}}})")}
             if (got_http, got_conn) == (http_total, conn_total) and got_buckets.get(math.inf) == answered:
                 break
-            assert time.monotonic() < deadline, (got_http, http_total, got_conn, conn_total, got_buckets, answered)
+            assert time.monotonic() < deadline, "Fovea against api: " + differences(
+                {**got_http, **got_conn, "answered": got_buckets.get(math.inf)},
+                {**http_total, **conn_total, "answered": answered})
             time.sleep(1)
         assert got_buckets.get(lowest, 0.0) == 0 and got_buckets[highest] == answered, (got_buckets, lowest, highest)
     finally:

@@ -72,10 +72,7 @@ def cluster(lab, receiver, tmp_path_factory):
     agent = RunningAgent("--uplink", lab.uplink, "--kubeconfig", str(kubeconfig), "--node-name", NODE,
                          "--config", str(cfg))
     try:
-        deadline = time.monotonic() + 30
-        while agent.scrape().get("fovea_agent_cache_objects", kind="services") < 1:
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.2)
+        agent.wait_cached("services")
         yield api, agent
     finally:
         assert agent.stop() == 0, agent.output()
@@ -267,10 +264,7 @@ def test_a_new_pods_first_packets_wait_for_it_and_past_the_window_are_unattribut
             "flow": 1 + 2,  # one ICMP flow, one UDP flow per query (a new source port each)
         }
         api.create(make_pod("late-1", "shop", NODE, late.ipv4))
-        deadline = time.monotonic() + 10
-        while agent.scrape().get("fovea_agent_cache_objects", kind="pods") < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        agent.wait_cached("pods", 4, timeout=10)
         talk(lab, late, world, pings=4, queries=0)
         for direction in ("egress", "ingress"):  # only what came after the pod did
             assert eventually(lambda: pod_series(agent, "fovea_pod_packets_total", "late-1",

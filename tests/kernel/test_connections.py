@@ -61,10 +61,7 @@ def agent(lab, tmp_path_factory):
     agent = RunningAgent("--uplink", lab.uplink, "--kubeconfig", str(kubeconfig), "--node-name", NODE,
                          "--config", str(cfg))
     try:
-        deadline = time.monotonic() + 30
-        while agent.scrape().get("fovea_agent_cache_objects", kind="services") < 1:
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.2)
+        agent.wait_cached("services")
         yield agent
     finally:
         assert agent.stop() == 0, agent.output()
@@ -87,11 +84,14 @@ class DropSyns:
         self.lab.run(self.ep.netns, "iptables", "-w", "-D", *self.rule, check=False)
 
 
-def attempt(lab, ep, dst: str, port: int) -> str:
-    """One connect(): what it returned, as the result it should be counted under."""
+def attempt(lab, ep, dst: str, port: int, sport: int = 0) -> str:
+    """One connect() (from `sport` when given): what it returned, as the result it should be counted under."""
     s = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(CLIENT_TIMEOUT)
     try:
+        if sport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((ep.ipv4, sport))
         s.connect((dst, port))
         return "established"
     except ConnectionRefusedError:
@@ -180,3 +180,28 @@ def test_connects_through_a_service_are_named_by_it_and_counted_once(lab, agent)
     records = observe(agent, "--verdict", "refused", "--port", "81", "--last", "1000")
     assert len({r["flow_id"] for r in records}) == n_refused
     assert all(r["destination"]["address"] == vip and r["destination"]["workload"] == "db-svc" for r in records)
+
+
+def test_a_port_used_again_is_a_new_attempt_each_time(lab, agent):
+    """A client that retries from the same port (a refused attempt leaves no TIME_WAIT) while
+    Fovea still remembers the attempt before as closed (idleTimeout after its end): each
+    attempt is counted refused, none of its packets taken for a late one of the attempt before."""
+    web, db = lab.pods[:2]
+    port, sport, n = 7403, 47403, 3
+    before = connections(agent, "shop/web", "shop/db")
+    for i in range(n):
+        assert attempt(lab, web, db.ipv4, port, sport) == "refused"
+        # The next attempt once this one has ended on its reset (its final record is out).
+        deadline = time.monotonic() + 10
+        while len([r for r in observe(agent, "--port", str(port), "--last", "100") if r["final"]]) <= i:
+            assert time.monotonic() < deadline, observe(agent, "--port", str(port), "--last", "100")
+            time.sleep(0.1)
+    expected = plus(before, refused=n)
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(CONNECT_TIMEOUT + IDLE + 1)  # none of them turns into a timeout later
+    assert connections(agent, "shop/web", "shop/db") == expected
+    records = observe(agent, "--port", str(port), "--last", "1000")
+    assert len({r["flow_id"] for r in records}) == n, records
+    assert all(r["connection"] == "refused" and r["source"]["port"] == sport and r["reply_packets"] == 1
+               for r in records), records

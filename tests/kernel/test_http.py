@@ -139,10 +139,7 @@ def cluster(lab, servers, tmp_path_factory):
         ["-d", f"{cluster_ip(lab)}/32", "-p", "tcp", "--dport", "80", "-j", "DNAT",
          "--to-destination", f"{api.ipv4}:{PORT}"]])
     try:
-        deadline = time.monotonic() + 30
-        while agent.scrape().get("fovea_agent_cache_objects", kind="services") < 1:
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.2)
+        agent.wait_cached("services")
         with dnat:
             yield agent
     finally:

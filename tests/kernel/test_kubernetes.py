@@ -159,10 +159,8 @@ def test_cluster_ip_seen_before_dnat_names_the_service(lab3, cluster):
     rule = ["PREROUTING", "-i", web.host_if, "-d", cluster_ip, "-j", "DNAT", "--to-destination", db.ipv4]
     subprocess.run(["iptables", "-t", "nat", "-A", *rule], check=True)
     try:
-        deadline = time.monotonic() + 30  # the watch delivers the Service (after any reconnect backoff)
-        while any(a.scrape().get("fovea_agent_cache_objects", kind="services") < 1 for a in agents.values()):
-            assert time.monotonic() < deadline, "the Service never reached the agents' caches"
-            time.sleep(0.2)
+        for a in agents.values():  # the watch delivers the Service (after any reconnect backoff)
+            a.wait_cached("services")
         svc = {"namespace": "shop", "workload_name": "db-svc"}
         f0 = flows(agents, WEB, svc)
         n = 6

@@ -283,6 +283,32 @@ def test_a_reset_answering_the_syn_is_refused():
     assert [(r.end_reason, r.connection) for r in out] == [("rst", "refused")]
 
 
+@pytest.mark.parametrize("reply_later", [False, True])
+def test_a_port_used_again_after_a_refused_attempt_is_a_new_attempt_with_its_own_answer(reply_later):
+    """A client connecting from the same port again while the ended attempt is still
+    remembered as closed: the new SYN opens a new attempt, and the server's answer to it
+    (read with it or a read later) is that attempt's, not a late packet of the closed one."""
+    t, table, clock, out = tracker(connectTimeout=3.0)
+    c, s = fid(WEB, 40010, DB, 5433), fid(DB, 5433, WEB, 40010)
+    decided = []
+    for attempt in range(3):
+        table.add(c, 1, 60, clock.now, SYN)
+        if reply_later:
+            t.read()
+            decided += outcomes(t)
+            clock.now += S // 2
+        table.add(s, 1, 40, clock.now, RST | ACK)
+        t.read()
+        decided += outcomes(t)
+        clock.now += S
+        t.read()  # unchanged: the attempt ends on its reset
+        decided += outcomes(t)
+        clock.now += S  # well within idleTimeout (5 s), while the closed tuple is remembered
+    assert decided == [(WEB, 40010, DB, 5433, "refused")] * 3
+    assert [(r.end_reason, r.connection, r.packets, r.reply_packets) for r in out] == [("rst", "refused", 1, 1)] * 3
+    assert len({r.flow_id for r in out}) == 3 and t.late_packets == 0 and table.entries == {}
+
+
 def test_a_reset_after_the_handshake_is_an_established_connection():
     t, table, clock, out = tracker(connectTimeout=3.0)
     tcp_connection(table, clock.now, reset=True)
