@@ -83,7 +83,7 @@
 #define HTTP_COUNTS_FULL 5         /* a request or duration not counted: the table is full */
 #define HTTP_EVENTS_FULL 6         /* a sampled request's record lost: the ring buffer is full */
 #define HTTP_STATS 7
-#define HTTP_EVENT_PAGES 64        /* http_events: ~3,600 records between two reads */
+#define HTTP_EVENT_PAGES 64        /* http_events: ~3,600 requests between two reads (~650 with lines) */
 
 struct http_conn {
     u8 family;
