@@ -341,3 +341,6 @@ def flow_addresses(record) -> tuple[str, ...]:
 
 def dns_addresses(record) -> tuple[str, ...]:
     return (record.client, record.server)
+
+
+http_addresses = dns_addresses  # the same fields: client, server

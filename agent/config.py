@@ -94,9 +94,13 @@ class HttpConfig:
     timeout: float = 60.0  # seconds a request waits for its response, then counts with status_class none
     mapSize: int = 4096  # counter keys in the kernel (pair, method, status class; pair, duration bucket)
     inflightMapSize: int = 16384  # requests awaiting their response, tracked in the kernel
+    sampleRatio: float = 0.01  # share of requests recorded one by one (spans, `fovea observe --http`)
+    urlPath: bool = False  # url.path of the sampled requests (their request line's first bytes leave the kernel)
+    urlPathMaxLength: int = 128  # characters of url.path kept; longer paths are cut
 
 
 MAX_HTTP_PORTS = 16  # compiled into a compare chain: every TCP packet runs it
+MAX_URL_PATH = 240  # the kernel sends up at most 256 bytes of a request line (bpf/http.h HTTP_LINE_MAX)
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,8 @@ class Config:
             ("http.timeout", 0 < self.http.timeout <= 3600, "more than 0 and at most 3600 seconds"),
             ("http.mapSize", 1 <= self.http.mapSize <= 1 << 20, "1 to 1048576"),
             ("http.inflightMapSize", 1 <= self.http.inflightMapSize <= 1 << 22, "1 to 4194304"),
+            ("http.sampleRatio", 0 <= self.http.sampleRatio <= 1, "a share from 0 to 1"),
+            ("http.urlPathMaxLength", 1 <= self.http.urlPathMaxLength <= MAX_URL_PATH, f"1 to {MAX_URL_PATH}"),
             ("podLevel.seriesTTL", self.podLevel.seriesTTL >= 0, "zero or more seconds"),
             ("podLevel.maxSeries", self.podLevel.maxSeries >= 1, "at least 1"),
             ("podLevel.pendingWindow", 0 <= self.podLevel.pendingWindow <= 3600, "0 to 3600 seconds"),

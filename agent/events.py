@@ -1,6 +1,6 @@
 """Typed records that leave the kernel one by one, and the hub that hands them on.
 
-Plugins publish records (a finished DNS transaction, a flow report, a drop);
+Plugins publish records (a finished DNS transaction or HTTP request, a flow report, a drop);
 consumers (the OTLP exporter, the `fovea observe` stream) subscribe with a
 bounded queue each. Publishing never blocks: a full queue drops the record and
 counts it for that subscriber, so a slow consumer costs data, never the readers.
@@ -31,6 +31,24 @@ class DnsTransaction:
     ifindex: int = 0
     name: str | None = None  # decoded in user space, when the message was sampled and parsed
     answers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One sampled HTTP/1.x request and its response (or the lack of one), seen once per node."""
+
+    start: float  # wall-clock seconds of the request's first byte
+    duration: float | None  # to the response's first byte; None without a status code
+    client: str
+    client_port: int
+    server: str
+    server_port: int
+    method: str  # GET, POST, PUT, DELETE, PATCH, HEAD, OPTIONS or OTHER
+    status_code: int | None  # 100..599; None: no response (the connection ended, http.timeout,
+    #                          pipelined, or a status line that could not be parsed)
+    observer: str  # "source" | "destination": which end this node saw
+    ifindex: int = 0
+    path: str | None = None  # url.path, cut at http.urlPathMaxLength; None unless http.urlPath
 
 
 @dataclass(frozen=True)

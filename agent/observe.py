@@ -1,4 +1,4 @@
-"""The live flow stream behind `fovea observe`: flows, drops and DNS transactions.
+"""The live flow stream behind `fovea observe`: flows, drops, DNS transactions and HTTP requests.
 
 The agent keeps the most recent records (named with pods and workloads) and
 serves them on a Unix socket and on 127.0.0.1 only (DESIGN.md), as
@@ -29,12 +29,13 @@ import socketserver
 import threading
 from datetime import datetime, timezone
 
-from agent.events import DnsTransaction, DropEvent, FlowRecord
+from agent.events import DnsTransaction, DropEvent, FlowRecord, HttpRequest
 from agent.supervise import Supervisor, fault
 
 log = logging.getLogger(__name__)
 
-FILTER_TYPES = {"namespace": str, "pod": str, "protocol": str, "port": int, "verdict": str, "dns": bool}
+FILTER_TYPES = {"namespace": str, "pod": str, "protocol": str, "port": int, "verdict": str, "dns": bool,
+                "http": bool}
 FILTER_KEYS = tuple(FILTER_TYPES)
 REQUEST_TYPES = {"last": int, "follow": bool, "filter": dict}
 MAX_REQUEST = 65536  # bytes of the request line
@@ -130,6 +131,14 @@ def record_dict(record, attribution=None, node: str = "") -> dict | None:
             "id": record.id, "qtype": record.qtype, "rcode": record.rcode, "name": record.name,
             "latency": record.duration, "answers": list(record.answers), "observer": record.observer,
         }
+    if isinstance(record, HttpRequest):
+        return {
+            "type": "http", "time": _time(record.start), "node": node, "verdict": "forwarded", "protocol": "tcp",
+            "source": describe_address(attribution, record.client, record.client_port),
+            "destination": describe_address(attribution, record.server, record.server_port),
+            "method": record.method, "path": record.path, "status_code": record.status_code,
+            "latency": record.duration, "observer": record.observer,
+        }
     return None
 
 
@@ -160,7 +169,8 @@ def matches(d: dict, f: dict) -> bool:
         return False
     if f.get("verdict") and d.get("verdict") != f["verdict"]:
         return False
-    if f.get("dns") and d.get("type") != "dns":
+    kinds = [kind for kind in ("dns", "http") if f.get(kind)]  # --dns --http: either
+    if kinds and d.get("type") not in kinds:
         return False
     return True
 

@@ -1,4 +1,4 @@
-"""OTLP traces: flows and DNS transactions as spans (DESIGN.md "Traces").
+"""OTLP traces: flows, DNS transactions and HTTP requests as spans (DESIGN.md "Traces").
 
 Records come from the event hub (agent/events.py) through a bounded queue;
 one thread turns them into spans with the OpenTelemetry SDK; a bounded span
@@ -6,6 +6,11 @@ queue feeds the OTLP exporter (gRPC or HTTP/protobuf) on a thread of its own.
 A collector that is down, slow or refusing costs queued spans, counted, and
 never the readers: publishing to the hub never blocks, and memory here is
 bounded by the two queues and the tables of drops and open flows.
+
+An HTTP request's span is a child of its connection's span (the window that
+holds the request), which is exported later, when that window is reported: the
+connection's span ids are chosen when its first request comes (ReservedIds),
+and the connection's requests and flow windows are sampled together.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import os
 import random
 import threading
 import time
+import zlib
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import (Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags,
+                                 set_span_in_context)
 
 from agent import __version__
-from agent.events import CaptureReport, DnsTransaction, DropEvent, FlowRecord
+from agent.events import CaptureReport, DnsTransaction, DropEvent, FlowRecord, HttpRequest
 from agent.flows import tcp_flag_names
 from agent.supervise import Supervisor, fault
 
@@ -40,6 +48,8 @@ MAX_DROP_KEYS = 10_000  # flows with drop events waiting for their span
 MAX_DROPS_PER_FLOW = 16
 RECORD_QUEUE = 10_000  # a full one loses records (fovea_agent_lost_events_total{source="records_otlp_queue_full"})
 MAX_OPEN_FLOWS = 100_000  # span contexts of long flows, for the next window's link
+MAX_REPORTED = 16_384  # TCP windows reported last, for an HTTP request published after its window
+HTTP_METHOD_OTHER = "_OTHER"  # semantic conventions: a method the instrumentation does not know
 
 
 def otlp_enabled(cfg) -> bool:
@@ -180,12 +190,54 @@ def _flow_key(transport: str, a: tuple[str, int], b: tuple[str, int]) -> tuple:
     return (transport, min(a, b), max(a, b))
 
 
+def _bounded_put(table: collections.OrderedDict, key, value, size: int) -> None:
+    """Put, forgetting the oldest entries past `size`."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > size:
+        table.popitem(last=False)
+
+
+def _connection_key(record) -> tuple | None:
+    """The TCP connection of a flow record or an HTTP request (the same for both), else None."""
+    if isinstance(record, HttpRequest):
+        return _flow_key("tcp", (record.client, record.client_port), (record.server, record.server_port))
+    if isinstance(record, FlowRecord) and record.transport == "tcp":
+        return _flow_key("tcp", (record.source, record.source_port), (record.destination, record.destination_port))
+    return None
+
+
+_RANDOM = RandomIdGenerator()
+
+
+class ReservedIds(RandomIdGenerator):
+    """Random ids, except for the next span when one was reserved for it: a connection's
+    span takes the ids its HTTP requests were given as their parent's."""
+
+    def __init__(self):
+        self.reserved: SpanContext | None = None
+
+    def generate_trace_id(self) -> int:
+        return self.reserved.trace_id if self.reserved else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        if self.reserved:
+            span_id, self.reserved = self.reserved.span_id, None
+            return span_id
+        return super().generate_span_id()
+
+
 class SpanBuilder:
     """Records -> spans, named by the attribution stage (pods, workloads, peers)."""
 
-    def __init__(self, tracer, attribution=None):
+    def __init__(self, tracer, ids: ReservedIds, attribution=None):
         self.tracer = tracer
+        self.ids = ids  # the tracer's id generator
         self.attribution = attribution
+        # The span ids of TCP connections' windows, for their HTTP requests: chosen by a request
+        # for the window to come, and those of the window reported last (with its last packet, ns).
+        self._next: collections.OrderedDict[tuple, SpanContext] = collections.OrderedDict()
+        self._reported: collections.OrderedDict[tuple, tuple[SpanContext, int]] = collections.OrderedDict()
         self._drops: collections.OrderedDict[tuple, list[DropEvent]] = collections.OrderedDict()
         self._links: collections.OrderedDict[int, object] = collections.OrderedDict()  # flow id -> SpanContext
 
@@ -252,8 +304,13 @@ class SpanBuilder:
         if previous is not None:
             links.append(Link(previous, {"fovea.link": "previous window"}))
         name = "tcp connection" if r.transport == "tcp" else f"{r.transport} flow"
+        connection = _connection_key(r)
+        self.ids.reserved = self._next.pop(connection, None)  # the ids its requests named as their parent's
         span = self.tracer.start_span(name, start_time=_ns(r.start), kind=SpanKind.INTERNAL,
                                       attributes=attrs, links=links)
+        self.ids.reserved = None
+        if connection is not None:
+            _bounded_put(self._reported, connection, (span.get_span_context(), _ns(r.end)), MAX_REPORTED)
         key = _flow_key(r.transport, (r.source, r.source_port), (r.destination, r.destination_port))
         for d in self._drops.pop(key, ()):
             span.add_event("drop", {"fovea.drop.reason": d.reason, "fovea.drop.packets": d.packets,
@@ -290,6 +347,40 @@ class SpanBuilder:
         span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))  # exact: seconds since 1970 lose ns
 
 
+    def _connection_span(self, key: tuple, start_ns: int) -> SpanContext:
+        """The span of the connection's window that holds `start_ns`: the window reported
+        last if the request began within it (a request published after that report),
+        else the window to come, whose ids are chosen now."""
+        reported = self._reported.get(key)
+        if reported is not None and start_ns <= reported[1]:
+            return reported[0]
+        parent = self._next.get(key)
+        if parent is None:
+            parent = SpanContext(_RANDOM.generate_trace_id(), _RANDOM.generate_span_id(), is_remote=False,
+                                 trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            _bounded_put(self._next, key, parent, MAX_OPEN_FLOWS)
+        return parent
+
+    def http_span(self, t: HttpRequest) -> None:
+        """A child of its connection's span, named by the semantic conventions' HTTP attributes."""
+        local, peer = (t.client, t.server) if t.observer == "source" else (t.server, t.client)
+        attrs = self._network(t.client, t.client_port, t.server, t.server_port, "tcp")
+        attrs.update({"fovea.observer": t.observer,
+                      "http.request.method": t.method if t.method != "OTHER" else HTTP_METHOD_OTHER})
+        if t.status_code is not None:
+            attrs["http.response.status_code"] = t.status_code
+        if t.path is not None:
+            attrs["url.path"] = t.path
+        attrs.update(self.endpoint_attributes(local, peer))
+        parent = self._connection_span(_connection_key(t), _ns(t.start))
+        span = self.tracer.start_span(f"http {t.method}", context=set_span_in_context(NonRecordingSpan(parent)),
+                                      start_time=_ns(t.start), kind=SpanKind.INTERNAL, attributes=attrs)
+        if t.status_code is None:
+            span.set_status(Status(StatusCode.ERROR, "no response"))
+        elif t.status_code >= 500:
+            span.set_status(Status(StatusCode.ERROR, str(t.status_code)))
+        span.end(end_time=_ns(t.start) + _ns(t.duration or 0.0))
+
     def capture_span(self, c: CaptureReport) -> None:
         """This node's part of a capture run: what it captured, where the file went."""
         attrs = {"fovea.capture.kind": c.kind, "fovea.capture.name": c.name, "fovea.capture.uid": c.uid,
@@ -318,9 +409,10 @@ class TraceExporter:
         self.supervisor = supervisor or Supervisor()
         self.processor = BoundedExportProcessor(exporter or make_exporter(cfg), cfg.otlp.queueSize,
                                                 cfg.otlp.batchSize, supervisor=self.supervisor)
-        self.provider = TracerProvider(resource=resource)
+        ids = ReservedIds()
+        self.provider = TracerProvider(resource=resource, id_generator=ids)
         self.provider.add_span_processor(self.processor)
-        self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), attribution)
+        self.builder = SpanBuilder(self.provider.get_tracer("fovea", __version__), ids, attribution)
         self.limit = RateLimit(cfg.otlp.maxSpansPerSecond)
         self.ratio = cfg.otlp.sampleRatio
         self.sampled_out = 0
@@ -335,6 +427,9 @@ class TraceExporter:
     def _sampled(self, record) -> bool:
         if self.ratio >= 1:
             return True
+        connection = _connection_key(record)
+        if connection is not None:  # a TCP connection's windows and HTTP requests together, or none
+            return random.Random(zlib.crc32(repr(connection).encode())).random() < self.ratio
         if isinstance(record, FlowRecord):  # every window of a flow, or none
             return random.Random(record.flow_id).random() < self.ratio
         return random.random() < self.ratio
@@ -346,7 +441,7 @@ class TraceExporter:
         if isinstance(record, CaptureReport):  # rare and asked for: never sampled out
             self.builder.capture_span(record)
             return
-        if not isinstance(record, (FlowRecord, DnsTransaction)):
+        if not isinstance(record, (FlowRecord, DnsTransaction, HttpRequest)):
             return
         if not self._sampled(record):
             self.sampled_out += 1
@@ -356,6 +451,8 @@ class TraceExporter:
             return
         if isinstance(record, FlowRecord):
             self.builder.flow_span(record)
+        elif isinstance(record, HttpRequest):
+            self.builder.http_span(record)
         else:
             self.builder.dns_span(record)
 

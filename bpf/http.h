@@ -32,9 +32,19 @@
  * response racing the expiry is counted once, one way or the other. A status
  * line that cannot be parsed answers its request with status class none.
  *
+ * A sampled share of the requests counted also goes up the http_events ring
+ * buffer, one record each, for spans and `fovea observe` (agent/plugins/http.py):
+ * no packet pays for it, only a counted request that is sampled. Whether a
+ * request is sampled is a hash of its first byte's time (http_sampled), so the
+ * request's packet and the one that counts it agree without storing a flag;
+ * with HTTP_PATH_BYTES set (http.urlPath), the request's packet sends up the
+ * first bytes of its request line (struct http_path_event) for url.path.
+ *
  * Set from user space (-D): HTTP_PORT(p) or HTTP_ALL_PORTS, HTTP_COUNT_SIZE,
  * HTTP_INFLIGHT_SIZE, HTTP_DURATION_BASE_NS (upper bound of the first
- * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS.
+ * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS,
+ * HTTP_SAMPLE_THRESHOLD (0..2^32; 0: no records), HTTP_PATH_BYTES (a power of
+ * two up to HTTP_LINE_MAX; unset: no request lines).
  */
 #ifndef FOVEA_HTTP_H
 #define FOVEA_HTTP_H
@@ -71,7 +81,9 @@
 #define HTTP_PIPELINED 3           /* a request sent before the previous one's response */
 #define HTTP_INFLIGHT_FULL 4       /* a request not tracked (counted at once, status class none) */
 #define HTTP_COUNTS_FULL 5         /* a request or duration not counted: the table is full */
-#define HTTP_STATS 6
+#define HTTP_EVENTS_FULL 6         /* a sampled request's record lost: the ring buffer is full */
+#define HTTP_STATS 7
+#define HTTP_EVENT_PAGES 64        /* http_events: ~3,600 requests between two reads (~650 with lines) */
 
 struct http_conn {
     u8 family;
@@ -109,6 +121,26 @@ struct http_duration_key {
     u8 server[16];
 };
 
+/* A sampled request, as it was counted (agent/plugins/http.py HttpEvent). */
+struct http_event {
+    u64 ts;       /* bpf_ktime_get_ns() of the request's first byte */
+    u64 duration; /* ns to the response's first byte; 0 without a status code */
+    struct http_conn conn;
+    u32 ifindex;
+    u16 status;   /* 100..599, 0: none */
+    u8 method;
+    u8 to_pod;
+};
+
+/* A sampled request's line (with HTTP_PATH_BYTES), sent before its http_event. */
+struct http_path_event {
+    u64 ts; /* the request's first byte: with conn, names its http_event */
+    struct http_conn conn;
+    u32 length; /* bytes of line that hold the payload's first bytes */
+    u32 pad;
+    u8 line[HTTP_LINE_MAX];
+};
+
 struct http_line {
     u8 b[HTTP_LINE_MAX];
 };
@@ -118,6 +150,17 @@ BPF_PERCPU_HASH(http_counts, struct http_count_key, struct fovea_counter, HTTP_C
 BPF_PERCPU_HASH(http_durations, struct http_duration_key, struct fovea_counter, HTTP_COUNT_SIZE); /* requests, ns */
 BPF_PERCPU_ARRAY(http_stats, u64, HTTP_STATS);
 BPF_PERCPU_ARRAY(http_scratch, struct http_line, 1);
+FOVEA_RINGBUF(http_events, HTTP_EVENT_PAGES);
+#ifdef HTTP_PATH_BYTES
+BPF_PERCPU_ARRAY(http_path_scratch, struct http_path_event, 1);
+#endif
+
+/* Is the request whose first byte came at `ts` (ns) sampled? A multiplicative hash:
+ * the nanoseconds' low bits spread over the top 32 bits, compared with the threshold. */
+static __always_inline int http_sampled(u64 ts)
+{
+    return HTTP_SAMPLE_THRESHOLD && ((ts * 0x9E3779B97F4A7C15ULL) >> 32) < (u64)HTTP_SAMPLE_THRESHOLD;
+}
 
 static __always_inline void http_stat(int reason)
 {
@@ -183,8 +226,9 @@ static __always_inline int http_line_is_http(struct __sk_buff *skb, u32 off, u32
 }
 
 /* What the payload at off..end starts with; *what: the method, the status
- * class, or the reject reason. Bytes past the payload read as 0 and match nothing. */
-static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u8 *what)
+ * class, or the reject reason; *code: a response's status code. Bytes past the
+ * payload read as 0 and match nothing. */
+static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u8 *what, u16 *code)
 {
     u8 b[HTTP_PEEK] = {};
     u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
@@ -211,6 +255,7 @@ static __always_inline int http_parse(struct __sk_buff *skb, u32 off, u32 end, u
         if (n > 12 && b[12] != ' ' && b[12] != '\r')
             return HTTP_REJECTED;
         *what = b[9] - '0';
+        *code = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
         return HTTP_RESPONSE;
     }
     if (b[0] < 'A' || b[0] > 'Z')
@@ -303,7 +348,9 @@ static __always_inline void http_count(struct http_conn *c, u8 to_pod, u8 method
 
 /* What one packet makes countable: a request, with its status class and duration. */
 struct http_outcome {
+    u64 ts; /* the request's first byte */
     u64 ns;
+    u16 code; /* the status code, 0: none */
     u8 count; /* 1: count it */
     u8 to_pod;
     u8 method;
@@ -311,14 +358,40 @@ struct http_outcome {
     s8 stat; /* an http_stats index to add one to, or -1 */
 };
 
+/* The first bytes of a sampled request's line, for url.path. */
+static __always_inline void http_send_line(struct __sk_buff *skb, struct http_conn *c, u64 now, u32 off, u32 end)
+{
+#ifdef HTTP_PATH_BYTES
+    if (!http_sampled(now))
+        return;
+    int zero = 0;
+    fovea_map_op();
+    struct http_path_event *ev = http_path_scratch.lookup(&zero);
+    if (!ev)
+        return;
+    u32 n = (end - off) & 0xffff; /* a bound the verifier sees on the very register it checks */
+    if (n > HTTP_PATH_BYTES)
+        n = HTTP_PATH_BYTES;
+    if (n == 0 || bpf_skb_load_bytes(skb, off, ev->line, n) < 0)
+        return;
+    ev->ts = now;
+    ev->conn = *c;
+    ev->length = n;
+    if (http_events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+        http_stat(HTTP_EVENTS_FULL);
+#endif
+}
+
 static __always_inline void http_on_request(struct __sk_buff *skb, struct http_conn *c, u8 method, u8 to_pod,
-                                            u64 now, struct http_outcome *out)
+                                            u64 now, u32 off, u32 end, struct http_outcome *out)
 {
     struct http_request r = {.ts = now, .ifindex = skb->ifindex, .method = method, .to_pod = to_pod,
                              .inflight = 1};
     fovea_map_op();
-    if (http_inflight.insert(c, &r) == 0)
+    if (http_inflight.insert(c, &r) == 0) {
+        http_send_line(skb, c, now, off, end);
         return;
+    }
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
     if (e) {
@@ -330,12 +403,14 @@ static __always_inline void http_on_request(struct __sk_buff *skb, struct http_c
     }
     out->stat = e ? HTTP_PIPELINED : HTTP_INFLIGHT_FULL;
     out->count = 1;
+    out->ts = now;
+    http_send_line(skb, c, now, off, end);
     out->to_pod = to_pod;
     out->method = method;
 }
 
-static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u64 now,
-                                             struct http_outcome *out)
+static __always_inline void http_on_response(struct __sk_buff *skb, struct http_conn *c, u8 status, u16 code,
+                                             u64 now, struct http_outcome *out)
 {
     fovea_map_op();
     struct http_request *e = http_inflight.lookup(c);
@@ -358,6 +433,8 @@ static __always_inline void http_on_response(struct __sk_buff *skb, struct http_
     out->to_pod = r.to_pod;
     out->method = r.method;
     out->status = status;
+    out->code = status == HTTP_STATUS_NONE ? 0 : code;
+    out->ts = r.ts;
     out->ns = now > r.ts ? now - r.ts : 0;
 }
 
@@ -379,9 +456,22 @@ static __always_inline void http_end(struct __sk_buff *skb, struct fovea_packet 
     fovea_map_op();
     if (http_inflight.delete(c) == 0 && r.inflight) {
         out->count = 1;
+        out->ts = r.ts;
         out->to_pod = r.to_pod;
         out->method = r.method;
     }
+}
+
+/* A sampled request's record for user space (spans, `fovea observe`). */
+static __always_inline void http_sample(struct __sk_buff *skb, struct http_conn *c, struct http_outcome *out)
+{
+    if (!http_sampled(out->ts))
+        return;
+    struct http_event ev = {.ts = out->ts, .duration = out->code ? out->ns : 0, .conn = *c,
+                            .ifindex = skb->ifindex, .status = out->code, .method = out->method,
+                            .to_pod = out->to_pod};
+    if (http_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        http_stat(HTTP_EVENTS_FULL);
 }
 
 /* Count one packet seen at a pod interface; to_pod: sent to the pod. */
@@ -397,7 +487,8 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
     u32 off = pkt->l4_offset + (pkt->tcp_doff >> 4) * 4, end = pkt->end;
     if (off < end) {
         u8 what = 0;
-        int kind = http_parse(skb, off, end, &what);
+        u16 code = 0;
+        int kind = http_parse(skb, off, end, &what, &code);
         if (kind == HTTP_REJECTED)
             out.stat = what;
         if (kind == HTTP_REQUEST || kind == HTTP_RESPONSE ||
@@ -405,9 +496,9 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
             u64 now = bpf_ktime_get_ns();
             http_conn_of(&c, pkt, kind == HTTP_REQUEST);
             if (kind == HTTP_REQUEST)
-                http_on_request(skb, &c, what, to_pod, now, &out);
+                http_on_request(skb, &c, what, to_pod, now, off, end, &out);
             else
-                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, now, &out);
+                http_on_response(skb, &c, kind == HTTP_RESPONSE ? what : HTTP_STATUS_NONE, code, now, &out);
         }
     }
     /* A FIN or RST in a segment that also counted (a response with FIN): the next one ends it. */
@@ -415,8 +506,10 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
         http_end(skb, pkt, &c, &out);
     if (out.stat >= 0)
         http_stat(out.stat);
-    if (out.count)
+    if (out.count) {
         http_count(&c, out.to_pod, out.method, out.status, out.ns);
+        http_sample(skb, &c, &out);
+    }
 }
 
 #endif

@@ -37,6 +37,7 @@ class Span:
     links: list[tuple[bytes, bytes]]  # (trace id, span id)
     trace_id: bytes
     span_id: bytes
+    parent_span_id: bytes = b""  # empty for a root span
 
     @property
     def duration(self) -> float:
@@ -64,6 +65,7 @@ class Collected:
                         s.status.code, s.status.message,
                         [(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events],
                         [(link.trace_id, link.span_id) for link in s.links], s.trace_id, s.span_id,
+                        s.parent_span_id,
                     ))
         with self.lock:
             self.spans.extend(out)

@@ -13,7 +13,7 @@ from agent.errors import FoveaError
 def run_observe(args, server: str | None, socket_path: str = "") -> int:
     """Print the records the observe flags ask for (also `kubectl fovea observe`)."""
     filt = {"namespace": args.namespace, "pod": args.pod, "protocol": args.protocol, "port": args.port,
-            "verdict": args.verdict, "dns": args.dns or None}
+            "verdict": args.verdict, "dns": args.dns or None, "http": args.http or None}
     last = args.last if args.last is not None else (0 if args.follow else 20)
     request = {"last": last, "follow": args.follow, "filter": {k: v for k, v in filt.items() if v is not None}}
     conn = connect(server, socket_path)
@@ -36,6 +36,7 @@ def add_observe_filters(o: argparse.ArgumentParser) -> None:
     o.add_argument("--verdict", choices=["forwarded", "dropped", "refused", "timeout"],
                    help="dropped: drops only; refused, timeout: TCP connection attempts that failed so")
     o.add_argument("--dns", action="store_true", help="DNS transactions only")
+    o.add_argument("--http", action="store_true", help="HTTP requests only (with --dns: both)")
     o.add_argument("-o", "--output", choices=["human", "json"], default="human",
                    help="human (default) or json: one JSON object per line")
     o.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
@@ -112,4 +113,9 @@ def format_human(d: dict) -> str:
     if kind == "dns":
         latency = f"{d['latency'] * 1000:.1f} ms" if d.get("latency") is not None else "no answer"
         return f"{head}  {d['qtype']} {d.get('name') or '?'} {d.get('rcode') or 'UNANSWERED'} {latency}"
+    if kind == "http":
+        request = f"{d['method']} {d['path']}" if d.get("path") is not None else d["method"]
+        if d.get("status_code") is None:
+            return f"{head}  {request} NO RESPONSE"
+        return f"{head}  {request} {d['status_code']} {d['latency'] * 1000:.1f} ms"
     return f"{head}  {json.dumps(d)}"

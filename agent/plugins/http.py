@@ -10,8 +10,17 @@ log2 bucket). Here:
   client's node when the client is a pod of the cluster, at the server's only
   when not; a Service's ClusterIP names the Service;
 - requests in flight longer than `http.timeout` are taken out of the kernel's
-  table (an atomic lookup-and-delete) and counted with status_class none.
-Python's cost grows with pairs and scrapes, not with the request rate.
+  table (an atomic lookup-and-delete) and counted with status_class none;
+- a sampled share of the requests (`http.sampleRatio`: a hash of the request's
+  first byte's time, in the kernel and here for the expired ones, so both agree)
+  is published as HttpRequest records on the event hub, for spans and `fovea
+  observe --http`, with url.path when `http.urlPath` is on (the request line's
+  first bytes come up before the request's record and wait for it). Their ring
+  buffer is read on the read loop, with the flow table (bpf.ring_buffer_consume
+  reads every ring buffer of the pods programs), so a request is published
+  before the flow report that covers its packets: its span finds its
+  connection's (agent/traces.py).
+Python's cost grows with pairs, scrapes and sampled requests, not with the request rate.
 """
 
 from __future__ import annotations
@@ -19,17 +28,19 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.addresses import ip_text
-from agent.attribution import WAIT
-from agent.config import HttpConfig
+from agent.attribution import WAIT, http_addresses
+from agent.config import MAX_URL_PATH, HttpConfig
 from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
+from agent.events import HttpRequest
 from agent.maps import CounterHash, take_expired
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
+from agent.plugins.dns import OBSERVERS, wall_clock
 from agent.plugins.pods import PAIR_LABELS, PodsPlugin
 from agent.series import SeriesStore
 
@@ -42,16 +53,76 @@ DURATION_BASE_NS = 250_000  # first bucket: 0.25 ms; each next one doubles it
 DURATION_BUCKETS = 17  # up to 16.4 s
 # Index in http_stats (bpf/http.h).
 KERNEL_REJECTS = ("status_line", "request_line")
-UNMATCHED, PIPELINED, INFLIGHT_FULL, COUNTS_FULL = 2, 3, 4, 5
-STATS = 6
+UNMATCHED, PIPELINED, INFLIGHT_FULL, COUNTS_FULL, EVENTS_FULL = 2, 3, 4, 5, 6
+STATS = 7
 DURATION = "duration"  # pending key kind of a duration bucket (beside a method index)
+LINE_MAX = 256  # HTTP_LINE_MAX (bpf/http.h)
+MAX_WAITING_LINES = 10_000  # sampled request lines waiting for their request's record
+
+
+class HttpConn(ct.Structure):
+    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("client_port", ct.c_uint16),
+                ("server_port", ct.c_uint16), ("client", ct.c_uint8 * 16), ("server", ct.c_uint8 * 16)]
+
+
+class HttpEvent(ct.Structure):
+    """struct http_event (bpf/http.h): one sampled request."""
+
+    _fields_ = [("ts", ct.c_uint64), ("duration", ct.c_uint64), ("conn", HttpConn), ("ifindex", ct.c_uint32),
+                ("status", ct.c_uint16), ("method", ct.c_uint8), ("to_pod", ct.c_uint8)]
+
+
+class HttpPathEvent(ct.Structure):
+    """struct http_path_event (bpf/http.h): a sampled request's line, before its HttpEvent."""
+
+    _fields_ = [("ts", ct.c_uint64), ("conn", HttpConn), ("length", ct.c_uint32), ("pad", ct.c_uint32),
+                ("line", ct.c_uint8 * LINE_MAX)]
+
+
+def sampled(ts_ns: int, threshold: int) -> bool:
+    """http_sampled (bpf/http.h): the same choice for a request the kernel did not count."""
+    return threshold > 0 and ((ts_ns * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 32 < threshold
+
+
+def url_path(line: bytes, max_length: int) -> str | None:
+    """The path of a request line's target (no query, no fragment), cut at max_length
+    characters; None when the target has none (`*`, an authority) or was not read."""
+    _, space, rest = line.partition(b" ")
+    target = rest.split(b" ", 1)[0].split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if b"://" in target[:16]:  # absolute-form, as sent to a proxy: scheme://authority/path
+        target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    if not space or not path.startswith(b"/"):
+        return None
+    return path.decode("utf-8", "replace")[:max_length]
+
+
+def method_name(index: int) -> str:
+    return METHODS[index] if index < len(METHODS) else "OTHER"
+
+
+def http_request(conn, start: float, duration_ns: int, method: int, status: int, to_pod: bool,
+                 ifindex: int, path: str | None = None) -> HttpRequest:
+    """A kernel request (an event, or an expired in-flight entry) as a hub record."""
+    return HttpRequest(
+        start=start, duration=duration_ns / 1e9 if status else None,
+        client=ip_text(conn.family, conn.client), client_port=conn.client_port,
+        server=ip_text(conn.family, conn.server), server_port=conn.server_port,
+        method=method_name(method), status_code=status or None,
+        observer=OBSERVERS[1 if to_pod else 0], ifindex=ifindex, path=path)  # seen sent to the server pod: its end
+
+
+def sample_threshold(cfg: HttpConfig) -> int:
+    return min(1 << 32, int(cfg.sampleRatio * (1 << 32)))  # sampled: a 32-bit hash below it
 
 
 def http_cflags(cfg: HttpConfig) -> list[str]:
     """The -D flags that put bpf/http.h into the pods programs."""
     ports = ("-DHTTP_ALL_PORTS" if not cfg.ports
              else "-DHTTP_PORT(p)=(" + "||".join(f"(p)=={p}" for p in cfg.ports) + ")")
+    path = [f"-DHTTP_PATH_BYTES={min(LINE_MAX, cfg.urlPathMaxLength + LINE_MAX - MAX_URL_PATH)}"] if cfg.urlPath else []
     return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}",
+            f"-DHTTP_SAMPLE_THRESHOLD={sample_threshold(cfg)}ULL", *path,
             f"-DHTTP_INFLIGHT_SIZE={cfg.inflightMapSize}",
             f"-DHTTP_DURATION_BASE_NS={DURATION_BASE_NS}ULL", f"-DHTTP_DURATION_BUCKETS={DURATION_BUCKETS}"]
 
@@ -64,12 +135,14 @@ def bucket_bounds() -> list[str]:
 class _Maps:
     """The HTTP maps inside the pods plugin's BPF object."""
 
-    def __init__(self, bpf, idle_reads: int):
+    def __init__(self, bpf, idle_reads: int, on_event):
+        self.bpf = bpf
         self.counts = CounterHash(bpf[b"http_counts"], self._decode_count, idle_reads)
         self.durations = CounterHash(bpf[b"http_durations"], self._decode_duration, idle_reads)
         self.inflight = bpf[b"http_inflight"]
         self.stats = bpf[b"http_stats"]
         self.inflight_entries = 0
+        bpf[b"http_events"].open_ring_buffer(on_event)
 
     @staticmethod
     def _decode_count(k) -> tuple:
@@ -95,6 +168,7 @@ class HttpPlugin(Plugin, TcExtension):
         self._failed = ""  # why HTTP is not in the pods programs
         self._stats = [0] * STATS
         self.unanswered_expired = 0
+        self.published = 0
 
     # -- the plugin -----------------------------------------------------------
 
@@ -118,16 +192,23 @@ class HttpPlugin(Plugin, TcExtension):
                                      keep_on_overflow=("bucket",))
         self._pending = self.attribution.pending("http")
         self._timeout_ns = int(cfg.http.timeout * 1e9)
+        self._threshold = sample_threshold(cfg.http)
+        self._path_length = cfg.http.urlPathMaxLength if cfg.http.urlPath else 0
+        self._lines: OrderedDict[tuple[bytes, int], str | None] = OrderedDict()  # (conn, ts) -> url.path
+        # Sampled requests naming a pod not known yet wait for it (the pending window).
+        self._records = self.attribution.holding("http_request", ctx.events.publish, http_addresses)
 
     def refresh(self) -> None:
         maps = self._maps
         if maps is None:
             return
+        maps.bpf.ring_buffer_consume()  # sampled requests (also read with the flow table, before it)
         for read in (maps.counts.read(), maps.durations.read()):
             self._pending.add(read)
         self._stats = maps.stat_totals()
         self._expire(maps, time.monotonic_ns())
         self._pending.drain(self._attribute)
+        self._records.release()
         for store in (self.requests, self.durations):
             store.touch(lambda labels: True)  # bounded by workload pairs, kept
 
@@ -159,6 +240,9 @@ class HttpPlugin(Plugin, TcExtension):
                      leaf.method, 0)
                 expired[k] = (expired[k][0] + 1, 0)
                 self.unanswered_expired += 1
+                if sampled(leaf.ts, self._threshold):  # as the kernel samples those it counts
+                    self._publish(http_request(key, wall_clock(leaf.ts), 0, leaf.method, 0, leaf.to_pod,
+                                               leaf.ifindex, self._lines.pop((bytes(key), leaf.ts), None)))
         self._pending.add(expired)
 
     def metrics(self):
@@ -217,13 +301,38 @@ class HttpPlugin(Plugin, TcExtension):
                     "pods/http_inflight": self._maps.inflight_entries / self._maps.inflight.max_entries}
         return PluginHealth(
             map_fill=fill,
-            lost={"http_inflight_full": self._stats[INFLIGHT_FULL], "http_counts_full": self._stats[COUNTS_FULL]},
+            lost={"http_inflight_full": self._stats[INFLIGHT_FULL], "http_counts_full": self._stats[COUNTS_FULL],
+                  "http_events": self._stats[EVENTS_FULL]},
             series={"fovea_workload_http_requests_total": len(self.requests)} if self._ctx else {},
             overflowed={"fovea_workload_http_requests_total": self.requests.overflowed} if self._ctx else {},
         )
 
     def close(self) -> None:
         self._maps = None
+        if self._ctx is not None:
+            self._records.flush()
+
+    # -- sampled requests (the read loop) ---------------------------------------------
+
+    def _on_event(self, _ctx, data, size) -> None:
+        if size >= ct.sizeof(HttpPathEvent):  # a request line: its request's record follows
+            line = ct.cast(data, ct.POINTER(HttpPathEvent)).contents
+            if self._path_length:
+                text = bytes(line.line[:min(line.length, LINE_MAX)])
+                self._lines[(bytes(line.conn), line.ts)] = url_path(text, self._path_length)
+                while len(self._lines) > MAX_WAITING_LINES:  # lines whose request was never counted here
+                    self._lines.popitem(last=False)
+            return
+        if size < ct.sizeof(HttpEvent):
+            return
+        ev = ct.cast(data, ct.POINTER(HttpEvent)).contents
+        self._publish(http_request(ev.conn, wall_clock(ev.ts), ev.duration, ev.method, ev.status, ev.to_pod,
+                                   ev.ifindex, self._lines.pop((bytes(ev.conn), ev.ts), None)))
+
+    def _publish(self, record: HttpRequest) -> None:
+        if self._ctx is not None:
+            self._records.publish(record)
+            self.published += 1
 
     # -- the extension of the pods programs ---------------------------------------
 
@@ -231,7 +340,7 @@ class HttpPlugin(Plugin, TcExtension):
         return list(self._cflags) if program == HOST else []
 
     def loaded(self, program: str, bpf) -> None:
-        self._maps = _Maps(bpf, self._idle_reads)
+        self._maps = _Maps(bpf, self._idle_reads, self._on_event)
         self._failed = ""
         log.info("counting HTTP in the %s programs (%s)", program, self._ports)
 

@@ -45,7 +45,8 @@ def test_defaults():
     assert top["dns"] == {"timeout": 5.0, "sampleRatio": 0.01, "sampleBytes": 512, "mapSize": 4096,
                           "inflightMapSize": 16384}
     assert top["http"] == {"enabled": True, "ports": (80, 8080, 8000, 3000, 5000, 9090), "timeout": 60.0,
-                           "mapSize": 4096, "inflightMapSize": 16384}
+                           "mapSize": 4096, "inflightMapSize": 16384, "sampleRatio": 0.01,
+                           "urlPath": False, "urlPathMaxLength": 128}
     assert top["podLevel"] == {"allPods": False, "seriesTTL": 300.0, "maxSeries": 10000, "pendingWindow": 30.0}
     assert top["kernel"] == {"headers": "", "btf": "/sys/kernel/btf/vmlinux", "cacheDir": "/var/cache/fovea"}
     assert top["tls"] == {"certFile": "", "keyFile": ""}
@@ -184,6 +185,8 @@ HTTP_PORTS_HINT = "it must be at most 16 distinct TCP ports, 1-65535 (or [] for 
     ({"http": HttpConfig(ports=tuple(range(1, 18)))}, "http.ports", HTTP_PORTS_HINT),
     ({"http": HttpConfig(timeout=0.0)}, "http.timeout", "it must be more than 0 and at most 3600 seconds"),
     ({"http": HttpConfig(inflightMapSize=0)}, "http.inflightMapSize", "it must be 1 to 4194304"),
+    ({"http": HttpConfig(sampleRatio=1.5)}, "http.sampleRatio", "it must be a share from 0 to 1"),
+    ({"http": HttpConfig(urlPathMaxLength=241)}, "http.urlPathMaxLength", "it must be 1 to 240"),
     ({"flows": FlowsConfig(connectTimeout=0.0)}, "flows.connectTimeout",
      "it must be more than 0 and at most 3600 seconds"),
 ])

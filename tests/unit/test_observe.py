@@ -15,7 +15,7 @@ from agent.events import DropEvent, EventHub
 from agent.k8s.static import StaticPods
 from agent.cli.observe import connect, format_human, stream
 from agent.observe import ObserveServer, matches, record_dict
-from tests.unit.test_traces import dns, flow
+from tests.unit.test_traces import dns, flow, http
 
 NOW = time.time()
 
@@ -82,6 +82,35 @@ def test_human_output_is_one_line_per_record(server, capsys):
     assert "shop/web-1:40001 -> data/db-0:5432" in lines[0] and "fin" in lines[0]
     assert "DROPPED NETFILTER_DROP" in lines[2]
     assert "AAAA nope. NXDOMAIN 4.2 ms" in lines[3]
+
+
+def test_http_requests_in_the_stream_with_the_other_filters(server, capsys):
+    srv, hub, sock = server
+    hub.publish(http(method="POST", status_code=201, duration=0.0123))  # shop/web-1:40001 -> data/db-0:5432
+    hub.publish(http(client_port=40009, method="OTHER", status_code=None, duration=None, observer="destination"))
+    deadline = time.monotonic() + 5
+    while len(srv.recent) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ok, none = [json.loads(x) for x in run_cli(capsys, "--socket", sock, "-o", "json", "--http")]
+    assert ok == {"type": "http", "time": ok["time"], "node": "n1", "verdict": "forwarded", "protocol": "tcp",
+                  "source": {"address": "10.1.0.5", "port": 40001, "namespace": "shop", "pod": "web-1",
+                             "workload": "web"},
+                  "destination": {"address": "10.1.0.9", "port": 5432, "namespace": "data", "pod": "db-0",
+                                  "workload": "db"},
+                  "method": "POST", "path": None, "status_code": 201, "latency": 0.0123, "observer": "source"}
+    assert (none["method"], none["status_code"], none["latency"]) == ("OTHER", None, None)
+    human = run_cli(capsys, "--socket", sock, "--http")
+    assert human[0].endswith("HTTP  tcp  shop/web-1:40001 -> data/db-0:5432  POST 201 12.3 ms")
+    assert human[1].endswith("HTTP  tcp  shop/web-1:40009 -> data/db-0:5432  OTHER NO RESPONSE")
+    with_path = record_dict(http(path="/cart/items", status_code=404, duration=0.002))
+    assert with_path["path"] == "/cart/items" and format_human(with_path).endswith("GET /cart/items 404 2.0 ms")
+    types = lambda *args: [json.loads(x)["type"] for x in run_cli(capsys, "--socket", sock, "-o", "json", *args)]  # noqa: E731
+    assert types("--http", "--dns") == ["dns", "http", "http"]  # either
+    assert types("--http", "--port", "40009") == ["http"]
+    assert types("--http", "--pod", "data/db-0", "--protocol", "tcp", "--verdict", "forwarded") == ["http", "http"]
+    assert types("--http", "--namespace", "elsewhere") == types("--http", "--protocol", "udp") == []
+    assert types("--http", "--verdict", "dropped") == []
+    assert types("--port", "5432") == ["flow", "drop", "http", "http"]
 
 
 def test_follow_streams_new_records(server):

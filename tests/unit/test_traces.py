@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import Config, OtlpConfig
 from agent.attribution import Attribution
-from agent.events import CaptureReport, DnsTransaction, DropEvent, EventHub, FlowRecord
+from agent.events import CaptureReport, DnsTransaction, DropEvent, EventHub, FlowRecord, HttpRequest
 from agent.k8s.static import StaticPods
 from agent.traces import RateLimit, TraceExporter, otlp_enabled
 from tests.conftest import free_port
@@ -32,6 +32,13 @@ def flow(**kw) -> FlowRecord:
                 observer="source", final=True, end_reason="fin")
     base.update(kw)
     return FlowRecord(**base)
+
+
+def http(**kw) -> HttpRequest:
+    base = dict(start=NOW + 0.1, duration=0.002, client="10.1.0.5", client_port=40001, server="10.1.0.9",
+                server_port=5432, method="GET", status_code=200, observer="source")
+    base.update(kw)
+    return HttpRequest(**base)
 
 
 def attribution(tmp_path) -> Attribution:
@@ -128,6 +135,63 @@ def test_flow_spans_windows_link_and_drops_become_events(receiver, tmp_path):
     assert udp.attributes["fovea.observer"] == "destination"
     assert udp.attributes["k8s.pod.name"] == "db-0" and udp.attributes["k8s.statefulset.name"] == "db"
     assert udp.attributes["fovea.peer.pod"] == "web-1"
+
+
+def test_http_requests_are_children_of_their_connections_window(receiver, tmp_path):
+    """Requests come before the window that holds them is reported (the reader publishes
+    them first), or just after it; each span's parent is that window's span."""
+    hub = EventHub()
+    cfg = Config(nodeName="node-a", otlp=OtlpConfig(enabled=True, protocol=receiver.protocol,
+                                                    endpoint=receiver.endpoint))
+    exp = TraceExporter(cfg, hub, attribution=attribution(tmp_path))
+    hub.publish(http(start=NOW + 1, status_code=201, method="POST", path="/orders"))
+    hub.publish(http(start=NOW + 2, status_code=None, duration=None))
+    hub.publish(flow(window=0, final=False, end_reason="interval", end=NOW + 60))
+    hub.publish(http(start=NOW + 59, status_code=503, method="OTHER"))  # published after its window
+    hub.publish(http(start=NOW + 61, status_code=404, method="DELETE", observer="destination"))
+    hub.publish(flow(window=1, start=NOW + 60, end=NOW + 62))
+    hub.publish(http(start=NOW, client_port=40002))  # another connection: its flow is not reported
+    exp.close()
+    spans = receiver.wait(lambda s: True, timeout=10)
+    first, second = sorted((s for s in spans if s.name == "tcp connection"),
+                           key=lambda s: s.attributes["fovea.flow.window"])
+    requests = {s.attributes.get("http.response.status_code"): s for s in spans if s.name.startswith("http ")}
+    assert len(requests) == 5 and len(spans) == 7
+    for code, window in ((201, first), (None, first), (503, first), (404, second)):
+        s = requests[code]
+        assert (s.trace_id, s.parent_span_id) == (window.trace_id, window.span_id), code
+    assert first.parent_span_id == b"" and second.parent_span_id == b""
+    ok = requests[201]
+    assert ok.name == "http POST" and ok.attributes["http.request.method"] == "POST" and not ok.error
+    assert ok.end_ns - ok.start_ns == 2_000_000
+    assert ok.attributes["url.path"] == "/orders" and "url.path" not in requests[404].attributes
+    assert (ok.attributes["k8s.pod.name"], ok.attributes["fovea.peer.pod"]) == ("web-1", "db-0")
+    assert (ok.attributes["source.port"], ok.attributes["destination.port"]) == (40001, 5432)
+    assert ok.attributes["network.transport"] == "tcp" and ok.attributes["fovea.observer"] == "source"
+    assert requests[None].error and requests[None].status_message == "no response"
+    assert "http.response.status_code" not in requests[None].attributes
+    assert requests[503].error and requests[503].attributes["http.request.method"] == "_OTHER"
+    assert not requests[404].error  # an answer: only 5xx and no response are errors
+    assert requests[404].attributes["k8s.pod.name"] == "db-0"  # the server's end was seen
+    orphan = requests[200]  # its parent is the window to come, never reported here
+    assert orphan.parent_span_id not in {first.span_id, second.span_id} and orphan.parent_span_id
+
+
+def test_a_connection_and_its_requests_are_sampled_together():
+    hub = EventHub()
+    cfg = Config(otlp=OtlpConfig(enabled=True, endpoint="http://127.0.0.1:9", sampleRatio=0.5))
+    exp = TraceExporter(cfg, hub)
+    try:
+        kept = []
+        for port in range(40000, 40400):
+            decisions = {exp._sampled(flow(source_port=port, flow_id=port)),
+                         exp._sampled(flow(source_port=port, flow_id=port + 1, window=1)),
+                         exp._sampled(http(client_port=port)), exp._sampled(http(client_port=port, method="PUT"))}
+            assert len(decisions) == 1, port  # all or none
+            kept.append(decisions.pop())
+        assert 140 <= sum(kept) <= 260  # binomial(400, 0.5): mean 200, sd 10; 6 sd
+    finally:
+        exp.close()
 
 
 def test_collector_down_drops_are_counted_and_memory_is_bounded_then_export_resumes():
