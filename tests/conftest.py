@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -161,6 +162,24 @@ class RunningAgent:
             self.log.close()
             os.unlink(self.log.name)
         return self.proc.returncode
+
+
+class LabHTTPConnection(http.client.HTTPConnection):
+    """http.client over a socket made in a lab namespace (Nagle off: each request goes out at once)."""
+
+    def __init__(self, lab, ep, host: str, port: int, timeout: float = 5):
+        super().__init__(host, port, timeout=timeout)
+        self.lab, self.ep = lab, ep
+
+    def connect(self):
+        self.sock = self.lab.socket(self.ep.netns, socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock.connect((self.host, self.port))
+        except OSError:
+            self.close()
+            raise
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO, RunningAgent, free_port, node_lab, require, self_signed_cert
+from tests.conftest import REPO, LabHTTPConnection, RunningAgent, free_port, node_lab, require, self_signed_cert
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
 
 pytestmark = pytest.mark.kernel
@@ -126,23 +126,6 @@ class Answer(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-class LabHTTPConnection(http.client.HTTPConnection):
-    """An HTTP client connection from a socket in a lab pod's namespace."""
-
-    def __init__(self, lab, pod, host: str, port: int):
-        super().__init__(host, port, timeout=5)
-        self.lab, self.pod = lab, pod
-
-    def connect(self):
-        self.sock = self.lab.socket(self.pod.netns, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        try:
-            self.sock.connect((self.host, self.port))
-        except OSError:
-            self.close()
-            raise
 
 
 # One cycle of api's calls: a keep-alive connection that ends when db drops it unanswered,

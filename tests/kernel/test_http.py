@@ -14,7 +14,6 @@ request, and its sum lies within the clients' measured times.
 
 from __future__ import annotations
 
-import http.client
 import http.server
 import socket
 import threading
@@ -24,9 +23,10 @@ from collections import Counter
 import pytest
 import yaml
 
-from tests.conftest import RunningAgent, node_lab
+from tests.conftest import LabHTTPConnection, RunningAgent, node_lab
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
 from tests.kernel.conftest import HostNat
+from tests.kernel.test_flows import Server
 
 pytestmark = pytest.mark.kernel
 
@@ -76,30 +76,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PURGE = _answer
 
 
-class Sink:
-    """A TCP server that reads each connection to EOF and closes it without a word."""
-
-    def __init__(self, lab, ep, port: int):
-        self.sock = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((ep.ipv4, port))
-        self.sock.listen(64)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(65536):
-                    pass
-
-    def close(self):
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def servers(lab):
     api = lab.pods[1]
@@ -109,7 +85,7 @@ def servers(lab):
         server = http.server.ThreadingHTTPServer((api.ipv4, PORT), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sink = Sink(lab, api, SINK)
+    sink = Server(lab, api, SINK, reply=0)  # reads each connection to EOF, closes without a word
     yield
     server.shutdown()
     server.server_close()
@@ -147,20 +123,6 @@ def cluster(lab, servers, tmp_path_factory):
         emulator.stop()
 
 
-class LabConnection(http.client.HTTPConnection):
-    """http.client over a socket made in a lab namespace."""
-
-    def __init__(self, lab, ep, host: str, port: int):
-        super().__init__(host, port, timeout=5)
-        self._lab, self._ep = lab, ep
-
-    def connect(self):
-        self.sock = self._lab.socket(self._ep.netns, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.connect((self.host, self.port))
-
-
 # (method, status) of each request; sent on one keep-alive connection, then once each on fresh ones.
 MIX = [("GET", 200), ("GET", 200), ("POST", 201), ("PUT", 204), ("DELETE", 404), ("PATCH", 500),
        ("HEAD", 200), ("OPTIONS", 302), ("PURGE", 503), ("GET", 404), ("GET", 200)]
@@ -181,14 +143,14 @@ def run_mix(lab, ep, host: str, port: int) -> tuple[Counter, list[float]]:
         label = method if method != "PURGE" else "OTHER"
         truth[(label, f"{status // 100}xx")] += 1
 
-    conn = LabConnection(lab, ep, host, port)
+    conn = LabHTTPConnection(lab, ep, host, port)
     try:
         for method, status in MIX:
             one(conn, method, status)
     finally:
         conn.close()
     for method, status in MIX:
-        conn = LabConnection(lab, ep, host, port)
+        conn = LabHTTPConnection(lab, ep, host, port)
         try:
             one(conn, method, status)
         finally:
@@ -323,7 +285,7 @@ def test_hostile_bytes_are_rejected_and_never_miscount_the_other_traffic(lab, cl
 
     def keep_talking():  # the other traffic: a keep-alive client, meanwhile
         truth = Counter()
-        conn = LabConnection(lab, web, api.ipv4, PORT)
+        conn = LabHTTPConnection(lab, web, api.ipv4, PORT)
         try:
             while not stop.is_set():
                 conn.request("GET", "/200")
