@@ -7,6 +7,7 @@
  *   TP_<EVENT>_<FIELD>_OFF      tracepoint field offsets from tracefs
  *   SKC_NET_OFF, NET_INUM_OFF   struct sock_common.skc_net, struct net.ns.inum (BTF)
  *   SKB_DEV_OFF, DEV_ND_NET_OFF struct sk_buff.dev, struct net_device.nd_net (BTF)
+ *   SKB_CB_OFF, GSO_SEGS_OFF    struct sk_buff.cb, struct tcp_skb_cb.tcp_gso_segs (BTF)
  *   TCP_MAP_SIZE, SOCKET_MAP_SIZE, RTT_INTERVAL_NS
  */
 #include "fovea.h"
@@ -105,18 +106,18 @@ static __always_inline void lost(u32 slot)
         (*v)++;
 }
 
-static __always_inline void count_event(struct event_key *key)
+static __always_inline void count_events(struct event_key *key, u64 n)
 {
     struct fovea_counter zero = {};
     struct fovea_counter *c = tcp_events.lookup_or_try_init(key, &zero);
     if (c) {
-        c->packets++;
+        c->packets += n;
         return;
     }
     u32 kind = key->kind;
     u64 *v = tcp_events_overflow.lookup(&kind);
     if (v)
-        (*v)++;
+        (*v) += n;
     lost(LOST_EVENTS);
 }
 
@@ -175,7 +176,10 @@ int on_retransmit_skb(void *ctx)
     key.netns = sk_netns(TP(TCP_RETRANSMIT_SKB, SKADDR, void *));
     set_local(&key, TP(TCP_RETRANSMIT_SKB, FAMILY, u16), (u8 *)(ctx + TP_TCP_RETRANSMIT_SKB_SADDR_OFF),
               (u8 *)(ctx + TP_TCP_RETRANSMIT_SKB_SADDR_V6_OFF));
-    count_event(&key);
+    /* Segments, as the kernel's RetransSegs counts them: an skb may carry several (GSO). */
+    u16 segs = 0;
+    FOVEA_READ(segs, TP(TCP_RETRANSMIT_SKB, SKBADDR, void *), SKB_CB_OFF + GSO_SEGS_OFF);
+    count_events(&key, segs ? segs : 1);
     return 0;
 }
 
@@ -185,7 +189,7 @@ int on_retransmit_synack(void *ctx)
     key.netns = sk_netns(TP(TCP_RETRANSMIT_SYNACK, SKADDR, void *));
     set_local(&key, TP(TCP_RETRANSMIT_SYNACK, FAMILY, u16), (u8 *)(ctx + TP_TCP_RETRANSMIT_SYNACK_SADDR_OFF),
               (u8 *)(ctx + TP_TCP_RETRANSMIT_SYNACK_SADDR_V6_OFF));
-    count_event(&key);
+    count_events(&key, 1);
     return 0;
 }
 
@@ -196,7 +200,7 @@ int on_send_reset(void *ctx)
     /* No socket (a segment for a closed port): the namespace of the device it came in on. */
     key.netns = sk ? sk_netns(sk) : skb_netns(TP(TCP_SEND_RESET, SKBADDR, void *));
     set_local_sockaddr(&key, (u8 *)(ctx + TP_TCP_SEND_RESET_SADDR_OFF));
-    count_event(&key);
+    count_events(&key, 1);
     return 0;
 }
 
@@ -206,7 +210,7 @@ int on_receive_reset(void *ctx)
     key.netns = sk_netns(TP(TCP_RECEIVE_RESET, SKADDR, void *));
     set_local(&key, TP(TCP_RECEIVE_RESET, FAMILY, u16), (u8 *)(ctx + TP_TCP_RECEIVE_RESET_SADDR_OFF),
               (u8 *)(ctx + TP_TCP_RECEIVE_RESET_SADDR_V6_OFF));
-    count_event(&key);
+    count_events(&key, 1);
     return 0;
 }
 

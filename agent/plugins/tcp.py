@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # tracepoint -> (C function, fields the C code reads and their sizes)
 TRACEPOINTS = {
-    ("tcp", "tcp_retransmit_skb"): ("on_retransmit_skb", {"skaddr": 8, "family": 2, "saddr": 4, "saddr_v6": 16, "err": 4}),
+    ("tcp", "tcp_retransmit_skb"): ("on_retransmit_skb", {"skbaddr": 8, "skaddr": 8, "family": 2, "saddr": 4, "saddr_v6": 16, "err": 4}),
     ("tcp", "tcp_retransmit_synack"): ("on_retransmit_synack", {"skaddr": 8, "family": 2, "saddr": 4, "saddr_v6": 16}),
     ("tcp", "tcp_send_reset"): ("on_send_reset", {"skbaddr": 8, "skaddr": 8, "saddr": 28}),
     ("tcp", "tcp_receive_reset"): ("on_receive_reset", {"skaddr": 8, "family": 2, "saddr": 4, "saddr_v6": 16}),
@@ -48,7 +48,8 @@ TRACEPOINTS = {
 KERNEL_MEMBERS = {
     "sock_common": {"skc_net": ("SKC_NET_OFF", 8)},
     "net": {"ns.inum": ("NET_INUM_OFF", 4)},
-    "sk_buff": {"dev": ("SKB_DEV_OFF", 8)},
+    "sk_buff": {"dev": ("SKB_DEV_OFF", 8), "cb": ("SKB_CB_OFF", 48)},
+    "tcp_skb_cb": {"tcp_gso_segs": ("GSO_SEGS_OFF", 2)},
     "net_device": {"nd_net": ("DEV_ND_NET_OFF", 8)},
 }
 
