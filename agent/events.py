@@ -77,7 +77,7 @@ class FlowRecord:
     tcp_flags: int  # TCP flags seen in this flow so far, both directions OR'ed
     observer: str  # "source" | "destination": which end this node saw
     final: bool  # the flow ended with this report
-    end_reason: str  # fin | rst | idle | interval (still running)
+    end_reason: str  # fin | rst | idle | reused (a new attempt from its port) | interval (still running)
     ifindex: int = 0
     # A TCP connection attempt's outcome: established | refused | timeout (agent/flows.py
     # connection_outcome); "" while undecided, or not a TCP flow whose opening SYN was seen.

@@ -71,7 +71,7 @@ class FlowId(ct.Structure):
 
 class FlowStats(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("first_ns", ct.c_uint64),
-                ("last_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("flags", ct.c_uint16), ("pad", ct.c_uint16)]
+                ("last_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("flags", ct.c_uint16), ("syn_tag", ct.c_uint16)]
 
 
 class FlowEvent(ct.Structure):
@@ -92,8 +92,11 @@ class Stats:
     last_ns: int = 0
     flags: int = 0
     ifindex: int = 0
+    syn_tag: int = 0  # of the latest SYN without ACK (flows.inc): a retransmit repeats it
+    syn_ns: int = 0  # about when that SYN came
 
     def merge(self, s) -> None:
+        """Add a kernel slot (one CPU's, or a ring-buffer record) or another Stats."""
         self.packets += s.packets
         self.bytes += s.bytes
         if s.first_ns and (not self.first_ns or s.first_ns < self.first_ns):
@@ -101,6 +104,9 @@ class Stats:
         if s.last_ns > self.last_ns:
             self.last_ns = s.last_ns
             self.ifindex = s.ifindex or self.ifindex
+        syn_ns = s.syn_ns if isinstance(s, Stats) else s.last_ns  # a slot's last SYN: its last packet or before
+        if s.flags & SYN_ONLY and syn_ns >= self.syn_ns:
+            self.syn_tag, self.syn_ns = s.syn_tag, syn_ns
         self.flags |= s.flags
 
 
@@ -330,7 +336,7 @@ class FlowTracker:
         self.clock = clock
         self.max_entries = table.max_entries
         self.entries = 0
-        self._ring: dict[bytes, tuple[FlowId, Stats]] = {}  # packets that found the table full
+        self._ring: dict[bytes, tuple[FlowId, Stats]] = {}  # packets that found the table full (or a new attempt's, _new_attempt)
         self._flows: dict[tuple, Flow] = {}
         self._closed: dict[bytes, int] = {}  # raw key of a closed TCP flow -> until (ns): late packets
         self._decoded: dict[bytes, Key] = {}  # raw key -> Key, for the keys in the table now
@@ -340,7 +346,7 @@ class FlowTracker:
         self._clients: dict[tuple, tuple] = {}  # client end of a live Service flow -> its flow key
         self._counted: dict[bytes, tuple[int, int]] = {}  # raw key -> (packets, bytes) handed out by read()
         self._increments: dict[Key, list[int]] = {}
-        self._unanswered: dict[bytes, int] = {}  # opener's raw key of an attempt that timed out -> until (ns)
+        self._unanswered: dict[bytes, tuple[int, int]] = {}  # opener's raw key of an attempt that timed out -> (until (ns), syn_tag)
         self.outcomes: list[tuple[Key, str]] = []  # (opener's key, outcome) of the attempts the last read decided
         self._wall_offset = time.time_ns() - time.monotonic_ns()
         self._ids = itertools.count(random.getrandbits(48) << 8)
@@ -414,6 +420,11 @@ class FlowTracker:
         snapshot = self._snapshot()
         fresh: dict[tuple, list[tuple[bytes, Key, Stats]]] = {}
         decoded = {raw: self._decoded.get(raw) or Key.decode(FlowId.from_buffer_copy(raw)) for raw in snapshot}
+        self._decoded = decoded
+        for raw, stats in list(snapshot.items()):
+            replaced = self._replaced(raw, decoded[raw], stats) if stats.flags & SYN_ONLY and raw in snapshot else None
+            if replaced:
+                self._new_attempt(replaced, raw, snapshot)
         # A SYN on a closed flow's tuple is a new connection (the client used its port again):
         # its packets, either way, are none of the closed flow's late ones.
         reopened = {decoded[raw].flow for raw, stats in snapshot.items()
@@ -436,7 +447,6 @@ class FlowTracker:
                 flow.totals[raw] = stats
             else:
                 fresh.setdefault(key.flow, []).append((raw, key, stats))
-        self._decoded = decoded
         # Service connections first, so that their backends' replies can join them.
         for fkey in sorted(fresh, key=lambda k: not self._client_end(fresh[k])):
             parts = fresh[fkey]
@@ -451,7 +461,7 @@ class FlowTracker:
             if flow.client:
                 self._clients[flow.client] = fkey
         self._closed = {raw: until for raw, until in self._closed.items() if until > now}
-        self._unanswered = {raw: until for raw, until in self._unanswered.items() if until > now}
+        self._unanswered = {raw: v for raw, v in self._unanswered.items() if v[0] > now}
 
         for fkey, flow in list(self._flows.items()):
             counts = flow.counts()
@@ -477,14 +487,42 @@ class FlowTracker:
         oraw, okey, ostats = opener
         flow = Flow(next(self._ids), (okey.src, okey.sport), (okey.dst, okey.dport), okey)
         if okey.l4proto == 6 and ostats.flags & SYN_ONLY:
-            # A SYN after an unanswered attempt's flow ended idle: that attempt's retransmit, counted already.
-            flow.outcome = TIMEOUT if self._unanswered.pop(oraw, 0) > self.clock() else None
+            # A SYN after an unanswered attempt's flow ended: that attempt's retransmit (the same
+            # sequence number), counted already; another number is a new attempt from the same port.
+            until, tag = self._unanswered.pop(oraw, (0, 0))
+            flow.outcome = TIMEOUT if until > self.clock() and tag == ostats.syn_tag else None
         for raw, key, stats in parts:
             flow.keys[raw] = key
             flow.totals[raw] = stats
         flow.window_start_ns = flow.first_ns
         flow.window_opened_ns = self.clock()
         return flow
+
+    def _replaced(self, raw: bytes, key: Key, stats: Stats) -> tuple | None:
+        """The live flow whose unanswered attempt this SYN replaces: its sequence number is
+        not the attempt's (a retransmit repeats it), so the client gave up and connects
+        again from the same port."""
+        fkey = self._joined.get(key.flow, key.flow)
+        flow = self._flows.get(fkey)
+        before = flow.totals.get(raw) if flow is not None else None
+        if before is None or flow.key.l4proto != 6 or not before.flags & SYN_ONLY or flow.answered():
+            return None
+        return fkey if stats.syn_tag != before.syn_tag else None
+
+    def _new_attempt(self, fkey: tuple, raw: bytes, snapshot: dict[bytes, Stats]) -> None:
+        """End the replaced attempt with what it had at the last read; what came since is the
+        new attempt's, held here as ring-buffer records are while the kernel counts on from 0."""
+        flow = self._flows[fkey]
+        before = flow.totals[raw]
+        now = self._delete(raw)  # into this read's increments, once
+        new = Stats(max(0, now.packets - before.packets), max(0, now.bytes - before.bytes), now.syn_ns,
+                    now.last_ns, now.flags, now.ifindex, now.syn_tag, now.syn_ns)
+        for other in flow.keys:  # ended with it: read and counted
+            snapshot.pop(other, None)
+        self._end(fkey, flow, "reused")
+        self._ring[raw] = (FlowId.from_buffer_copy(raw), new)
+        self._counted[raw] = (new.packets, new.bytes)
+        snapshot[raw] = new
 
     def _client_end(self, parts) -> tuple | None:
         """(family, l4proto, address, port) of the client of a connection to a ClusterIP."""
@@ -539,7 +577,7 @@ class FlowTracker:
             until = flow.last_ns + SYN_RETRY_GAP_NS
             for raw, key in flow.keys.items():
                 if flow.forward(key) and flow.totals[raw].flags & SYN_ONLY:
-                    self._unanswered[raw] = until
+                    self._unanswered[raw] = (until, flow.totals[raw].syn_tag)
         self._report(flow, final=True, reason=reason)
         del self._flows[fkey]
         for joined in flow.joined:

@@ -82,6 +82,7 @@ struct fovea_packet {
     u8 tcp_doff;  /* TCP: the data-offset byte (header length in its high nibble) */
     u16 sport;    /* TCP/UDP, host order; 0 in a non-first fragment or when unreadable */
     u16 dport;
+    u16 tcp_seq_lo; /* TCP: the sequence number's low 16 bits (a SYN's tell two attempts apart) */
     u8 saddr[16]; /* IPv4 in the first 4 bytes */
     u8 daddr[16];
     u32 l4_offset; /* where the L4 header starts; 0 in a non-first IPv4 fragment */
@@ -161,6 +162,7 @@ static __always_inline int fovea_tc_parse(struct __sk_buff *skb, struct fovea_pa
         if (rc == 0) {
             pkt->sport = ((u16)l4[0] << 8) | l4[1];
             pkt->dport = ((u16)l4[2] << 8) | l4[3];
+            pkt->tcp_seq_lo = ((u16)l4[6] << 8) | l4[7];
             pkt->tcp_doff = l4[12];
             pkt->tcp_flags = l4[13];
         }

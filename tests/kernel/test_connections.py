@@ -83,6 +83,12 @@ class DropSyns:
     def __exit__(self, *exc):
         self.lab.run(self.ep.netns, "iptables", "-w", "-D", *self.rule, check=False)
 
+    def dropped(self) -> int:
+        """SYNs the rule dropped so far (its packet counter)."""
+        out = self.lab.run(self.ep.netns, "iptables", "-w", "-L", "INPUT", "-v", "-x", "-n").stdout
+        (line,) = [ln for ln in out.splitlines() if self.rule[-3] in ln]
+        return int(line.split()[0])
+
 
 def attempt(lab, ep, dst: str, port: int, sport: int = 0) -> str:
     """One connect() (from `sport` when given): what it returned, as the result it should be counted under."""
@@ -205,6 +211,36 @@ def test_a_port_used_again_is_a_new_attempt_each_time(lab, agent):
     assert len({r["flow_id"] for r in records}) == n, records
     assert all(r["connection"] == "refused" and r["source"]["port"] == sport and r["reply_packets"] == 1
                for r in records), records
+
+
+def test_a_new_attempt_from_the_port_of_an_unanswered_one_is_counted_again(lab, agent):
+    """A client that gives up on a silent Service and connects again from the same port:
+    three attempts back to back (the flow still live: each SYN's sequence number is not the
+    one before's, its retransmit repeats it), and one after the flow ended idle. Each is a
+    timeout, counted once; every SYN is in the records once."""
+    web, db = lab.pods[:2]
+    vip, sport = cluster_ip(lab), 47404
+    dnat = HostNat(lab, "again", ("PREROUTING", "OUTPUT"), [
+        ["-d", f"{vip}/32", "-p", "tcp", "--dport", "85", "-j", "DNAT", "--to-destination", f"{db.ipv4}:8085"]])
+    before = connections(agent, "shop/web", "shop/db-svc")
+    with dnat, DropSyns(lab, db, 8085) as silent:
+        results = [attempt(lab, web, vip, 85, sport) for _ in range(3)]  # SYN, its retransmit 1 s later, gone
+        time.sleep(IDLE + 2)  # the flow has ended idle
+        results.append(attempt(lab, web, vip, 85, sport))
+        syns = silent.dropped()
+    assert results == ["timeout"] * 4 and syns >= 4
+
+    expected = plus(before, timeout=4)
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db-svc"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(IDLE + 2)  # ended: nothing is counted again
+    assert connections(agent, "shop/web", "shop/db-svc") == expected
+    records = observe(agent, "--port", "85", "--last", "1000")
+    assert len({r["flow_id"] for r in records}) == 4, records
+    assert all(r["connection"] == "timeout" and r["source"]["port"] == sport and r["reply_packets"] == 0
+               for r in records), records
+    assert sum(r["packets"] for r in records) == syns, records
+    assert [r["end_reason"] for r in records if r["final"]] == ["reused", "reused", "idle", "idle"], records
 
 
 def test_a_service_without_endpoints_rejects_by_icmp_and_the_attempt_is_refused(lab, agent):

@@ -32,7 +32,7 @@ class FakeTable:
         self.callback = None
         self.lost_counts = (0, 0, 0)
 
-    def add(self, key: FlowId, packets, nbytes, at_ns, flags=0, cpu=0):
+    def add(self, key: FlowId, packets, nbytes, at_ns, flags=0, cpu=0, seq=0):
         leaf = self.entries.setdefault(bytes(key), [FlowStats(), FlowStats()])
         s = leaf[cpu]
         s.packets += packets
@@ -40,6 +40,8 @@ class FakeTable:
         s.first_ns = s.first_ns or at_ns
         s.last_ns = at_ns
         s.flags |= flags | (SYN_ONLY if flags & (SYN | ACK) == SYN else 0)
+        if flags & (SYN | ACK) == SYN:
+            s.syn_tag = seq & 0xFFFF
 
     def listen(self, callback):
         self.callback = callback
@@ -440,6 +442,81 @@ def test_a_syn_retransmitted_after_the_flow_ended_idle_is_not_a_new_attempt():
     table.add(fid(DB, 5432, WEB, 40007), 1, 60, clock.now + 1000, SYN | ACK)
     t.read()
     assert [r for *_, r in outcomes(t)] == ["established"]
+
+
+def test_a_new_attempt_from_the_port_of_an_unanswered_one_is_counted_again():
+    """The client gave up and connects again from the same port while the timed-out flow
+    is live: its SYN has another sequence number, a retransmit repeats it (on any CPU).
+    Each attempt is its own flow and outcome; every packet is counted once."""
+    t, table, clock, out = tracker(connectTimeout=3.0, idleTimeout=30.0)
+    c = fid(WEB, 40012, DB, 5432)
+    decided, counted = [], 0
+
+    def read():
+        nonlocal counted
+        counted += sum(p for p, _ in t.read().values())
+        decided.extend(r for *_, r in outcomes(t))
+
+    table.add(c, 1, 60, clock.now, SYN, seq=7000)
+    read()
+    clock.now += S
+    table.add(c, 1, 60, clock.now, SYN, cpu=1, seq=7000)  # its retransmit
+    read()
+    clock.now += 3 * S
+    read()
+    assert decided == ["timeout"]
+    clock.now += S
+    table.add(c, 1, 60, clock.now, SYN, seq=9001)  # a new attempt, the same 5-tuple
+    read()
+    first = [r for r in out if r.flow_id == out[0].flow_id]
+    assert [(r.final, r.end_reason, r.packets) for r in first] == [(False, "interval", 2), (True, "reused", 0)]
+    clock.now += S
+    table.add(c, 1, 60, clock.now, SYN, cpu=1, seq=9001)  # the new attempt's retransmit
+    read()
+    assert decided == ["timeout"]  # its own connectTimeout has not passed
+    clock.now += 3 * S
+    read()
+    assert decided == ["timeout", "timeout"]
+    clock.now += 60 * S
+    read()
+    second = [r for r in out if r.flow_id != out[0].flow_id]
+    assert sum(r.packets for r in second) == 2 and second[-1].final and second[-1].connection == "timeout"
+    assert counted == 4 and table.entries == {} and t.late_packets == 0
+
+
+def test_a_new_attempt_within_the_first_ones_connect_timeout_decides_it():
+    """A client that gives up well before connectTimeout (0.2 s) and connects again from
+    the same port: the first attempt is a timeout then (never answered); the second is
+    answered and established."""
+    t, table, clock, out = tracker(connectTimeout=3.0, idleTimeout=30.0)
+    c, s = fid(WEB, 40013, DB, 5432), fid(DB, 5432, WEB, 40013)
+    table.add(c, 1, 60, clock.now, SYN, seq=1)
+    t.read()
+    assert outcomes(t) == []
+    clock.now += S // 2
+    table.add(c, 1, 60, clock.now, SYN, seq=2)
+    table.add(s, 1, 60, clock.now + 1000, SYN | ACK)
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["timeout", "established"]
+    assert [(r.end_reason, r.connection, r.packets) for r in out] == [("reused", "timeout", 1)]
+
+
+def test_a_new_attempt_after_the_unanswered_flow_ended_is_counted_again():
+    """As a retransmit after the flow ended idle is not (test above), by its sequence number."""
+    t, table, clock, out = tracker(connectTimeout=3.0, idleTimeout=5.0)
+    c = fid(WEB, 40014, DB, 5432)
+    table.add(c, 1, 60, clock.now, SYN, seq=11)
+    t.read()
+    clock.now += 4 * S
+    t.read()
+    clock.now += 2 * S
+    t.read()  # idle: ended
+    assert [(r.final, r.connection) for r in out][-1] == (True, "timeout") and table.entries == {}
+    clock.now += 10 * S
+    table.add(c, 1, 60, clock.now, SYN, seq=12)
+    table.add(fid(DB, 5432, WEB, 40014), 1, 40, clock.now + 1000, RST | ACK)
+    t.read()
+    assert [r for *_, r in outcomes(t)] == ["refused"]
 
 
 def test_no_outcome_without_an_opening_syn():
