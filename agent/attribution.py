@@ -339,8 +339,6 @@ def flow_addresses(record) -> tuple[str, ...]:
     return (record.source, record.destination)
 
 
-def dns_addresses(record) -> tuple[str, ...]:
+def client_server_addresses(record) -> tuple[str, ...]:
+    """A DNS transaction's or an HTTP request's ends."""
     return (record.client, record.server)
-
-
-http_addresses = dns_addresses  # the same fields: client, server

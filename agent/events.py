@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
+
+OBSERVERS = ("source", "destination")  # a record's `observer`: which end of it this node saw
+
+
+def wall_clock(monotonic_ns: int) -> float:
+    """Wall-clock seconds of a bpf_ktime_get_ns() (CLOCK_MONOTONIC) timestamp."""
+    return time.time() - (time.monotonic_ns() - monotonic_ns) / 1e9
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from agent import dnswire
 from agent.addresses import ip_text
-from agent.attribution import WAIT, dns_addresses
+from agent.attribution import WAIT, client_server_addresses
 from agent.config import DnsConfig
 from agent.errors import FoveaError
-from agent.events import DnsTransaction
+from agent.events import OBSERVERS, DnsTransaction, wall_clock
 from agent.maps import CounterHash, take_expired
 from agent.datapath import Datapath, TcExtension
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
@@ -41,7 +41,6 @@ HOSTS = ("pods", "forward")  # tc programs that carry bpf/dns.h
 LATENCY_BASE_NS = 50_000  # first bucket: 50 us; each next one doubles it
 LATENCY_BUCKETS = 18  # up to 6.6 s
 QUERY, RESPONSE = 0, 1
-OBSERVERS = ("source", "destination")
 TRANSPORTS = {6: "tcp", 17: "udp"}
 # Index in dns_stats (bpf/dns.h) -> kernel reject reason.
 KERNEL_REJECTS = ("truncated", "tcp_length", "opcode", "qdcount", "bad_name", "direction")
@@ -77,11 +76,6 @@ def dns_cflags(cfg: DnsConfig) -> list[str]:
         f"-DDNS_SAMPLE_THRESHOLD={threshold}ULL", f"-DDNS_SAMPLE_BYTES={cfg.sampleBytes}",
         f"-DDNS_LATENCY_BASE_NS={LATENCY_BASE_NS}ULL", f"-DDNS_LATENCY_BUCKETS={LATENCY_BUCKETS}",
     ]
-
-
-def wall_clock(monotonic_ns: int) -> float:
-    """Wall-clock seconds of a bpf_ktime_get_ns() (CLOCK_MONOTONIC) timestamp."""
-    return time.time() - (time.monotonic_ns() - monotonic_ns) / 1e9
 
 
 class _Host:
@@ -153,7 +147,7 @@ class DnsPlugin(Plugin, TcExtension):
                                          keep_on_overflow=("qtype", "rcode"))
         self._pending = self.attribution.pending("dns")
         # Sampled transactions naming a pod not known yet wait for it (the pending window).
-        self._records = self.attribution.holding("dns_transaction", ctx.events.publish, dns_addresses)
+        self._records = self.attribution.holding("dns_transaction", ctx.events.publish, client_server_addresses)
         self._timeout_ns = int(cfg.dns.timeout * 1e9)
         self._thread = threading.Thread(target=self._poll, name="dns-events", daemon=True)
         self._thread.start()

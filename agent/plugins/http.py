@@ -33,14 +33,13 @@ from collections import OrderedDict, defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.addresses import ip_text
-from agent.attribution import WAIT, http_addresses
+from agent.attribution import WAIT, client_server_addresses
 from agent.config import MAX_URL_PATH, HttpConfig
 from agent.datapath import Datapath, TcExtension
 from agent.errors import FoveaError
-from agent.events import HttpRequest
+from agent.events import OBSERVERS, HttpRequest, wall_clock
 from agent.maps import CounterHash, take_expired
 from agent.plugins.base import Plugin, PluginContext, PluginHealth
-from agent.plugins.dns import OBSERVERS, wall_clock
 from agent.plugins.pods import PAIR_LABELS, PodsPlugin
 from agent.series import SeriesStore
 
@@ -196,7 +195,7 @@ class HttpPlugin(Plugin, TcExtension):
         self._path_length = cfg.http.urlPathMaxLength if cfg.http.urlPath else 0
         self._lines: OrderedDict[tuple[bytes, int], str | None] = OrderedDict()  # (conn, ts) -> url.path
         # Sampled requests naming a pod not known yet wait for it (the pending window).
-        self._records = self.attribution.holding("http_request", ctx.events.publish, http_addresses)
+        self._records = self.attribution.holding("http_request", ctx.events.publish, client_server_addresses)
 
     def refresh(self) -> None:
         maps = self._maps

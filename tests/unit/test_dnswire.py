@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import dnswire
-from agent.attribution import Attribution, dns_addresses
+from agent.attribution import Attribution, client_server_addresses
 from agent.config import Config
 from agent.events import DnsTransaction, EventHub
 from agent.k8s.static import StaticPods
@@ -136,7 +136,7 @@ def plugin() -> DnsPlugin:
     p = DnsPlugin()
     p._ctx = SimpleNamespace(config=Config(), events=EventHub())
     names = Attribution(StaticPods.empty(), "n1")
-    p._records = names.holding("dns_transaction", p._ctx.events.publish, dns_addresses)
+    p._records = names.holding("dns_transaction", p._ctx.events.publish, client_server_addresses)
     return p
 
 

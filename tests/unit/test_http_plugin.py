@@ -14,7 +14,7 @@ from agent.config import Config, HttpConfig
 from agent.events import EventHub, HttpRequest
 from agent.k8s.records import PodRecord
 from agent.k8s.static import StaticPods
-from agent.plugins.dns import wall_clock
+from agent.events import wall_clock
 from agent.plugins.http import (DURATION, DURATION_BUCKETS, HttpEvent, HttpPathEvent, HttpPlugin, bucket_bounds,
                                 http_cflags, sampled, url_path)
 
