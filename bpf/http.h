@@ -2,8 +2,11 @@
  * -DFOVEA_HTTP), so HTTP costs no extra program per packet.
  *
  * Reached only by TCP packets of the HTTP ports (HTTP_PORT(p), a compare
- * chain set from user space, or every port with HTTP_ALL_PORTS): any other
- * packet pays two port compares and no map operation. Of each such packet
+ * chain set from user space, or every port with HTTP_ALL_PORTS). Before the
+ * chain, HTTP_PORT_MASK has a bit for the low 6 bits of each HTTP port: a port
+ * whose bit is clear (most: 5 bits of 64 with the default ports) is let go
+ * after a shift and a test, so any other packet pays two of those (and the
+ * chains only now and then) and no map operation. Of each such packet
  * with a payload only the first bytes are read (HTTP_PEEK), from the linear
  * part of the skb when they are there, else with one bpf_skb_load_bytes (a
  * pod's TCP payload usually sits in page fragments):
@@ -40,7 +43,7 @@
  * with HTTP_PATH_BYTES set (http.urlPath), the request's packet sends up the
  * first bytes of its request line (struct http_path_event) for url.path.
  *
- * Set from user space (-D): HTTP_PORT(p) or HTTP_ALL_PORTS, HTTP_COUNT_SIZE,
+ * Set from user space (-D): HTTP_PORT(p) and HTTP_PORT_MASK, or HTTP_ALL_PORTS, HTTP_COUNT_SIZE,
  * HTTP_INFLIGHT_SIZE, HTTP_DURATION_BASE_NS (upper bound of the first
  * duration bucket; each next bucket doubles it), HTTP_DURATION_BUCKETS,
  * HTTP_SAMPLE_THRESHOLD (0..2^32; 0: no records), HTTP_PATH_BYTES (a power of
@@ -54,7 +57,9 @@
 
 #ifdef HTTP_ALL_PORTS
 #define HTTP_PORT(p) ((p) != 0)
+#define HTTP_PORT_MASK (~0ULL)
 #endif
+#define HTTP_MAYBE_PORT(p) ((HTTP_PORT_MASK >> ((p) & 63)) & 1)
 
 /* Methods (index in agent/plugins/http.py METHODS). */
 #define HTTP_OTHER 0
@@ -480,7 +485,7 @@ static __always_inline void fovea_http(struct __sk_buff *skb, struct fovea_packe
     if (pkt->l4proto != IPPROTO_TCP || !pkt->l4_offset)
         return;
     u16 sport = pkt->sport, dport = pkt->dport;
-    if (!HTTP_PORT(sport) && !HTTP_PORT(dport))
+    if (!(HTTP_MAYBE_PORT(sport) && HTTP_PORT(sport)) && !(HTTP_MAYBE_PORT(dport) && HTTP_PORT(dport)))
         return;
     struct http_conn c = {};
     struct http_outcome out = {.stat = -1};

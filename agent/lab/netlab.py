@@ -195,8 +195,11 @@ class NodeLab:
 
     def snmp(self, ns: str, proto: str, field: str) -> int:
         """A counter of /proc/net/snmp or /proc/net/netstat (Tcp: OutSegs,
-        TcpExt: TCPRetransFail...) inside `ns`."""
+        TcpExt: TCPRetransFail...), or of /proc/net/snmp6 (Icmp6: InDestUnreachs), inside `ns`."""
         with in_netns(ns):
+            if proto.endswith("6"):
+                six = dict(ln.split() for ln in Path("/proc/thread-self/net/snmp6").read_text().splitlines())
+                return int(six[proto + field])
             text = "".join(Path(f"/proc/thread-self/net/{name}").read_text() for name in ("snmp", "netstat"))
             lines = [ln.split() for ln in text.splitlines()]
         for names, values in zip(lines[::2], lines[1::2]):

@@ -117,10 +117,11 @@ def sample_threshold(cfg: HttpConfig) -> int:
 
 def http_cflags(cfg: HttpConfig) -> list[str]:
     """The -D flags that put bpf/http.h into the pods programs."""
-    ports = ("-DHTTP_ALL_PORTS" if not cfg.ports
-             else "-DHTTP_PORT(p)=(" + "||".join(f"(p)=={p}" for p in cfg.ports) + ")")
+    mask = sum({1 << (p & 63) for p in cfg.ports})  # one bit per port's low 6 bits: most others miss it
+    ports = ["-DHTTP_ALL_PORTS"] if not cfg.ports else [
+        "-DHTTP_PORT(p)=(" + "||".join(f"(p)=={p}" for p in cfg.ports) + ")", f"-DHTTP_PORT_MASK={mask:#x}ULL"]
     path = [f"-DHTTP_PATH_BYTES={min(LINE_MAX, cfg.urlPathMaxLength + LINE_MAX - MAX_URL_PATH)}"] if cfg.urlPath else []
-    return ["-DFOVEA_HTTP", ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}",
+    return ["-DFOVEA_HTTP", *ports, f"-DHTTP_COUNT_SIZE={cfg.mapSize}",
             f"-DHTTP_SAMPLE_THRESHOLD={sample_threshold(cfg)}ULL", *path,
             f"-DHTTP_INFLIGHT_SIZE={cfg.inflightMapSize}",
             f"-DHTTP_DURATION_BASE_NS={DURATION_BASE_NS}ULL", f"-DHTTP_DURATION_BUCKETS={DURATION_BUCKETS}"]

@@ -37,7 +37,7 @@ RESULTS = ("established", "refused", "timeout")
 
 @pytest.fixture(scope="module")
 def lab(root):
-    with node_lab(pods=2, ipv6=False) as lab:
+    with node_lab(pods=2) as lab:
         yield lab
 
 
@@ -46,9 +46,9 @@ def agent(lab, tmp_path_factory):
     web, db = lab.pods[:2]
     api = K8sEmulator().start()
     api.create(make_namespace("shop", annotations={"fovea.dev/observe": "true"}))  # pod metrics too
-    api.create(make_pod("web-7d9c-abcde", "shop", NODE, web.ipv4, labels={"pod-template-hash": "7d9c"},
+    api.create(make_pod("web-7d9c-abcde", "shop", NODE, (web.ipv4, web.ipv6), labels={"pod-template-hash": "7d9c"},
                         owner=("ReplicaSet", "web-7d9c")))
-    api.create(make_pod("db-0", "shop", NODE, db.ipv4, owner=("StatefulSet", "db")))
+    api.create(make_pod("db-0", "shop", NODE, (db.ipv4, db.ipv6), owner=("StatefulSet", "db")))
     api.create(make_service("db-svc", "shop", cluster_ip(lab)))
     d = tmp_path_factory.mktemp("connections")
     kubeconfig = api.write_kubeconfig(d / "kubeconfig")
@@ -92,12 +92,13 @@ class DropSyns:
 
 def attempt(lab, ep, dst: str, port: int, sport: int = 0) -> str:
     """One connect() (from `sport` when given): what it returned, as the result it should be counted under."""
-    s = lab.socket(ep.netns, socket.AF_INET, socket.SOCK_STREAM)
+    v6 = ":" in dst
+    s = lab.socket(ep.netns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(CLIENT_TIMEOUT)
     try:
         if sport:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((ep.ipv4, sport))
+            s.bind((ep.ipv6 if v6 else ep.ipv4, sport))
         s.connect((dst, port))
         return "established"
     except ConnectionRefusedError:
@@ -271,3 +272,34 @@ def test_a_service_without_endpoints_rejects_by_icmp_and_the_attempt_is_refused(
     records = observe(agent, "--verdict", "refused", "--port", str(port), "--last", "1000")
     assert len({r["flow_id"] for r in records}) == n, records
     assert all(r["destination"]["workload"] == "db-svc" and r["reply_packets"] == 1 for r in records), records
+
+
+def test_an_icmpv6_rejection_from_the_server_pod_is_refused(lab, agent):
+    """IPv6, pod to pod: the server pod's own firewall rejects with an ICMPv6 port unreachable
+    (ip6tables REJECT in its namespace): each attempt is refused, its error the attempt's answer."""
+    web, db = lab.pods[:2]
+    port, n = 7405, 3
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", f"{lab.prefix}-reject6",
+            "-j", "REJECT", "--reject-with", "icmp6-port-unreachable"]
+    before = connections(agent, "shop/web", "shop/db")
+    errors = lab.snmp(web.netns, "Icmp6", "InDestUnreachs")
+    lab.run(db.netns, "ip6tables", "-w", "-A", *rule)
+    try:
+        refused = [attempt(lab, web, db.ipv6, port) for _ in range(n)]
+    finally:
+        lab.run(db.netns, "ip6tables", "-w", "-D", *rule, check=False)
+    assert refused == ["refused"] * n
+    # One error per attempt, or two: an error that comes while connect() still holds its
+    # socket is only noted, and the SYN's retransmit gets the one that ends it.
+    errors = lab.snmp(web.netns, "Icmp6", "InDestUnreachs") - errors
+    assert n <= errors <= 2 * n
+
+    expected = plus(before, refused=n)
+    assert eventually(lambda: connections(agent, "shop/web", "shop/db"), expected,
+                      timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(CONNECT_TIMEOUT + 1)  # never a timeout later
+    assert connections(agent, "shop/web", "shop/db") == expected
+    records = observe(agent, "--verdict", "refused", "--port", str(port), "--last", "1000")
+    assert len({r["flow_id"] for r in records}) == n, records
+    assert all(r["protocol"] == "tcp" and r["destination"]["address"] == db.ipv6 for r in records), records
+    assert sum(r["reply_packets"] for r in records) == errors, records  # each error, with its attempt

@@ -143,7 +143,12 @@ def test_retransmits_equal_the_kernels_retransmitted_segments(lab, tcp_agent):
         while not received and time.monotonic() < deadline:
             time.sleep(0.1)
         assert received == [len(payload)]
-        time.sleep(0.5)
+        # The server's FIN is retransmitted until its ACK gets through the loss rule: read the
+        # truth once no socket waits for one (LAST_ACK), so no retransmit comes after it.
+        while ss_count(lab, "last-ack") or ss_count(lab, "closing"):
+            assert time.monotonic() < deadline, "the server's connection never finished closing"
+            time.sleep(0.05)
+        time.sleep(0.2)
         truth1 = retrans_segs(lab)
         node1 = tcp_agent.settled("fovea_tcp_retransmits_total")
         pod1 = pod_value(tcp_agent, "fovea_pod_tcp_retransmits_total", CLIENT)

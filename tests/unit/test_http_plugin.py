@@ -40,6 +40,11 @@ def started() -> HttpPlugin:
 
 def test_flags_name_the_ports_or_every_port():
     assert "-DHTTP_PORT(p)=((p)==80||(p)==8080)" in http_cflags(HttpConfig(ports=(80, 8080)))
+    assert "-DHTTP_PORT_MASK=0x10000ULL" in http_cflags(HttpConfig(ports=(80, 8080)))  # both: low 6 bits 16
+    (mask,) = [int(f.split("=")[1].removesuffix("ULL"), 16) for f in http_cflags(HttpConfig())
+               if f.startswith("-DHTTP_PORT_MASK=")]
+    assert all(mask >> (p & 63) & 1 for p in HttpConfig().ports)  # the prefilter lets every HTTP port by
+    assert sum(not mask >> (p & 63) & 1 for p in range(1024, 65536)) / (65536 - 1024) > 0.9  # most others not
     flags = http_cflags(HttpConfig(ports=()))
     assert "-DHTTP_ALL_PORTS" in flags and not [f for f in flags if f.startswith("-DHTTP_PORT(")]
 
