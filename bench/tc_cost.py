@@ -100,6 +100,9 @@ PACKETS = {
     "DNS response, no query in flight": packet(17, 53, 40000, dns_message(True)),
     "UDP, 64-byte payload, from the node": packet(17, 40000, 5201, bytes(64), src=NODE),
 }
+# Source port 40000 shares its low 6 bits with HTTP port 8000: it passes http.h's port mask and
+# runs one compare chain. Most ports do not (59 of 64 low-bit values): this one runs none.
+PACKETS["TCP segment, 1500 bytes, ports the HTTP mask lets go"] = packet(6, 40001, 5201, bytes(1500 - 40))
 PACKETS["TCP segment to port 80, 1500 bytes (a body)"] = packet(6, 40001, 80, bytes(1500 - 40))
 FROM_POD = [name for name in PACKETS if "from the node" not in name]
 
