@@ -515,8 +515,9 @@ class FlowTracker:
         flow = self._flows[fkey]
         before = flow.totals[raw]
         now = self._delete(raw)  # into this read's increments, once
-        new = Stats(max(0, now.packets - before.packets), max(0, now.bytes - before.bytes), now.syn_ns,
-                    now.last_ns, now.flags, now.ifindex, now.syn_tag, now.syn_ns)
+        new = Stats(packets=max(0, now.packets - before.packets), bytes=max(0, now.bytes - before.bytes),
+                    first_ns=now.syn_ns, last_ns=now.last_ns, flags=now.flags, ifindex=now.ifindex,
+                    syn_tag=now.syn_tag, syn_ns=now.syn_ns)
         for other in flow.keys:  # ended with it: read and counted
             snapshot.pop(other, None)
         self._end(fkey, flow, "reused")
