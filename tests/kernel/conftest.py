@@ -15,6 +15,17 @@ def receiver():
     r.stop()
 
 
+def rule_counters(lab, ns: str, chain: str, comment: str) -> tuple[int, int] | None:
+    """(packets, bytes) of the one iptables rule in `ns`'s `chain` with this comment; None without it."""
+    listing = lab.run(ns, "iptables", "-w", "-L", chain, "-v", "-x", "-n").stdout
+    lines = [line for line in listing.splitlines() if comment in line]
+    if not lines:
+        return None
+    (line,) = lines
+    packets, nbytes = line.split()[:2]
+    return int(packets), int(nbytes)
+
+
 class HostNat:
     """iptables rules in the host (nat, or the `table` given), in chains of the test's own,
     jumped to from the built-in chains and removed afterwards whatever happens."""

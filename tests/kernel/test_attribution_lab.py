@@ -32,7 +32,7 @@ import yaml
 from tests.conftest import FOVEA, RunningAgent, node_lab
 from tests.dns_server import DnsServer
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
-from tests.kernel.conftest import HostNat
+from tests.kernel.conftest import HostNat, rule_counters
 from tests.kernel.test_dns import ask
 from tests.kernel.test_flows import Server, exchange
 
@@ -85,15 +85,11 @@ def cluster_ip(lab) -> str:
 
 def sent(lab, ep, *match: str) -> tuple[int, int]:
     """(packets, bytes) an OUTPUT counting rule in `ep`'s namespace matched (added on first use)."""
-    listing = lab.run(ep.netns, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n").stdout
-    if "fovea-test" not in listing:
+    counted = rule_counters(lab, ep.netns, "OUTPUT", "fovea-test")
+    if counted is None:
         lab.run(ep.netns, "iptables", "-w", "-A", "OUTPUT", *match, "-m", "comment", "--comment", "fovea-test")
         return 0, 0
-    for line in listing.splitlines():
-        if "fovea-test" in line:
-            packets, nbytes = line.split()[:2]
-            return int(packets), int(nbytes)
-    raise AssertionError(listing)
+    return counted
 
 
 def traffic(agent, source: str, destination: str) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import RunningAgent, node_lab
 from tests.k8s_emulator import K8sEmulator, make_namespace, make_pod, make_service
-from tests.kernel.conftest import HostNat
+from tests.kernel.conftest import HostNat, rule_counters
 from tests.kernel.test_attribution_lab import cluster_ip, eventually, observe
 from tests.kernel.test_flows import Server, exchange
 
@@ -73,8 +73,9 @@ class DropSyns:
 
     def __init__(self, lab, ep, port: int):
         self.lab, self.ep = lab, ep
+        self.comment = f"{lab.prefix}-drop-syn-{port}"
         self.rule = ["INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-m", "comment",
-                     "--comment", f"{lab.prefix}-drop-syn-{port}", "-j", "DROP"]
+                     "--comment", self.comment, "-j", "DROP"]
 
     def __enter__(self):
         self.lab.run(self.ep.netns, "iptables", "-w", "-A", *self.rule)
@@ -85,9 +86,8 @@ class DropSyns:
 
     def dropped(self) -> int:
         """SYNs the rule dropped so far (its packet counter)."""
-        out = self.lab.run(self.ep.netns, "iptables", "-w", "-L", "INPUT", "-v", "-x", "-n").stdout
-        (line,) = [ln for ln in out.splitlines() if self.rule[-3] in ln]
-        return int(line.split()[0])
+        packets, _ = rule_counters(self.lab, self.ep.netns, "INPUT", self.comment)
+        return packets
 
 
 def attempt(lab, ep, dst: str, port: int, sport: int = 0) -> str:
