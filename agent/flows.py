@@ -456,6 +456,10 @@ class FlowTracker:
                     target.keys[raw] = key
                     target.totals[raw] = stats
                 continue
+            if min(s.first_ns for _, _, s in parts) > now:
+                # Every key of it came while the table was read, and a map read misses keys the
+                # kernel inserts behind it: the opener's (its SYN) may be missing. The next read has it.
+                continue
             flow = self._flows[fkey] = self._new_flow(parts)
             flow.client = self._client_end(parts) or ()
             if flow.client:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -32,6 +33,8 @@ NODE = "node-a"
 CONNECT_TIMEOUT = 2.0  # flows.connectTimeout
 IDLE = 2.0  # flows.idleTimeout
 CLIENT_TIMEOUT = 1.5  # connect() gives up after the SYN and its first retransmit (1 s later)
+INTERVAL = 0.02  # seconds between reads: often, so that connections begin while the table is read
+FLOW_SLOTS = 1 << 18  # flows.mapSize: a read takes a while
 RESULTS = ("established", "refused", "timeout")
 
 
@@ -56,10 +59,11 @@ def agent(lab, tmp_path_factory):
     cfg.write_text(yaml.safe_dump({
         "plugins": ["pods"],
         "pods": {"interfaces": [lab.prefix + "p*"]},
-        "flows": {"idleTimeout": IDLE, "connectTimeout": CONNECT_TIMEOUT, "reportInterval": 60.0},
+        "flows": {"idleTimeout": IDLE, "connectTimeout": CONNECT_TIMEOUT, "reportInterval": 60.0,
+                  "mapSize": FLOW_SLOTS},
     }))
     agent = RunningAgent("--uplink", lab.uplink, "--kubeconfig", str(kubeconfig), "--node-name", NODE,
-                         "--config", str(cfg))
+                         "--config", str(cfg), "--interval", str(INTERVAL))
     try:
         agent.wait_cached("services")
         yield agent
@@ -303,3 +307,39 @@ def test_an_icmpv6_rejection_from_the_server_pod_is_refused(lab, agent):
     assert len({r["flow_id"] for r in records}) == n, records
     assert all(r["protocol"] == "tcp" and r["destination"]["address"] == db.ipv6 for r in records), records
     assert sum(r["reply_packets"] for r in records) == errors, records  # each error, with its attempt
+
+
+def test_connections_begun_while_the_table_is_read_are_each_counted_once(lab, agent):
+    """A read of the flow table misses keys the kernel inserts behind it (a read walks every
+    bucket of FLOW_SLOTS), so a connection that begins during a read can show its answer
+    before its SYN. With a read every INTERVAL, some of 800 connections, direct and through a
+    ClusterIP, 4 at a time, begin during reads: each is counted established once, none a
+    timeout, under the pair it belongs to."""
+    web, db = lab.pods[:2]
+    vip, n = cluster_ip(lab), 800
+    # The Service's backend port is not the one web connects to directly: a source port used
+    # for both would make one reply tuple, and conntrack would move the second's source port.
+    dnat = HostNat(lab, "busy", ("PREROUTING", "OUTPUT"), [
+        ["-d", f"{vip}/32", "-p", "tcp", "--dport", "86", "-j", "DNAT", "--to-destination", f"{db.ipv4}:8087"]])
+    pairs = ("shop/web>shop/db", "shop/web>shop/db-svc", "shop/db>shop/web")
+    before = {p: connections(agent, *p.split(">")) for p in pairs}
+    servers = [Server(lab, db, port, 10) for port in (8086, 8087)]
+    try:
+        with dnat, ThreadPoolExecutor(4) as clients:
+            made = list(clients.map(lambda i: exchange(lab, web, *((vip, 86) if i % 2 else (db.ipv4, 8086)), 20),
+                                    range(n)))
+    finally:
+        for server in servers:
+            server.close()
+    assert [r for _, _, r in made] == [10] * n
+
+    expected = {"shop/web>shop/db": plus(before["shop/web>shop/db"], established=n // 2),
+                "shop/web>shop/db-svc": plus(before["shop/web>shop/db-svc"], established=n // 2),
+                "shop/db>shop/web": before["shop/db>shop/web"]}
+
+    def read() -> dict[str, dict[str, float]]:
+        return {p: connections(agent, *p.split(">")) for p in pairs}
+
+    assert eventually(read, expected, timeout=CONNECT_TIMEOUT + 15) == expected
+    time.sleep(CONNECT_TIMEOUT + 1)  # none becomes a timeout later
+    assert read() == expected

@@ -519,6 +519,28 @@ def test_a_new_attempt_after_the_unanswered_flow_ended_is_counted_again():
     assert [r for *_, r in outcomes(t)] == ["refused"]
 
 
+@pytest.mark.parametrize("services", [(), (CLUSTER_IP,)])
+def test_a_connection_that_began_during_the_read_waits_for_its_syn(services):
+    """A map read misses keys the kernel inserts behind it: a connection that began while the
+    table was read can show its answer without its SYN. It is made at the next read, opened by
+    the SYN and decided, a Service connection with its backend's answer joined."""
+    t, table, clock, out = tracker(services=services, connectTimeout=3.0)
+    server = CLUSTER_IP if services else DB
+    syn, answer = fid(WEB, 40020, server, 5432), fid(DB, 5432, WEB, 40020)
+    table.add(answer, 1, 60, clock.now + 2000, SYN | ACK)  # this read passed the SYN's key already
+    t.read()
+    assert outcomes(t) == [] and out == []
+    table.add(syn, 1, 60, clock.now + 1000, SYN)
+    clock.now += S
+    t.read()
+    assert outcomes(t) == [(WEB, 40020, server, 5432, "established")]
+    clock.now += 10 * S
+    t.read()
+    [r] = out
+    assert (r.source, r.source_port, r.destination, r.connection) == (WEB, 40020, server, "established")
+    assert (r.packets, r.reply_packets) == (1, 1)
+
+
 def test_no_outcome_without_an_opening_syn():
     """UDP, and a TCP connection already open when the agent started (no SYN seen)."""
     t, table, clock, out = tracker(connectTimeout=1.0)
