@@ -425,10 +425,11 @@ class FlowTracker:
             replaced = self._replaced(raw, decoded[raw], stats) if stats.flags & SYN_ONLY and raw in snapshot else None
             if replaced:
                 self._new_attempt(replaced, raw, snapshot)
-        # A SYN on a closed flow's tuple is a new connection (the client used its port again):
-        # its packets, either way, are none of the closed flow's late ones.
+        # A SYN or SYN-ACK on a closed flow's tuple is a new connection (the client used its
+        # port again, perhaps to a Service that DNATs to the same backend): its packets, either
+        # way, are none of the closed flow's late ones.
         reopened = {decoded[raw].flow for raw, stats in snapshot.items()
-                    if stats.flags & SYN_ONLY and raw in self._closed}
+                    if stats.flags & SYN and raw in self._closed}
         for raw, stats in snapshot.items():
             key = decoded[raw]
             if raw in self._closed and key.flow not in reopened:

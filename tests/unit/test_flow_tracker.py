@@ -234,6 +234,29 @@ def test_a_service_connection_to_a_local_backend_is_one_record(same_read):
     assert len(out) == 2 and out[1].source == DB
 
 
+def test_a_service_connection_from_the_port_of_a_closed_direct_one_to_its_backend_gets_its_answer():
+    """WEB talks to DB:8080 directly and through the ClusterIP. A Service connection from the
+    port of a direct one that just closed has, after DNAT, the closed flow's reply tuple: the
+    backend's SYN-ACK on it is the new connection's answer, not a late packet of the old one."""
+    t, table, clock, out = tracker(services=(CLUSTER_IP,), connectTimeout=3.0)
+    direct, reply = fid(WEB, 40031, DB, 8080), fid(DB, 8080, WEB, 40031)
+    for key, flags, at in ((direct, SYN, 0), (reply, SYN | ACK, 1), (direct, ACK, 2),
+                           (direct, FIN | ACK, 3), (reply, FIN | ACK, 4), (direct, ACK, 5)):
+        table.add(key, 1, 60, clock.now + at * 1000, flags)
+    t.read()
+    clock.now += S
+    t.read()
+    assert [(r.destination, r.end_reason) for r in out] == [(DB, "fin")]
+    service = fid(WEB, 40031, CLUSTER_IP, 80)
+    table.add(service, 1, 60, clock.now, SYN)
+    table.add(reply, 1, 60, clock.now + 1000, SYN | ACK)
+    table.add(service, 1, 52, clock.now + 2000, ACK)
+    clock.now += S
+    t.read()
+    assert outcomes(t) == [(WEB, 40031, CLUSTER_IP, 80, "established")]
+    assert t.late_packets == 0
+
+
 def test_replies_to_a_client_without_a_service_flow_are_a_flow_of_their_own():
     t, table, clock, out = tracker(services=(CLUSTER_IP,))
     table.add(fid(WEB, 40000, "10.96.0.99", 80), 1, 60, clock.now)  # not a Service
