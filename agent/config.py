@@ -115,7 +115,7 @@ class PodLevelConfig:
 class KernelConfig:
     headers: str = ""  # kernel headers tree; empty: find them (see agent/kernel/headers.py)
     btf: str = "/sys/kernel/btf/vmlinux"
-    cacheDir: str = "/var/cache/fovea"  # where prepared headers are kept
+    cacheDir: str = "/var/cache/fovea"  # where prepared headers and compiled programs are kept
 
 
 @dataclass(frozen=True)

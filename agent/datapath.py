@@ -119,39 +119,30 @@ class Datapath:
         return bpf, fns
 
     def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
-        bpf = self._compile(program, cflags) if self.keep else compile_program(program, cflags, self.headers)
+        pin_dir = self.pins.program_dir(program) if self.keep else None
+        if pin_dir is not None:
+            self._before.setdefault(program, self.pins.pinned_maps(program))
+        bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
         try:
-            return bpf, {hook: bpf.load_func(fn, bpf.SCHED_CLS) for hook, fn in functions.items()}
-        except Exception as e:  # the verifier's refusal
+            fns = {hook: bpf.load_func(fn, bpf.SCHED_CLS) for hook, fn in functions.items()}
+        except FoveaError:  # the verifier's refusal
             bpf.cleanup()
-            raise FoveaError(f"the kernel refused bpf/{program}.c: {e}", "run 'fovea doctor'") from None
+            raise
+        if pin_dir is not None:
+            self._note_adoption(program, bpf)
+        return bpf, fns
 
-    def _compile(self, program: str, cflags: list[str]):
-        """Compile with the counting maps pinned: those a previous agent pinned are adopted,
-        unless their layout changed (then they start fresh, and the log says so)."""
-        pin_dir = self.pins.program_dir(program)
-        pin_dir.mkdir(parents=True, exist_ok=True)
-        before = self._before.setdefault(program, self.pins.pinned_maps(program))
-        cflags = [*cflags, f'-DFOVEA_PIN_DIR="{pin_dir}"']
-        bpf = compile_program(program, cflags, self.headers)
-        changed = {}
-        for name in sorted(before & self.pins.pinned_maps(program)):
-            if not _has_table(bpf, name):
-                (pin_dir / name).unlink()  # the program no longer has it
-                log.info("map %s of bpf/%s.c is no longer used: removed its pin", name, program)
-            elif why := pins_mod.layout_differs(bpf, name):
-                changed[name] = why
-        if changed:
-            bpf.cleanup()
-            for name, why in changed.items():
-                log.warning("map %s of bpf/%s.c changed its layout (%s): it starts fresh", name, program, why)
-                (pin_dir / name).unlink()
-            bpf = compile_program(program, cflags, self.headers)
-        self.adopted[program] = {n for n in before - set(changed) if _has_table(bpf, n)}
-        if self.adopted[program]:
-            log.info("bpf/%s.c took over its maps from the previous agent: %s", program,
-                     ", ".join(sorted(self.adopted[program])))
-        return bpf
+    def _note_adoption(self, program: str, bpf) -> None:
+        """Log what the previous agent's pins gave: maps adopted, maps whose layout changed
+        (they started fresh), pins of maps the program no longer has (removed)."""
+        for name, why in bpf.layout_changed.items():
+            log.warning("map %s of bpf/%s.c changed its layout (%s): it starts fresh", name, program, why)
+        for name in sorted(self._before[program] - set(bpf.compiled["kept"])):
+            (self.pins.program_dir(program) / name).unlink(missing_ok=True)
+            log.info("map %s of bpf/%s.c is no longer kept: removed its pin", name, program)
+        self.adopted[program] = set(bpf.adopted)
+        if bpf.adopted:
+            log.info("bpf/%s.c took over its maps from the previous agent: %s", program, ", ".join(sorted(bpf.adopted)))
 
     def saved(self, plugin: str) -> dict:
         """What the plugin saved when the previous agent stopped with keepAttached ({} if nothing)."""
@@ -252,8 +243,3 @@ class Datapath:
         if not self._leaving and self.pins is not None and pins_mod.bpffs_mounted():
             self.pins.remove()  # pins of interfaces no longer counted, and the maps'
 
-
-def _has_table(bpf, name: str) -> bool:
-    from bcc import libbcc
-
-    return libbcc.lib.bpf_table_fd(bpf.module, name.encode()) >= 0

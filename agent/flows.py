@@ -251,7 +251,7 @@ def local_sender(key: Key) -> bool:
 
 
 class KernelFlowTable:
-    """The bcc objects of one program's flow table, behind the few calls the tracker makes
+    """The maps of one program's flow table, behind the few calls the tracker makes
     (tests hand the tracker a fake with the same methods)."""
 
     def __init__(self, bpf):
@@ -276,13 +276,7 @@ class KernelFlowTable:
 
     def pop(self, raw: bytes):
         """Lookup-and-delete: the per-CPU FlowStats the key held, or None if it was gone."""
-        from bcc import libbcc
-
-        kbuf = FlowId.from_buffer_copy(raw)
-        leaf = self.table.Leaf()
-        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) == 0:
-            return leaf
-        return None
+        return self.table.pop(FlowId.from_buffer_copy(raw))
 
     def set_pod_interfaces(self, add: set[int], remove: set[int]) -> None:
         """The host-side pod interfaces: what came in through one was kept there (flows.inc).

@@ -51,8 +51,6 @@ class CounterHash:
         items = self._items()
         self.entries = len(items)
         for key, leaf in items:
-            if isinstance(key, int):  # batch reads hand back integer keys as ints
-                key = self.table.Key(key)
             raw = bytes(key)
             value = _sum_percpu(leaf)
             prev = self._last.get(raw)
@@ -80,20 +78,18 @@ class CounterHash:
 
     def _retire(self, key, increments) -> None:
         """Delete one key atomically; what it gained since our read is added to `increments`."""
-        from bcc import libbcc
-
         raw = bytes(key)
         seen = self._last[raw][0]
-        leaf = self.table.Leaf()
         kbuf = self.table.Key.from_buffer_copy(raw)
-        if libbcc.lib.bpf_lookup_and_delete(self.table.map_fd, ct.byref(kbuf), ct.byref(leaf)) != 0:
+        try:
+            leaf = self.table.pop(kbuf)
+        except OSError:
             if self._exists(kbuf):  # kernel older than 5.14: no lookup-and-delete on hashes
                 log.warning("this kernel cannot delete idle map keys atomically (needs 5.14); keeping them")
                 self.idle_reads = float("inf")
                 return
-            final = seen  # gone already: nothing more to count
-        else:
-            final = _sum_percpu(leaf)
+            leaf = None
+        final = seen if leaf is None else _sum_percpu(leaf)  # None: gone already, nothing more to count
         del self._last[raw]
         self.entries -= 1
         if final != seen:
@@ -123,8 +119,6 @@ def take_expired(table, now_ns: int, timeout_ns: int) -> tuple[int, list]:
     ns) older than timeout_ns, each taken with an atomic lookup-and-delete, so an answer
     racing the expiry is counted once, one way or the other; and how many entries stay.
     An entry made again meanwhile (a newer `ts` under the same key) is put back."""
-    from bcc import libbcc
-
     try:
         items = list(table.items_lookup_batch())
     except Exception:  # kernels or maps without batch ops
@@ -133,8 +127,8 @@ def take_expired(table, now_ns: int, timeout_ns: int) -> tuple[int, list]:
     for key, value in items:
         if now_ns - value.ts <= timeout_ns:
             continue
-        leaf = table.Leaf()
-        if libbcc.lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(leaf)) != 0:
+        leaf = table.pop(key)
+        if leaf is None:
             continue  # answered meanwhile
         if now_ns - leaf.ts <= timeout_ns:  # made again meanwhile: still in flight
             try:

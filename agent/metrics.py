@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from agent import __version__
+from agent import __version__, compiler
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,14 @@ def build_snapshot(agent) -> list:
                                labels=["mode"])
     if agent.datapath is not None:
         attach.add_metric([agent.datapath.tc.mode], 1.0)
+    programs = CounterMetricFamily("fovea_agent_bpf_programs_loaded", "eBPF objects loaded, by where their "
+                                   "compiled form came from: compiled (a compiler process ran) or cache",
+                                   labels=["source"])
+    programs.add_metric(["compiled"], compiler.stats["compiles"])
+    programs.add_metric(["cache"], compiler.stats["cache_hits"])
+    compiler_peak = GaugeMetricFamily("fovea_agent_compiler_peak_rss_bytes", "The largest resident memory a "
+                                      "compiler process of this agent reached (0: none ran)")
+    compiler_peak.add_metric([], compiler.stats["peak_rss_bytes"])
     info = InfoMetricFamily("fovea_agent_build", "Agent version and kernel")
     info.add_metric([], {"version": __version__, "kernel": os.uname().release})
     read_time = GaugeMetricFamily("fovea_agent_last_read_timestamp_seconds",
@@ -90,8 +98,8 @@ def build_snapshot(agent) -> list:
     duration = GaugeMetricFamily("fovea_agent_snapshot_build_seconds",
                                  "Time the read loop spent building this snapshot's metric families")
     duration.add_metric([], time.monotonic() - start)
-    return families + [up, fill, lost, series, overflow, records, cache, restarts, attach, info, read_time, duration,
-                       *consumer_metrics(agent)]
+    return families + [up, fill, lost, series, overflow, records, cache, restarts, attach, programs, compiler_peak,
+                       info, read_time, duration, *consumer_metrics(agent)]
 
 
 def consumer_metrics(agent) -> list:

@@ -1,7 +1,7 @@
 """What outlives the agent with --keep-attached (DESIGN.md "Lifecycle"), under /sys/fs/bpf/fovea/.
 
-    <node>/<program>/<map>     the tc programs' counting maps, pinned by bcc when the
-                               program is compiled with -DFOVEA_PIN_DIR (bpf/fovea.h)
+    <node>/<program>/<map>     the tc programs' counting maps (FOVEA_COUNTING_TABLE and
+                               FOVEA_RINGBUF in bpf/fovea.h), pinned by agent/bpfobject.py
     <node>/links/<ifindex>-<hook>   tcx links, so that programs stay attached
     <node>/state               what user space needs to continue its counters exactly
 
@@ -57,25 +57,8 @@ def ensure_bpffs(path: str = BPFFS) -> None:
 
 
 def node_dir_name(node: str) -> str:
-    """A node name as a directory name that is also safe in a C string (-DFOVEA_PIN_DIR)."""
+    """A node name as one safe directory name."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", node)[:200] or "_"
-
-
-def layout_differs(bpf, name: str) -> str | None:
-    """How the adopted map `name` differs from what the compiled program declares, or None."""
-    from bcc import libbcc
-
-    lib = libbcc.lib
-    for fn in (lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
-        fn.restype, fn.argtypes = ct.c_size_t, [ct.c_void_p, ct.c_ulonglong]
-    map_id = lib.bpf_table_id(bpf.module, name.encode())
-    info = bpfsys.map_info(lib.bpf_table_fd(bpf.module, name.encode()))
-    want = {"type": lib.bpf_table_type_id(bpf.module, map_id),
-            "key_size": lib.bpf_table_key_size_id(bpf.module, map_id),  # 0 for a ring buffer, as in the kernel
-            "value_size": lib.bpf_table_leaf_size_id(bpf.module, map_id),
-            "max_entries": lib.bpf_table_max_entries_id(bpf.module, map_id)}
-    diff = [f"{k} {getattr(info, k)} -> {v}" for k, v in want.items() if getattr(info, k) != v]
-    return ", ".join(diff) or None
 
 
 class NodePins:

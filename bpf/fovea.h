@@ -22,29 +22,12 @@ struct fovea_counter {
     u64 bytes;
 };
 
-/* A counting map: with -DFOVEA_PIN_DIR="<dir>" (--keep-attached) bcc pins it
- * there, or adopts the map already pinned there, so that counts continue
- * across a restart of the agent (agent/pins.py). */
-#ifdef FOVEA_PIN_DIR
-#define FOVEA_COUNTING_TABLE(_type, _key, _leaf, _name, _size) \
-    BPF_TABLE_PINNED(_type, _key, _leaf, _name, _size, FOVEA_PIN_DIR "/" #_name)
-/* BPF_RINGBUF_OUTPUT's map, pinned (bcc has no pinned form of it) */
-#define FOVEA_RINGBUF(_name, _pages) \
-    struct _name##_table_t { \
-        int key; \
-        u32 leaf; \
-        int (*ringbuf_output)(void *, u64, u64); \
-        void *(*ringbuf_reserve)(u64); \
-        void (*ringbuf_discard)(void *, u64); \
-        void (*ringbuf_submit)(void *, u64); \
-        u32 max_entries; \
-    }; \
-    __attribute__((section("maps/ringbuf:" FOVEA_PIN_DIR "/" #_name))) \
-    struct _name##_table_t _name = {.max_entries = ((_pages) * PAGE_SIZE)}
-#else
+/* A counting map, and a ring buffer whose records must not be lost: with
+ * lifecycle.keepAttached the agent pins these (and only these) and the next
+ * agent adopts them, so that counts continue across a restart
+ * (agent/compiler.py finds them by these names, agent/bpfobject.py pins them). */
 #define FOVEA_COUNTING_TABLE(_type, _key, _leaf, _name, _size) BPF_TABLE(_type, _key, _leaf, _name, _size)
 #define FOVEA_RINGBUF(_name, _pages) BPF_RINGBUF_OUTPUT(_name, _pages)
-#endif
 
 /* Map operations on the packet path, counted only in a test build
  * (-DFOVEA_COUNT_MAP_OPS), so that a test holds the programs to one lookup

@@ -10,6 +10,7 @@ import sys
 from agent import __version__
 from agent.cli import run_command
 from agent.cli.observe import add_observe_filters
+from agent.config import KernelConfig
 from agent.errors import FoveaError
 
 log = logging.getLogger("fovea")
@@ -71,6 +72,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
+    import shutil
     from pathlib import Path
 
     from pyroute2.netlink.exceptions import NetlinkError
@@ -84,6 +86,11 @@ def cmd_cleanup(args) -> int:
     except (OSError, NetlinkError) as e:
         raise FoveaError(f"cannot remove Fovea's tc programs and pins: {getattr(e, 'strerror', None) or e}",
                          "run it as root (CAP_BPF, CAP_NET_ADMIN), in the host's network namespace") from None
+    for cached in ("programs", "kernel-headers"):  # compiled programs and prepared headers (kernel.cacheDir)
+        directory = Path(args.cache_dir, cached)
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(f"cache {directory}")
     for what in removed:
         print(f"removed {what}")
     if not removed:
@@ -158,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remove what Fovea attached or pinned on this node: its clsact filters (named fovea-*) and "
         "tcx links (programs pod_from_pod, pod_to_pod, forward_ingress, forward_egress) on every interface "
         "of this network namespace, and everything under /sys/fs/bpf/fovea (counting maps, links and state "
-        "kept by agents run with --keep-attached). Prints what it removed; exits 0, also when nothing was "
-        "there. An agent still running stops counting, and removes the rest of its own when it stops. "
+        "kept by agents run with --keep-attached), and the compiled programs and prepared kernel headers "
+        "cached under --cache-dir. Prints what it removed; exits 0, also when nothing was there. An agent still running stops counting, and removes the rest of its own when it stops. "
         "The Helm chart runs it when Fovea is uninstalled.",
     )
+    c.add_argument("--cache-dir", default=KernelConfig().cacheDir,
+                   help="the agents' kernel.cacheDir (default: %(default)s)")
     c.set_defaults(func=cmd_cleanup)
 
     m = sub.add_parser(

@@ -90,7 +90,7 @@ class DropsPlugin(Plugin):
         self._pending = self.attribution.pending("drop")
         self.pod_series = SeriesStore(POD_DROP_LABELS, ctx.config.podLevel.maxSeries, ctx.config.podLevel.seriesTTL,
                                       keep_on_overflow=("reason", "direction"))
-        self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers)
+        self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers, ctx.config.kernel.cacheDir)
         self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
         self._counts = CounterHash(self._bpf["drop_counts"], self._decode, ctx.config.idleReads)
         if ctx.config.drops.eventsPerSecond > 0:

@@ -134,7 +134,7 @@ class TcpPlugin(Plugin):
         self.pod_retransmits = SeriesStore(POD_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL)
         self.pod_resets = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                       keep_on_overflow=("direction",))
-        self._bpf = compile_program("tcp", self.cflags(ctx), ctx.headers)
+        self._bpf = compile_program("tcp", self.cflags(ctx), ctx.headers, ctx.config.kernel.cacheDir)
         for (category, event), (fn, _fields) in TRACEPOINTS.items():
             self._bpf.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
         self._events = CounterHash(self._bpf["tcp_events"],

@@ -72,19 +72,17 @@ def test_counts_survive_idle_key_deletion(lab, tmp_path):
 
 
 def test_idle_key_is_deleted_from_a_real_map(root):
-    """CounterHash on a real per-CPU hash map: increments, and retiring with the kernel's lookup-and-delete."""
+    """CounterHash on a real per-CPU hash map (agent/bpfmaps.py): increments, and retiring
+    with the kernel's lookup-and-delete."""
     import os
 
-    from bcc import BPF
-
-    from agent.compiler import source_dir
-    from agent.kernel.headers import find_headers
+    from agent import bpfsys
+    from agent.bpfmaps import PERCPU_HASH, Table
     from agent.maps import CounterHash
 
-    os.environ.update(find_headers().env)
-    bpf = BPF(text=b'#include "fovea.h"\nBPF_PERCPU_HASH(h, u32, struct fovea_counter, 8);',
-              cflags=[f"-I{source_dir()}"])
-    table = bpf[b"h"]
+    counter = ["fovea_counter", [["packets", "unsigned long long"], ["bytes", "unsigned long long"]], "struct"]
+    fd = bpfsys.map_create(PERCPU_HASH, 4, 16, 8, 0, b"h")
+    table = Table("h", fd, {"type": PERCPU_HASH, "max_entries": 8, "key": "unsigned int", "leaf": counter})
     counts = CounterHash(table, decode=lambda key: key.value, idle_reads=2)
 
     def put(key: int, packets: int) -> None:
@@ -102,7 +100,7 @@ def test_idle_key_is_deleted_from_a_real_map(root):
     assert counts.fill_ratio == 1 / 8
     put(1, 3)  # the key comes back and counts from zero in the kernel
     assert counts.read() == {1: (3, 300)}
-    bpf.cleanup()
+    os.close(fd)
 
 
 def test_missing_btf_takes_down_only_the_plugins_that_read_kernel_structs(lab, tmp_path):

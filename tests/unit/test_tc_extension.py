@@ -6,6 +6,7 @@ import pytest
 
 from agent.errors import FoveaError
 from agent import datapath
+from agent.config import Config
 from agent.datapath import Datapath, TcExtension
 from agent.supervise import Supervisor
 
@@ -19,7 +20,7 @@ class FakeBpf:
 
     def load_func(self, name, kind):
         if "-DBREAKS_VERIFIER" in self.cflags:
-            raise Exception("permission denied (the verifier)")
+            raise FoveaError("the kernel refused pod_from_pod of bpf/pods.c: Permission denied", "run 'fovea doctor'")
         return name
 
     def cleanup(self):
@@ -45,12 +46,13 @@ class Recorder(TcExtension):
 def ctx(monkeypatch):
     built = []
 
-    def compile_program(name, cflags, headers):
+    def compile_program(name, cflags, headers, cache, pin_dir):
+        assert cache == "/var/cache/fovea" and pin_dir is None
         built.append(FakeBpf(cflags))
         return built[-1]
 
     monkeypatch.setattr(datapath, "compile_program", compile_program)
-    c = Datapath(None, None, [], lambda: None, Supervisor(), endpoints=object(), tc=object())
+    c = Datapath(Config(), None, [], lambda: None, Supervisor(), endpoints=object(), tc=object())
     c.built = built
     return c
 

@@ -1,0 +1,63 @@
+"""The agent without LLVM: its programs are compiled in a compiler process of their own, and an
+unchanged restart takes them from the cache, compiling nothing (agent/compiler.py), while the
+counters continue exactly (lifecycle.keepAttached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningAgent
+from tests.kernel.test_keep_attached import counts, expected, moved, node, write_config  # noqa: F401 (fixture)
+from tests.kernel.test_lifecycle import ping
+
+pytestmark = pytest.mark.kernel
+
+PLUGINS = ["forward", "drops", "pods", "tcp", "dns"]  # the default plugins
+OBJECTS = 4  # pods.c and forward.c (DNS and flows compiled in), drops.c, tcp.c
+COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc.so")  # libbcc_bpf (no LLVM) would be fine; it is not used
+
+
+def mapped_libraries(pid: int) -> set[str]:
+    return {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if len(line.split()) > 5 and ".so" in line.split()[-1]}
+
+
+def loaded(agent: RunningAgent) -> dict[str, float]:
+    m = agent.scrape()
+    return {source: m.get("fovea_agent_bpf_programs_loaded_total", source=source) for source in ("compiled", "cache")}
+
+
+def test_the_agent_never_maps_llvm_and_an_unchanged_restart_compiles_nothing(lab, tmp_path, node):  # noqa: F811
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path, lab, "auto", plugins=PLUGINS, kernel={"cacheDir": str(cache)})
+    first = RunningAgent("--uplink", lab.uplink, "--config", cfg, "--node-name", node)
+    try:
+        assert loaded(first) == {"compiled": OBJECTS, "cache": 0}, first.output()
+        libraries = mapped_libraries(first.proc.pid)
+        assert any(lib.startswith("libbpf.so") for lib in libraries)  # the buffers' reader: the check sees libraries
+        assert not [lib for lib in libraries if lib.startswith(COMPILER_LIBRARIES)], libraries
+        assert m_up(first) == dict.fromkeys(PLUGINS, 1.0), first.output()
+        ping(lab, 3)
+        before = counts(first)
+    finally:
+        assert first.stop() == 0, first.output()
+    assert len(list((cache / "programs").glob("*.json"))) == OBJECTS
+    n, m = 13, 7
+    ping(lab, n)  # while no agent runs
+    second = RunningAgent("--uplink", lab.uplink, "--config", cfg, "--node-name", node)
+    try:
+        assert loaded(second) == {"compiled": 0, "cache": OBJECTS}, second.output()
+        assert "compiled in" not in second.output() and "took over its maps" in second.output()
+        assert not [lib for lib in mapped_libraries(second.proc.pid) if lib.startswith(COMPILER_LIBRARIES)]
+        assert m_up(second) == dict.fromkeys(PLUGINS, 1.0), second.output()
+        ping(lab, m)
+        assert moved(counts(second), before) == expected(n + m)
+    finally:
+        assert second.stop() == 0, second.output()
+
+
+def m_up(agent: RunningAgent) -> dict[str, float]:
+    m = agent.scrape()
+    return {p: m.get("fovea_agent_plugin_up", plugin=p) for p in PLUGINS}
