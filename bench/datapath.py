@@ -96,11 +96,15 @@ def free_port() -> int:
 # -- /proc ----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of a process (all its threads), in seconds; with children,
+    also those of its children that ended (the agent's compiler processes)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / CLK_TCK
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -157,7 +161,7 @@ class Agent:
                 raise RuntimeError(f"agent not ready after {ready_timeout:.0f}s:\n{out}")
             time.sleep(0.1)
         self.ready_seconds = time.monotonic() - started
-        self.ready_cpu = cpu_seconds(self.pid)
+        self.ready_cpu = cpu_seconds(self.pid, children=True)
 
     def output(self) -> str:
         self.log.flush()

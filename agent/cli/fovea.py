@@ -87,10 +87,14 @@ def cmd_cleanup(args) -> int:
         raise FoveaError(f"cannot remove Fovea's tc programs and pins: {getattr(e, 'strerror', None) or e}",
                          "run it as root (CAP_BPF, CAP_NET_ADMIN), in the host's network namespace") from None
     for cached in ("programs", "kernel-headers"):  # compiled programs and prepared headers (kernel.cacheDir)
-        directory = Path(args.cache_dir, cached)
-        if directory.is_dir():
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(f"cache {directory}")
+        directory = Path(args.cache_dir, cached)  # may be a mount point (the chart's): emptied, not removed
+        try:
+            for entry in sorted(directory.iterdir()) if directory.is_dir() else ():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(f"cache {entry}")
+        except OSError as e:
+            raise FoveaError(f"cannot empty the cache {directory}: {e.strerror}",
+                             "run it as root, with --cache-dir naming the agents' kernel.cacheDir") from None
     for what in removed:
         print(f"removed {what}")
     if not removed:

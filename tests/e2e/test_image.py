@@ -38,8 +38,8 @@ _spec.loader.exec_module(manifests)
 # On this kind of host crun rejects the cgroup layout and limits cannot be raised.
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF",
                                                               str(REPO / "scripts" / "containers.conf"))}
-# Host paths the lab node has empty (headers) or that the test keeps to itself (captures).
-EMPTY_HOST_DIRS = ("/lib/modules", "/usr/src", "/var/lib/fovea/captures")
+# Host paths the lab node has empty (headers) or that the test keeps to itself (captures, the program cache).
+EMPTY_HOST_DIRS = ("/lib/modules", "/usr/src", "/var/lib/fovea/captures", "/var/cache/fovea/programs")
 RENDER = manifests.render()  # the chart's defaults, with the real Helm engine
 (DAEMONSET,) = [d for d in RENDER if d["kind"] == "DaemonSet"]
 (CLEANUP_JOB,) = [d for d in RENDER if d["kind"] == "Job"]  # the pre-delete hook: `fovea cleanup`

@@ -197,15 +197,21 @@ def prog_name(prog_id: int) -> str:
 def test_cleanup_removes_what_was_kept_and_nothing_else(lab, tmp_path, node, mode):
     foreign = ForeignFilter(lab.uplink, "tcx" if mode == "tcx" else "clsact")  # a CNI's program
     try:
-        agent = RunningAgent("--uplink", lab.uplink, "--config", write_config(tmp_path, lab, mode), "--node-name", node)
+        cache = tmp_path / "cache"
+        config = write_config(tmp_path, lab, mode, kernel={"cacheDir": str(cache)})
+        agent = RunningAgent("--uplink", lab.uplink, "--config", config, "--node-name", node)
         assert agent.stop() == 0, agent.output()
         assert_one_per_hook(lab)
-        r = subprocess.run([FOVEA, "cleanup"], capture_output=True, text=True, timeout=60)
+        compiled = sorted((cache / "programs").iterdir())
+        assert len(compiled) == 2  # pods.c and forward.c
+        cleanup = [FOVEA, "cleanup", "--cache-dir", str(cache)]
+        r = subprocess.run(cleanup, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         kind = "tcx link" if mode == "tcx" else "clsact filter"
         interfaces = [lab.uplink, *(p.host_if for p in lab.pods)]
         assert sum(kind in ln for ln in r.stdout.splitlines()) == 2 * len(interfaces), r.stdout  # x 2 hooks
         assert f"pin {pins.ROOT}/{node}/state" in r.stdout
+        assert all(f"cache {c}" in r.stdout for c in compiled) and not any((cache / "programs").iterdir())
         for ifname in interfaces:
             assert fovea_programs(ifname) == {"ingress": [], "egress": []}
         assert not [ln for ln in bpftool_links() if prog_name(ln.get("prog_id", 0)) in PROGRAMS]
@@ -214,7 +220,7 @@ def test_cleanup_removes_what_was_kept_and_nothing_else(lab, tmp_path, node, mod
         f0 = foreign.packets()
         ping(lab, 5)
         assert foreign.packets() - f0 == 5
-        again = subprocess.run([FOVEA, "cleanup"], capture_output=True, text=True, timeout=60)
+        again = subprocess.run(cleanup, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and "nothing of Fovea's" in again.stdout
     finally:
         foreign.remove()

@@ -128,7 +128,9 @@ def test_daemonset_runs_on_every_node_with_the_documented_capabilities():
         assert f"`CAP_{cap}`" in security, f"docs/security.md does not say why the agent needs CAP_{cap}"
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src",
-                          "/run/netns", "/var/lib/fovea/captures"}
+                          "/run/netns", "/var/lib/fovea/captures", "/var/cache/fovea/programs"}
+    # Compiled programs outlive the pod (kernel.cacheDir's programs/); prepared headers do not.
+    assert {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["programs"] == agent_config.Config().kernel.cacheDir + "/programs"
     # The host's header directories never cover the image's own (agent/kernel/headers.py).
     mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
     assert (mounts["modules"], mounts["usr-src"]) == ("/host/lib/modules", "/host/usr/src")
@@ -151,9 +153,10 @@ def test_uninstall_runs_cleanup_on_every_node_with_what_it_needs():
     assert spec["hostNetwork"] is True
     assert spec["tolerations"] == ds["template"]["spec"]["tolerations"]
     assert spec["nodeSelector"] == ds["template"]["spec"]["nodeSelector"]
-    (volume,) = spec["volumes"]
-    assert volume["hostPath"]["path"] == "/sys/fs/bpf"
-    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/sys/fs/bpf"}]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    assert volumes == {"bpffs": "/sys/fs/bpf", "programs": "/var/cache/fovea/programs"}  # pins, compiled programs
+    assert container["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf"},
+                                         {"name": "programs", "mountPath": "/var/cache/fovea/programs"}]
     sc = container["securityContext"]
     assert sc["privileged"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert set(sc["capabilities"]["add"]) == {"BPF", "SYS_ADMIN", "NET_ADMIN"}
