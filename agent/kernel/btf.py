@@ -59,7 +59,7 @@ class BTF:
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self._types_raw = data[hdr_len + type_off : hdr_len + type_off + type_len]
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self._types: list[_Type | None] = [None]  # id 0 is void
+        self._starts: list[int] = [-1]  # type id -> where its record starts (id 0 is void)
         self._by_name: dict[str, list[int]] = {}
         self._parse()
 
@@ -78,30 +78,35 @@ class BTF:
         return self._strings[off:end].decode()
 
     def _parse(self) -> None:
-        raw, pos = self._types_raw, 0
+        """Index every type: where its record starts, and the named structs, unions and enums.
+        A _Type is made only for the few types a lookup visits: the kernel has ~100,000."""
+        raw, pos, unpack, starts = self._types_raw, 0, struct.unpack_from, self._starts
+        named = (STRUCT, UNION, ENUM, ENUM64)
         while pos < len(raw):
-            name_off, info, size_or_type = struct.unpack_from("<III", raw, pos)
+            name_off, info = unpack("<II", raw, pos)
             kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
             fixed, per_item = _TRAILER.get(kind, (0, 0))
-            t = _Type(kind, self._str(name_off), vlen, bool(info >> 31), size_or_type, pos + 12)
-            if t.name and kind in (STRUCT, UNION, ENUM, ENUM64):
-                self._by_name.setdefault(t.name, []).append(len(self._types))
-            self._types.append(t)
-            pos += 12 + fixed + per_item * vlen
+            starts.append(pos)
+            if name_off and kind in named:
+                self._by_name.setdefault(self._str(name_off), []).append(len(starts) - 1)
+            pos += 12 + fixed + per_item * (info & 0xFFFF)
 
     def _find(self, name: str, kinds: tuple[int, ...]) -> _Type:
         for tid in self._by_name.get(name, []):
-            t = self._types[tid]
+            t = self._type(tid)
             if t.kind in kinds and (t.vlen or t.size_or_type):  # skip empty forward-ish copies
                 return t
         kind = "enum" if ENUM in kinds else "struct"
         raise FoveaError(f"{kind} {name} is not in the kernel's BTF", "this kernel is not supported")
 
     def _type(self, tid: int) -> _Type | None:
-        if not 0 <= tid < len(self._types):
+        if not 0 <= tid < len(self._starts):
             raise FoveaError(f"BTF type id {tid} is out of range", "the BTF data is corrupt")
-        return self._types[tid]
+        if tid == 0:
+            return None  # void
+        pos = self._starts[tid]
+        name_off, info, size_or_type = struct.unpack_from("<III", self._types_raw, pos)
+        return _Type((info >> 24) & 0x1F, self._str(name_off), info & 0xFFFF, bool(info >> 31), size_or_type, pos + 12)
 
     def _resolve(self, tid: int) -> _Type | None:
         """Follow typedef/const/volatile/... to the underlying type."""

@@ -264,8 +264,8 @@ def test_union_by_name(kernelish):
 
 def test_type_size_of_chains_and_arrays(kernelish):
     # Look types up by walking the parsed table: sizes of every named typedef.
-    sizes = {t.name: kernelish.type_size(i) for i, t in enumerate(kernelish._types)
-             if t is not None and t.kind == TYPEDEF}
+    types = [(i, kernelish._type(i)) for i in range(len(kernelish._starts))]
+    sizes = {t.name: kernelish.type_size(i) for i, t in types if t is not None and t.kind == TYPEDEF}
     assert sizes == {"__u8": 1, "__u16": 2, "__u32": 4, "__be32": 4, "inner_t": 12}
     assert kernelish.type_size(0) == 0  # void
 
