@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from agent import pins as pins_mod
 from agent.compiler import compile_program
@@ -123,8 +124,10 @@ class Datapath:
         if pin_dir is not None:
             self._before.setdefault(program, self.pins.pinned_maps(program))
         bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
-        try:
-            fns = {hook: bpf.load_func(fn, bpf.SCHED_CLS) for hook, fn in functions.items()}
+        try:  # the kernel verifies each hook's program on a thread of its own: a start's longest wait
+            with ThreadPoolExecutor(len(functions) or 1) as pool:
+                loaded = pool.map(lambda fn: bpf.load_func(fn, bpf.SCHED_CLS), functions.values())
+                fns = dict(zip(functions, loaded))
         except FoveaError:  # the verifier's refusal
             bpf.cleanup()
             raise
