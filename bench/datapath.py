@@ -122,10 +122,11 @@ def link_stat(ifname: str, name: str) -> int:
 
 
 class Agent:
-    """`fovea agent --standalone` on the lab uplink, as a subprocess."""
+    """`fovea agent --standalone` (or with kubeconfig, against that API) on the lab uplink, as a subprocess."""
 
     def __init__(self, uplink: str, interval: float = 1.0, ready_timeout: float = 180,
-                 config: str | None = None, tree: str | None = None, node: str | None = None):
+                 config: str | None = None, tree: str | None = None, node: str | None = None,
+                 kubeconfig: str | None = None):
         self.port = free_port()
         self.interval = interval
         self.url = f"http://127.0.0.1:{self.port}"
@@ -135,7 +136,8 @@ class Agent:
         # the import path); otherwise the venv's `fovea` on the working tree.
         cli = [sys.executable, "-m", "agent"] if tree else [fovea_cli()]
         # A node name of its own: agents sharing one replace each other's tc filters (node: a restart).
-        argv = [*cli, "agent", "--standalone", "--uplink", uplink, "--node-name", node or f"bench-{self.port}",
+        source = ["--kubeconfig", kubeconfig] if kubeconfig else ["--standalone"]
+        argv = [*cli, "agent", *source, "--uplink", uplink, "--node-name", node or f"bench-{self.port}",
                 "--port", str(self.port), "--interval", str(interval)]
         if config:
             argv += ["--config", config]

@@ -14,6 +14,10 @@ seconds, and measure its CPU use and its RSS at the end.
 
     .venv/bin/python bench/footprint.py --starts 5 --seconds 30
 
+With --api the agents run against a Kubernetes API emulator (tests/k8s_emulator.py,
+in this process) that knows the lab's node and pods, as in a cluster: the
+Kubernetes client and the cache are in the agent's memory then.
+
 With --keep-attached every agent runs with lifecycle.keepAttached on one node
 name: every start after the first is also a restart that adopts the maps and
 programs the previous agent left.
@@ -58,6 +62,19 @@ def compiler_peak_kib(url: str) -> int:
     return int(float(m.group(1))) // 1024 if m else 0
 
 
+def cluster(lab: NodeLab, node: str, directory: str) -> str:
+    """A Kubernetes API emulator that knows the lab's node and its pods; returns a kubeconfig."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.k8s_emulator import K8sEmulator, make_namespace, make_node, make_pod
+
+    api = K8sEmulator().start()
+    api.create(make_namespace("shop"))
+    api.create(make_node(node, "192.0.2.10"))
+    for i, pod in enumerate(lab.pods):
+        api.create(make_pod(f"web-{i}", "shop", node, pod.ipv4, owner=("ReplicaSet", "web-7d9c")))
+    return str(api.write_kubeconfig(Path(directory, "kubeconfig")))
+
+
 def traffic(lab: NodeLab, stop: threading.Event) -> None:
     web, db = lab.pods[:2]
     with in_netns(web.netns):
@@ -75,6 +92,7 @@ def main() -> int:
     p.add_argument("--starts", type=int, default=5)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--scrape-interval", type=float, default=5)
+    p.add_argument("--api", action="store_true", help="run the agents against a Kubernetes API emulator")
     p.add_argument("--keep-attached", action="store_true",
                    help="restarts: lifecycle.keepAttached on, one node name for every start")
     args = p.parse_args()
@@ -86,10 +104,11 @@ def main() -> int:
     if args.keep_attached:
         config.write("lifecycle: {keepAttached: true}\n")
     config.close()
-    node = {"node": f"bench-keep-{os.getpid()}"} if args.keep_attached else {}
+    node = {"node": f"bench-keep-{os.getpid()}"} if args.keep_attached or args.api else {}
     with lab, cache:
+        api = cluster(lab, node["node"], cache.name) if args.api else None
         for i in range(args.starts):
-            agent = Agent(lab.uplink, interval=1.0, config=config.name, **node)
+            agent = Agent(lab.uplink, interval=1.0, config=config.name, kubeconfig=api, **node)
             starts.append((agent.ready_seconds, cpu_seconds(agent.pid, children=True), vm_hwm_kib(agent.pid),
                            compiler_peak_kib(agent.url)))
             progress(f"start {i + 1}: ready in {agent.ready_seconds:.1f}s, {starts[-1][1]:.2f} CPU s, "
@@ -113,8 +132,9 @@ def main() -> int:
     os.unlink(config.name)
     first, restarts = starts[0], starts[1:] or starts
     ready_s, ready_cpu, peaks, _ = zip(*restarts)
+    flags = "".join(f", --{f}" for f in ("keep-attached", "api") if getattr(args, f.replace("-", "_")))
     print(f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, kernel {platform.release()}, "
-          f"{args.starts} starts, default plugins, --interval 1{', --keep-attached' if node else ''}.\n")
+          f"{args.starts} starts, default plugins, --interval 1{flags}.\n")
     print("| measure | first start (compiles) | later starts: median | max |\n|---|---:|---:|---:|")
     print(f"| start to /readyz, s | {first[0]:.1f} | {statistics.median(ready_s):.1f} | {max(ready_s):.1f} |")
     print(f"| CPU until /readyz (compiler processes included), CPU s | {first[1]:.2f} | "
