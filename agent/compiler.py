@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.bpfobject import BpfObject
 from agent.errors import FoveaError
 from agent.kernel.headers import Headers
 
@@ -106,8 +107,6 @@ def compile_program(name: str, cflags: list[str], headers: Headers, cache: str |
     """bpf/<name>.c compiled (or taken from the cache) and its maps made: a BpfObject
     whose functions load without LLVM. pin_dir: where its kept maps are pinned
     and adopted from (lifecycle.keepAttached)."""
-    from agent.bpfobject import BpfObject
-
     return BpfObject(name, compiled(name, cflags, headers, cache), pin_dir)
 
 

@@ -53,6 +53,7 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
         checks.append(Check("kernel headers", False, str(e), "agent"))
 
     checks.append(_bcc_check())
+    checks.append(_program_cache_check(cache_dir))
     why = tcx_supported()
     checks.append(Check("tc attach mode", True, "tcx (BPF links)" if why is None else f"clsact: {why}",
                         "forward, pods"))
@@ -65,6 +66,17 @@ def run_checks(btf_path: str = "/sys/kernel/btf/vmlinux", cache_dir: str = "/var
         checks.append(Check(f"{tool} command", path is not None, path or "not found (iproute2)", "tests, demo"))
     checks.extend(_capture_checks())
     return checks
+
+
+def _program_cache_check(cache_dir: str) -> Check:
+    """Compiled programs kept by source, flags and kernel: without them every start compiles."""
+    programs = Path(cache_dir, "programs")
+    present = len(list(programs.glob("*.json"))) if programs.is_dir() else 0
+    existing = next(p for p in (programs, *programs.parents) if p.exists())
+    if os.access(existing, os.W_OK):
+        return Check("compiled programs", True, f"{programs}: {present} cached, writable", "agent")
+    return Check("compiled programs", True, f"{programs} is not writable: every start compiles its programs "
+                 "(a few CPU seconds); mount a writable directory there (the chart's hostPaths.programs)", "agent")
 
 
 def capability_checks(held: set[str] | None = None) -> list[Check]:

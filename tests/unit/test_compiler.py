@@ -126,3 +126,15 @@ def test_c_types_as_bcc_describes_them():
     assert ct.sizeof(packed) == 5
     with pytest.raises(ValueError, match="unknown C type"):
         ctype("struct nope")
+
+
+def test_doctor_says_how_many_programs_are_cached_and_whether_a_start_can_add_to_them(child, tmp_path, monkeypatch):
+    from agent.cli import doctor
+
+    assert doctor._program_cache_check(str(tmp_path)).detail == f"{tmp_path}/programs: 0 cached, writable"
+    compiler.compiled("forward", [], HEADERS, str(tmp_path))
+    check = doctor._program_cache_check(str(tmp_path))
+    assert check.ok and check.detail == f"{tmp_path}/programs: 1 cached, writable"
+    monkeypatch.setattr(doctor.os, "access", lambda path, mode: False)  # a read-only mount (root writes anywhere)
+    check = doctor._program_cache_check(str(tmp_path))
+    assert check.ok and "is not writable: every start compiles" in check.detail
