@@ -34,6 +34,7 @@ class BpfObject:
         """pin_dir: the kept maps are pinned there, and adopted if already pinned with this layout."""
         self.program = program
         self.compiled = compiled
+        self.pin_dir = pin_dir
         self.adopted: set[str] = set()
         self.layout_changed: dict[str, str] = {}  # kept map -> how the pinned one differed (it started fresh)
         self.rings = RingBuffers()
@@ -108,18 +109,48 @@ class BpfObject:
         self._functions[fn] = Function(fn.encode(), fd)
         return self._functions[fn]
 
-    def attach_tracepoint(self, tp: bytes, fn_name: bytes) -> None:
-        """Attach fn_name to the tracepoint "category:event" through a bpf link."""
+    def attach_tracepoint(self, tp: bytes, fn_name: bytes) -> str:
+        """Attach fn_name to the tracepoint "category:event" through a bpf link. With a
+        pin_dir the link is pinned there, and a link a previous agent pinned is taken over:
+        kept as it is if it runs this very program on these very maps, else replaced (the
+        new link first, then the old one goes: a microsecond in which both count).
+        Returns what happened: "attached", "kept" or "replaced"."""
         from agent.kernel.tracefs import find_tracefs
 
         category, event = tp.decode().split(":", 1)
         fn = self.load_func(fn_name, self.TRACEPOINT)
+        pin = self.pin_dir / f"link_{fn_name.decode()}" if self.pin_dir is not None else None
         try:
+            old = bpfsys.get_pinned(str(pin)) if pin is not None and pin.exists() else None
+        except OSError:
+            old = None
+        try:
+            if old is not None and self._runs_this(old, fn):
+                self._links.append(old)
+                return "kept"
             tp_id = int(Path(find_tracefs(), "events", category, event, "id").read_text())
-            self._links.append(bpfsys.tracepoint_link(fn.fd, tp_id))
+            link = bpfsys.tracepoint_link(fn.fd, tp_id)
+            self._links.append(link)
+            if pin is not None:
+                fresh = pin.with_name(pin.name + "_new")  # bpffs refuses dots in names
+                fresh.unlink(missing_ok=True)
+                bpfsys.pin(link, str(fresh))
+                os.rename(fresh, pin)
+            if old is not None:
+                bpfsys.link_detach(bpfsys.link_info(old).id)
+                os.close(old)
+                return "replaced"
+            return "attached"
         except (OSError, ValueError) as e:
             raise FoveaError(f"cannot attach {fn_name.decode()} to tracepoint {tp.decode()}: {e}",
                              "run 'fovea doctor'") from None
+
+    def _runs_this(self, link_fd: int, fn: Function) -> bool:
+        """Whether the pinned link runs fn's instructions (the kernel's tag of them, map
+        references left out) on this object's maps: every map adopted, none started fresh."""
+        every_map_adopted = self.adopted == set(self.compiled["maps"]) and not self.layout_changed
+        theirs = bpfsys.prog_info_by_id(bpfsys.link_info(link_fd).prog_id).tag
+        return every_map_adopted and bytes(theirs) == bytes(bpfsys.prog_info(fn.fd).tag)
 
     def ring_buffer_consume(self) -> None:
         self.rings.consume()

@@ -242,14 +242,22 @@ def link_info(fd: int) -> LinkInfo:
     return info
 
 
-def prog_name(prog_id: int) -> str:
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    bpf(OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info)))
+    return info
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
     fd = bpf(PROG_GET_FD_BY_ID, _Id(id=prog_id))
     try:
-        info = ProgInfo()
-        bpf(OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info)))
-        return info.name.decode(errors="replace")
+        return prog_info(fd)
     finally:
         os.close(fd)
+
+
+def prog_name(prog_id: int) -> str:
+    return prog_info_by_id(prog_id).name.decode(errors="replace")
 
 
 def link_detach(link_id: int) -> None:

@@ -119,10 +119,24 @@ class Datapath:
             ext.loaded(program, bpf)
         return bpf, fns
 
-    def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
-        pin_dir = self.pins.program_dir(program) if self.keep else None
+    def load_program(self, program: str, cflags: list[str]):
+        """bpf/<program>.c compiled (or from the cache) with its kept maps pinned and adopted
+        (lifecycle.keepAttached): for the programs that are not tc programs (tracepoints)."""
+        pin_dir = self.pin_dir(program)
+        bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
         if pin_dir is not None:
-            self._before.setdefault(program, self.pins.pinned_maps(program))
+            self._note_adoption(program, bpf)
+        return bpf
+
+    def pin_dir(self, program: str):
+        """Where the program's kept maps and links are pinned; None without keepAttached."""
+        if not self.keep:
+            return None
+        self._before.setdefault(program, self.pins.pinned_maps(program))
+        return self.pins.program_dir(program)
+
+    def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
+        pin_dir = self.pin_dir(program)
         bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
         try:  # the kernel verifies each hook's program on a thread of its own: a start's longest wait
             with ThreadPoolExecutor(len(functions) or 1) as pool:
@@ -140,12 +154,23 @@ class Datapath:
         (they started fresh), pins of maps the program no longer has (removed)."""
         for name, why in bpf.layout_changed.items():
             log.warning("map %s of bpf/%s.c changed its layout (%s): it starts fresh", name, program, why)
-        for name in sorted(self._before[program] - set(bpf.compiled["kept"])):
+        links = {f"link_{fn}" for fn in bpf.compiled["functions"]}
+        for name in sorted(self._before[program] - set(bpf.compiled["kept"]) - links):
             (self.pins.program_dir(program) / name).unlink(missing_ok=True)
             log.info("map %s of bpf/%s.c is no longer kept: removed its pin", name, program)
         self.adopted[program] = set(bpf.adopted)
         if bpf.adopted:
             log.info("bpf/%s.c took over its maps from the previous agent: %s", program, ", ".join(sorted(bpf.adopted)))
+
+    def prune_pins(self) -> None:
+        """After every plugin started: what a previous agent kept for a program that no
+        plugin loaded this time (a plugin turned off) goes, its links detached with it."""
+        if not self.keep or not self.pins.dir.is_dir():
+            return
+        for entry in sorted(self.pins.dir.iterdir()):
+            if entry.is_dir() and entry.name not in self.adopted and entry.name != pins_mod.LINKS:
+                pins_mod.remove_tree(entry)
+                log.info("removed what the previous agent kept for bpf/%s.c: no plugin uses it now", entry.name)
 
     def saved(self, plugin: str) -> dict:
         """What the plugin saved when the previous agent stopped with keepAttached ({} if nothing)."""

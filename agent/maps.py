@@ -104,6 +104,15 @@ class CounterHash:
         except KeyError:
             return False
 
+    def save(self) -> list:
+        """What this reader has seen of each key (JSON types): the next agent's reader
+        of the same, adopted map continues from it (lifecycle.keepAttached)."""
+        return [[raw.hex(), value[0], value[1], unchanged] for raw, (value, unchanged) in self._last.items()]
+
+    def restore(self, saved: list) -> None:
+        self._last = {bytes.fromhex(raw): ((p, b), unchanged) for raw, p, b, unchanged in saved}
+        self.entries = len(self._last)
+
     @property
     def fill_ratio(self) -> float:
         return self.entries / self.max_entries if self.max_entries else 0.0

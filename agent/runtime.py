@@ -174,6 +174,7 @@ class Agent:
                 log.exception("plugin %s failed to start", name)
                 why = f"{type(e).__name__}: {e}"
             self._plugin_down(name, plugin, why)
+        self.datapath.prune_pins()
         if not self.plugins:  # keep serving: plugin_up and /readyz say why, and the alerts fire
             log.error("no plugin could start: see the errors above, and run 'fovea doctor'")
 

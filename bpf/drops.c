@@ -26,8 +26,10 @@ struct drop_key {
     u8 daddr[16];
 };
 
-BPF_PERCPU_HASH(drop_counts, struct drop_key, struct fovea_counter, DROP_MAP_SIZE);
-BPF_PERCPU_ARRAY(drop_overflow, struct fovea_counter, DROP_REASON_MAX * PROTO_CLASSES);
+/* Every map is kept across a restart (lifecycle.keepAttached, bpf/fovea.h): an
+ * unchanged program stays attached, and it uses them all. */
+FOVEA_COUNTING_TABLE("percpu_hash", struct drop_key, struct fovea_counter, drop_counts, DROP_MAP_SIZE);
+FOVEA_COUNTING_TABLE("percpu_array", int, struct fovea_counter, drop_overflow, DROP_REASON_MAX * PROTO_CLASSES);
 
 /* One drop in detail, with ports: for span events and `fovea observe`. */
 struct drop_event {
@@ -51,9 +53,9 @@ struct event_budget {
 #define DROP_EVENTS_PER_FLOW 4
 
 #if DROP_EVENTS_PER_SEC > 0
-BPF_RINGBUF_OUTPUT(drop_events, 128);
-BPF_PERCPU_ARRAY(drop_event_budget, struct event_budget, 1); /* the whole CPU */
-BPF_PERCPU_ARRAY(drop_flow_budget, struct event_budget, FLOW_BUCKETS); /* per hash of the 5-tuple */
+FOVEA_RINGBUF(drop_events, 128);
+FOVEA_COUNTING_TABLE("percpu_array", int, struct event_budget, drop_event_budget, 1); /* the whole CPU */
+FOVEA_COUNTING_TABLE("percpu_array", int, struct event_budget, drop_flow_budget, FLOW_BUCKETS); /* per 5-tuple hash */
 
 static __always_inline int take(struct event_budget *b, u64 second, u64 limit)
 {

@@ -22,9 +22,9 @@ struct fovea_counter {
     u64 bytes;
 };
 
-/* A counting map, and a ring buffer whose records must not be lost: with
- * lifecycle.keepAttached the agent pins these (and only these) and the next
- * agent adopts them, so that counts continue across a restart
+/* A map kept across a restart (a counting map, a ring buffer whose records
+ * must not be lost): with lifecycle.keepAttached the agent pins these (and
+ * only these) and the next agent adopts them, so that counts continue
  * (agent/compiler.py finds them by these names, agent/bpfobject.py pins them). */
 #define FOVEA_COUNTING_TABLE(_type, _key, _leaf, _name, _size) BPF_TABLE(_type, _key, _leaf, _name, _size)
 #define FOVEA_RINGBUF(_name, _pages) BPF_RINGBUF_OUTPUT(_name, _pages)

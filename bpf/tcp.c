@@ -62,13 +62,15 @@ struct state_key {
 
 /* packets = events (or samples, or entries into the state); bytes = the
  * sum of samples in ns (histograms), or exits from the state. */
-BPF_PERCPU_HASH(tcp_events, struct event_key, struct fovea_counter, TCP_MAP_SIZE);
-BPF_PERCPU_HASH(tcp_hist, struct hist_key, struct fovea_counter, TCP_MAP_SIZE);
-BPF_PERCPU_HASH(tcp_states, struct state_key, struct fovea_counter, TCP_MAP_SIZE);
-BPF_PERCPU_ARRAY(tcp_lost, u64, 4);
-BPF_PERCPU_ARRAY(tcp_events_overflow, u64, 3); /* per kind, when tcp_events is full */
-BPF_HASH(connect_start, u64, u64, SOCKET_MAP_SIZE); /* socket -> SYN_SENT time */
-BPF_HASH(rtt_last, u64, u64, SOCKET_MAP_SIZE);      /* socket -> last RTT sample time */
+/* Every map is kept across a restart (lifecycle.keepAttached, bpf/fovea.h): an
+ * unchanged program stays attached, and it uses them all. */
+FOVEA_COUNTING_TABLE("percpu_hash", struct event_key, struct fovea_counter, tcp_events, TCP_MAP_SIZE);
+FOVEA_COUNTING_TABLE("percpu_hash", struct hist_key, struct fovea_counter, tcp_hist, TCP_MAP_SIZE);
+FOVEA_COUNTING_TABLE("percpu_hash", struct state_key, struct fovea_counter, tcp_states, TCP_MAP_SIZE);
+FOVEA_COUNTING_TABLE("percpu_array", int, u64, tcp_lost, 4);
+FOVEA_COUNTING_TABLE("percpu_array", int, u64, tcp_events_overflow, 3); /* per kind, when tcp_events is full */
+FOVEA_COUNTING_TABLE("hash", u64, u64, connect_start, SOCKET_MAP_SIZE); /* socket -> SYN_SENT time */
+FOVEA_COUNTING_TABLE("hash", u64, u64, rtt_last, SOCKET_MAP_SIZE);      /* socket -> last RTT sample time */
 
 static __always_inline u32 netns_of_net(void *net)
 {

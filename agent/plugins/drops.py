@@ -11,7 +11,6 @@ from prometheus_client.core import CounterMetricFamily
 
 from agent.addresses import ip_text
 from agent.attribution import WAIT
-from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.events import DropEvent
 from agent.maps import CounterHash, read_percpu_array
@@ -90,13 +89,32 @@ class DropsPlugin(Plugin):
         self._pending = self.attribution.pending("drop")
         self.pod_series = SeriesStore(POD_DROP_LABELS, ctx.config.podLevel.maxSeries, ctx.config.podLevel.seriesTTL,
                                       keep_on_overflow=("reason", "direction"))
-        self._bpf = compile_program("drops", self.cflags(ctx), ctx.headers, ctx.config.kernel.cacheDir)
-        self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
+        self._bpf = ctx.datapath.load_program("drops", self.cflags(ctx))
         self._counts = CounterHash(self._bpf["drop_counts"], self._decode, ctx.config.idleReads)
+        self._restore(ctx.datapath.saved(self.name), "drop_counts" in self._bpf.adopted)
+        attached = self._bpf.attach_tracepoint(tp=b"skb:kfree_skb", fn_name=b"on_kfree_skb")
+        if attached != "attached":
+            log.info("skb:kfree_skb: %s the previous agent's program", attached)
         if ctx.config.drops.eventsPerSecond > 0:
             self._publish = ctx.events.publish
             self._bpf["drop_events"].open_ring_buffer(self._on_event)
         log.info("counting drops by reason (%d reasons known to this kernel)", len(self.reasons))
+
+    def _restore(self, saved: dict, counts_adopted: bool) -> None:
+        """Continue the previous agent's counters (lifecycle.keepAttached): its pod series and
+        what waited for a pod always; its totals and reads of drop_counts with that map."""
+        if not saved:
+            return
+        self.pod_series.restore(saved["pod_series"])
+        self._pending.restore(saved["pending"])
+        if counts_adopted:
+            self._counts.restore(saved["counts"])
+            for reason, proto, p, b in saved["totals"]:
+                self._totals[(reason, proto)] = [p, b]
+
+    def save(self) -> dict:
+        return {"pod_series": self.pod_series.save(), "pending": self._pending.save(),
+                "counts": self._counts.save(), "totals": [[*k, p, b] for k, (p, b) in self._totals.items()]}
 
     def reason_name(self, value: int) -> str:
         return self.reasons.get(value, "UNKNOWN")

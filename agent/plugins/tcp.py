@@ -26,7 +26,6 @@ from pyroute2 import DiagSocket
 
 from agent.addresses import ip_text
 from agent.attribution import WAIT
-from agent.compiler import compile_program
 from agent.errors import FoveaError
 from agent.maps import CounterHash
 from agent.nsenter import in_netns
@@ -134,14 +133,38 @@ class TcpPlugin(Plugin):
         self.pod_retransmits = SeriesStore(POD_LABELS, cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL)
         self.pod_resets = SeriesStore(POD_LABELS + ("direction",), cfg.podLevel.maxSeries, cfg.podLevel.seriesTTL,
                                       keep_on_overflow=("direction",))
-        self._bpf = compile_program("tcp", self.cflags(ctx), ctx.headers, ctx.config.kernel.cacheDir)
-        for (category, event), (fn, _fields) in TRACEPOINTS.items():
-            self._bpf.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
+        self._bpf = ctx.datapath.load_program("tcp", self.cflags(ctx))
         self._events = CounterHash(self._bpf["tcp_events"],
                                    lambda k: (k.netns, k.kind, ip_text(k.family, bytes(k.addr))), cfg.idleReads)
         self._hist = CounterHash(self._bpf["tcp_hist"], lambda k: (k.netns, k.hist, k.bucket), cfg.idleReads)
         self._states = CounterHash(self._bpf["tcp_states"], lambda k: (k.netns, k.state), cfg.idleReads)
+        self._restore(ctx.datapath.saved(self.name), self._bpf.adopted == set(self._bpf.compiled["maps"]))
+        for (category, event), (fn, _fields) in TRACEPOINTS.items():
+            attached = self._bpf.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
+            if attached != "attached":
+                log.info("%s:%s: %s the previous agent's program", category, event, attached)
         self.reconcile()
+
+    def _restore(self, saved: dict, maps_adopted: bool) -> None:
+        """Continue the previous agent's counters (lifecycle.keepAttached): its pod series and
+        what waited for a pod always; its totals and map reads with every map of it."""
+        if not saved:
+            return
+        self.pod_retransmits.restore(saved["pod_retransmits"])
+        self.pod_resets.restore(saved["pod_resets"])
+        self._pending.restore(saved["pending"])
+        if maps_adopted:
+            self.events, self._overflow_seen = saved["events"], saved["overflow_seen"]
+            self.hist = {h: [counts, total] for h, (counts, total) in saved["hist"].items()}
+            for reader, name in ((self._events, "event_reads"), (self._hist, "hist_reads"),
+                                 (self._states, "state_reads")):
+                reader.restore(saved[name])
+
+    def save(self) -> dict:
+        return {"pod_retransmits": self.pod_retransmits.save(), "pod_resets": self.pod_resets.save(),
+                "pending": self._pending.save(), "events": self.events, "overflow_seen": self._overflow_seen,
+                "hist": self.hist, "event_reads": self._events.save(), "hist_reads": self._hist.save(),
+                "state_reads": self._states.save()}
 
     # -- namespaces --------------------------------------------------------------
 

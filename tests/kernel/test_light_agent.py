@@ -1,13 +1,15 @@
 """The agent without LLVM: its programs are compiled in a compiler process of their own, and an
 unchanged restart takes them from the cache, compiling nothing (agent/compiler.py), while the
-counters continue exactly (lifecycle.keepAttached)."""
+counters continue exactly (lifecycle.keepAttached), the tracepoints' (drops, TCP) included."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from agent import pins
 from tests.conftest import RunningAgent
 from tests.kernel.test_keep_attached import counts, expected, moved, node, write_config  # noqa: F401 (fixture)
 from tests.kernel.test_lifecycle import ping
@@ -61,3 +63,56 @@ def test_the_agent_never_maps_llvm_and_an_unchanged_restart_compiles_nothing(lab
 def m_up(agent: RunningAgent) -> dict[str, float]:
     m = agent.scrape()
     return {p: m.get("fovea_agent_plugin_up", plugin=p) for p in PLUGINS}
+
+
+def drops_and_resets(lab, drops: int, resets: int) -> None:
+    """UDP to a closed port of the world (dropped there: NO_SOCKET), and TCP connects from
+    one pod to a closed port of the other (a reset sent by one, received by the other)."""
+    client, server = lab.pods[:2]
+    s = lab.socket(client.netns, socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(drops):
+        s.sendto(b"z", (lab.world.ipv4, 47199))
+    s.close()
+    for _ in range(resets):
+        c = lab.socket(client.netns, socket.AF_INET, socket.SOCK_STREAM)
+        with pytest.raises(ConnectionRefusedError):
+            c.connect((server.ipv4, 9))
+        c.close()
+
+
+def tracepoint_counts(agent: RunningAgent) -> dict[str, float]:
+    return {"drops": agent.settled("fovea_drop_packets_total", reason="NO_SOCKET", protocol="udp"),
+            "resets sent": agent.settled("fovea_tcp_resets_total", direction="sent"),
+            "resets received": agent.settled("fovea_tcp_resets_total", direction="received")}
+
+
+def test_drop_and_tcp_counters_continue_across_restarts(lab, tmp_path, node):  # noqa: F811
+    """The tracepoint programs stay attached while no agent runs; an unchanged one is kept as
+    it is, a changed one (tcp_probe's, with another interval: its RTT sampling period is
+    compiled in) replaced."""
+    extra = {"plugins": ["forward", "pods", "drops", "tcp"], "tcp": {"includeHost": False},
+             "kernel": {"cacheDir": str(tmp_path / "cache")}}
+    cfg = write_config(tmp_path, lab, "auto", **extra)
+    first = RunningAgent("--uplink", lab.uplink, "--config", cfg, "--node-name", node)
+    try:
+        drops_and_resets(lab, 2, 2)  # the series exist
+        before = tracepoint_counts(first)
+    finally:
+        assert first.stop() == 0, first.output()
+    total = 0
+    for interval, probe, (n, m) in (("1", "kept", (11, 5)), ("0.5", "replaced", (7, 3))):
+        drops_and_resets(lab, n, n)  # while no agent runs
+        agent = RunningAgent("--uplink", lab.uplink, "--config", cfg, "--node-name", node, "--interval", interval)
+        try:
+            out = agent.output()
+            assert "skb:kfree_skb: kept the previous agent's program" in out, out
+            assert "tcp:tcp_send_reset: kept the previous agent's program" in out, out
+            assert f"tcp:tcp_probe: {probe} the previous agent's program" in out, out  # it samples RTT per interval
+            drops_and_resets(lab, m, m)
+            total += n + m
+            assert moved(tracepoint_counts(agent), before) == dict.fromkeys(before, total), agent.output()
+        finally:
+            assert agent.stop() == 0, agent.output()
+    for hook in ("drops", "tcp"):  # one link per tracepoint, nothing stacked
+        links = [p.name for p in (pins.NodePins(node).program_dir(hook)).iterdir() if p.name.startswith("link_")]
+        assert len(links) == {"drops": 1, "tcp": 6}[hook], links

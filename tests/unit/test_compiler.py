@@ -104,7 +104,11 @@ def test_the_kept_maps_are_those_the_sources_declare_as_kept():
         "flow_events", "flow_lost", "flows", "forward_counts"]
     assert compiler.kept_maps(compiler.inline_includes(src / "pods.c")) == [
         "flow_events", "flow_lost", "flows", "http_events"]
-    assert compiler.kept_maps(compiler.inline_includes(src / "tcp.c")) == []
+    # A tracepoint program that did not change stays attached: it keeps every map it uses.
+    assert compiler.kept_maps(compiler.inline_includes(src / "tcp.c")) == [
+        "connect_start", "rtt_last", "tcp_events", "tcp_events_overflow", "tcp_hist", "tcp_lost", "tcp_states"]
+    assert compiler.kept_maps(compiler.inline_includes(src / "drops.c")) == [
+        "drop_counts", "drop_event_budget", "drop_events", "drop_flow_budget", "drop_overflow"]
 
 
 def test_c_types_as_bcc_describes_them():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import json
 
 import pytest
 
@@ -274,3 +275,22 @@ def test_read_percpu_array():
             return self.cells[index.value]
 
     assert read_percpu_array(ArrayTable()) == [(3, 30), (0, 0), (5, 7)]
+
+
+def test_a_reader_restored_from_a_saved_one_continues_where_it_stopped(table):
+    """lifecycle.keepAttached: the next agent's reader of the same (adopted) map counts only what
+    came after the save, and retires idle keys as the saved reader would have."""
+    table.add(1, 0, 3, 30)
+    table.add(2, 1, 1, 10)
+    first = CounterHash(table, decode, idle_reads=2)
+    assert first.read() == {1: (3, 30), 2: (1, 10)}
+    saved = first.save()
+    table.add(1, 2, 2, 20)  # while no agent runs
+    second = CounterHash(table, decode, idle_reads=2)
+    second.restore(json.loads(json.dumps(saved)))  # as it goes through the pinned state
+    assert second.entries == 2
+    assert second.read() == {1: (2, 20)}
+    assert second.read() == {}  # 2 unchanged for two reads, the saved reader's first counted: retired
+    assert table.deleted == [(2, 6)] and second.entries == 1
+    assert second.read() == {}
+    assert table.deleted == [(2, 6), (1, 6)] and second.entries == 0
