@@ -2,6 +2,7 @@
 
     <node>/<program>/<map>     the tc programs' counting maps (FOVEA_COUNTING_TABLE and
                                FOVEA_RINGBUF in bpf/fovea.h), pinned by agent/bpfobject.py
+    <node>/<program>/link_<fn>  tracepoint links (drops, tcp), so that programs stay attached
     <node>/links/<ifindex>-<hook>   tcx links, so that programs stay attached
     <node>/state               what user space needs to continue its counters exactly
 
