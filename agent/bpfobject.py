@@ -136,8 +136,7 @@ class BpfObject:
                 fresh.unlink(missing_ok=True)
                 bpfsys.pin(link, str(fresh))
                 os.rename(fresh, pin)
-            if old is not None:
-                bpfsys.link_detach(bpfsys.link_info(old).id)
+            if old is not None:  # its pin was just replaced: this fd is its last holder, so it detaches
                 os.close(old)
                 return "replaced"
             return "attached"
