@@ -97,10 +97,11 @@ struct dns_event {
     struct dns_flow flow;
 };
 
-BPF_PERCPU_HASH(dns_counts, struct dns_count_key, struct fovea_counter, DNS_COUNT_SIZE);
-BPF_HASH(dns_inflight, struct dns_flow, struct dns_query, DNS_INFLIGHT_SIZE);
-BPF_PERCPU_ARRAY(dns_latency, u64, DNS_LATENCY_BUCKETS + 2); /* buckets, +Inf, sum of ns */
-BPF_PERCPU_ARRAY(dns_stats, u64, DNS_STATS);
+/* Kept across a restart (bpf/fovea.h): counts, queries in flight, the cumulative arrays. */
+FOVEA_COUNTING_TABLE("percpu_hash", struct dns_count_key, struct fovea_counter, dns_counts, DNS_COUNT_SIZE);
+FOVEA_COUNTING_TABLE("hash", struct dns_flow, struct dns_query, dns_inflight, DNS_INFLIGHT_SIZE);
+FOVEA_COUNTING_TABLE("percpu_array", int, u64, dns_latency, DNS_LATENCY_BUCKETS + 2); /* buckets, +Inf, ns */
+FOVEA_COUNTING_TABLE("percpu_array", int, u64, dns_stats, DNS_STATS);
 BPF_PERF_OUTPUT(dns_events);
 
 static __always_inline void dns_stat(int reason)

@@ -150,10 +150,13 @@ struct http_line {
     u8 b[HTTP_LINE_MAX];
 };
 
-BPF_HASH(http_inflight, struct http_conn, struct http_request, HTTP_INFLIGHT_SIZE);
-BPF_PERCPU_HASH(http_counts, struct http_count_key, struct fovea_counter, HTTP_COUNT_SIZE); /* packets: requests */
-BPF_PERCPU_HASH(http_durations, struct http_duration_key, struct fovea_counter, HTTP_COUNT_SIZE); /* requests, ns */
-BPF_PERCPU_ARRAY(http_stats, u64, HTTP_STATS);
+/* Kept across a restart (bpf/fovea.h): counts, requests in flight, the cumulative stats. */
+FOVEA_COUNTING_TABLE("hash", struct http_conn, struct http_request, http_inflight, HTTP_INFLIGHT_SIZE);
+FOVEA_COUNTING_TABLE("percpu_hash", struct http_count_key, struct fovea_counter, http_counts,
+                     HTTP_COUNT_SIZE); /* packets: requests */
+FOVEA_COUNTING_TABLE("percpu_hash", struct http_duration_key, struct fovea_counter, http_durations,
+                     HTTP_COUNT_SIZE); /* packets: requests, bytes: ns */
+FOVEA_COUNTING_TABLE("percpu_array", int, u64, http_stats, HTTP_STATS);
 BPF_PERCPU_ARRAY(http_scratch, struct http_line, 1);
 FOVEA_RINGBUF(http_events, HTTP_EVENT_PAGES);
 #ifdef HTTP_PATH_BYTES

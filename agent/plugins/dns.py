@@ -124,6 +124,7 @@ class DnsPlugin(Plugin, TcExtension):
         self.sampled_full = 0
         self._sampled: OrderedDict[tuple, tuple[float, str | None]] = OrderedDict()  # flow -> (start, name)
         self.published = 0
+        self._saved: dict = {}  # what the previous agent saved (lifecycle.keepAttached)
 
     # -- the plugin -----------------------------------------------------------
 
@@ -134,6 +135,7 @@ class DnsPlugin(Plugin, TcExtension):
                              "enable the pods plugin (and forward for the node's own DNS)")
         self._idle_reads = cfg.idleReads
         self._cflags = dns_cflags(cfg.dns)
+        self._saved = datapath.saved(self.name)  # lifecycle.keepAttached: the previous agent's counters
         datapath.declare(self)
 
     def start(self, ctx: PluginContext) -> None:
@@ -149,6 +151,7 @@ class DnsPlugin(Plugin, TcExtension):
         # Sampled transactions naming a pod not known yet wait for it (the pending window).
         self._records = self.attribution.holding("dns_transaction", ctx.events.publish, client_server_addresses)
         self._timeout_ns = int(cfg.dns.timeout * 1e9)
+        self._restore(self._saved)
         self._thread = threading.Thread(target=self._poll, name="dns-events", daemon=True)
         self._thread.start()
 
@@ -282,8 +285,29 @@ class DnsPlugin(Plugin, TcExtension):
     def cflags(self, program: str) -> list[str]:
         return list(self._cflags) if program in HOSTS else []
 
+    def _restore(self, saved: dict) -> None:
+        """Continue the previous agent's totals, pod series and what waited for a pod (each
+        host's reader of dns_counts is restored when that map is adopted: loaded())."""
+        if not saved:
+            return
+        self.requests.update(saved["requests"])
+        self.responses.update({(qtype, rcode): n for qtype, rcode, n in saved["responses"]})
+        self.unanswered.update(saved["unanswered"])
+        self.pod_requests.restore(saved["pod_requests"])
+        self.pod_responses.restore(saved["pod_responses"])
+        self._pending.restore(saved["pending"])
+
+    def save(self) -> dict:
+        return {"requests": dict(self.requests), "responses": [[*k, n] for k, n in self.responses.items()],
+                "unanswered": dict(self.unanswered), "pod_requests": self.pod_requests.save(),
+                "pod_responses": self.pod_responses.save(), "pending": self._pending.save(),
+                "reads": {name: host.counts.save() for name, host in self._hosts.items()}}
+
     def loaded(self, program: str, bpf) -> None:
         host = _Host(program, bpf, self._idle_reads, self._on_event, self._on_lost)
+        reads = self._saved.get("reads", {}).get(program)
+        if reads is not None and "dns_counts" in bpf.adopted:  # else the map is new: so is its reader
+            host.counts.restore(reads)
         with self._poll_lock:
             self._hosts[program] = host
         log.info("counting DNS in the %s programs", program)

@@ -101,16 +101,16 @@ class DropsPlugin(Plugin):
         log.info("counting drops by reason (%d reasons known to this kernel)", len(self.reasons))
 
     def _restore(self, saved: dict, counts_adopted: bool) -> None:
-        """Continue the previous agent's counters (lifecycle.keepAttached): its pod series and
-        what waited for a pod always; its totals and reads of drop_counts with that map."""
+        """Continue the previous agent's counters (lifecycle.keepAttached): its totals, pod
+        series and what waited for a pod; its reads of drop_counts only with that map."""
         if not saved:
             return
         self.pod_series.restore(saved["pod_series"])
         self._pending.restore(saved["pending"])
-        if counts_adopted:
+        for reason, proto, p, b in saved["totals"]:
+            self._totals[(reason, proto)] = [p, b]
+        if counts_adopted:  # else the map is new: so is its reader
             self._counts.restore(saved["counts"])
-            for reason, proto, p, b in saved["totals"]:
-                self._totals[(reason, proto)] = [p, b]
 
     def save(self) -> dict:
         return {"pod_series": self.pod_series.save(), "pending": self._pending.save(),

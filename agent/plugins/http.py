@@ -169,6 +169,7 @@ class HttpPlugin(Plugin, TcExtension):
         self._stats = [0] * STATS
         self.unanswered_expired = 0
         self.published = 0
+        self._saved: dict = {}  # what the previous agent saved (lifecycle.keepAttached)
 
     # -- the plugin -----------------------------------------------------------
 
@@ -178,6 +179,7 @@ class HttpPlugin(Plugin, TcExtension):
             raise FoveaError("HTTP is counted inside the pods plugin's tc programs", "enable the pods plugin")
         self._idle_reads = cfg.idleReads
         self._cflags = http_cflags(cfg.http)
+        self._saved = datapath.saved(self.name)  # lifecycle.keepAttached: the previous agent's counters
         self._ports = "ports " + ", ".join(map(str, cfg.http.ports)) if cfg.http.ports else "every TCP port"
         datapath.declare(self)
 
@@ -197,6 +199,17 @@ class HttpPlugin(Plugin, TcExtension):
         self._lines: OrderedDict[tuple[bytes, int], str | None] = OrderedDict()  # (conn, ts) -> url.path
         # Sampled requests naming a pod not known yet wait for it (the pending window).
         self._records = self.attribution.holding("http_request", ctx.events.publish, client_server_addresses)
+        if self._saved:  # the readers of the maps were restored with them (loaded())
+            self.requests.restore(self._saved["requests"])
+            self.durations.restore(self._saved["durations"])
+            self._pending.restore(self._saved["pending"])
+            self.unanswered_expired = self._saved["unanswered_expired"]
+
+    def save(self) -> dict:
+        maps = self._maps
+        return {"requests": self.requests.save(), "durations": self.durations.save(), "pending": self._pending.save(),
+                "unanswered_expired": self.unanswered_expired,
+                "reads": {"counts": maps.counts.save(), "durations": maps.durations.save()} if maps else {}}
 
     def refresh(self) -> None:
         maps = self._maps
@@ -341,6 +354,10 @@ class HttpPlugin(Plugin, TcExtension):
 
     def loaded(self, program: str, bpf) -> None:
         self._maps = _Maps(bpf, self._idle_reads, self._on_event)
+        reads = self._saved.get("reads") if self._saved else None
+        if reads and {"http_counts", "http_durations"} <= bpf.adopted:  # else the maps are new: so are their readers
+            self._maps.counts.restore(reads["counts"])
+            self._maps.durations.restore(reads["durations"])
         self._failed = ""
         log.info("counting HTTP in the %s programs (%s)", program, self._ports)
 

@@ -138,26 +138,28 @@ class TcpPlugin(Plugin):
                                    lambda k: (k.netns, k.kind, ip_text(k.family, bytes(k.addr))), cfg.idleReads)
         self._hist = CounterHash(self._bpf["tcp_hist"], lambda k: (k.netns, k.hist, k.bucket), cfg.idleReads)
         self._states = CounterHash(self._bpf["tcp_states"], lambda k: (k.netns, k.state), cfg.idleReads)
-        self._restore(ctx.datapath.saved(self.name), self._bpf.adopted == set(self._bpf.compiled["maps"]))
+        self._restore(ctx.datapath.saved(self.name), self._bpf.adopted)
         for (category, event), (fn, _fields) in TRACEPOINTS.items():
             attached = self._bpf.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
             if attached != "attached":
                 log.info("%s:%s: %s the previous agent's program", category, event, attached)
         self.reconcile()
 
-    def _restore(self, saved: dict, maps_adopted: bool) -> None:
-        """Continue the previous agent's counters (lifecycle.keepAttached): its pod series and
-        what waited for a pod always; its totals and map reads with every map of it."""
+    def _restore(self, saved: dict, adopted: set[str]) -> None:
+        """Continue the previous agent's counters (lifecycle.keepAttached): its totals, pod
+        series and what waited for a pod; its reads of a map only with that map."""
         if not saved:
             return
         self.pod_retransmits.restore(saved["pod_retransmits"])
         self.pod_resets.restore(saved["pod_resets"])
         self._pending.restore(saved["pending"])
-        if maps_adopted:
-            self.events, self._overflow_seen = saved["events"], saved["overflow_seen"]
-            self.hist = {h: [counts, total] for h, (counts, total) in saved["hist"].items()}
-            for reader, name in ((self._events, "event_reads"), (self._hist, "hist_reads"),
-                                 (self._states, "state_reads")):
+        self.events = saved["events"]
+        self.hist = {h: [counts, total] for h, (counts, total) in saved["hist"].items()}
+        if "tcp_events_overflow" in adopted:  # else it counts from 0 again
+            self._overflow_seen = saved["overflow_seen"]
+        for reader, table, name in ((self._events, "tcp_events", "event_reads"), (self._hist, "tcp_hist", "hist_reads"),
+                                    (self._states, "tcp_states", "state_reads")):
+            if table in adopted:  # else the map is new: so is its reader
                 reader.restore(saved[name])
 
     def save(self) -> dict:

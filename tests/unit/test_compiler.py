@@ -100,10 +100,12 @@ def test_an_unwritable_cache_costs_only_the_next_compile(child, tmp_path, caplog
 
 def test_the_kept_maps_are_those_the_sources_declare_as_kept():
     src = compiler.source_dir()
+    dns = ["dns_counts", "dns_inflight", "dns_latency", "dns_stats"]
     assert compiler.kept_maps(compiler.inline_includes(src / "forward.c")) == [
-        "flow_events", "flow_lost", "flows", "forward_counts"]
+        *dns, "flow_events", "flow_lost", "flows", "forward_counts"]
     assert compiler.kept_maps(compiler.inline_includes(src / "pods.c")) == [
-        "flow_events", "flow_lost", "flows", "http_events"]
+        *dns, "flow_events", "flow_lost", "flows", "http_counts", "http_durations", "http_events", "http_inflight",
+        "http_stats"]
     # A tracepoint program that did not change stays attached: it keeps every map it uses.
     assert compiler.kept_maps(compiler.inline_includes(src / "tcp.c")) == [
         "connect_start", "rtt_last", "tcp_events", "tcp_events_overflow", "tcp_hist", "tcp_lost", "tcp_states"]
