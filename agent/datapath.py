@@ -209,8 +209,9 @@ class Datapath:
         """Stop counting on an interface (gone: it vanished, with its filters)."""
         if gone:
             self.tc.forget(ifindex)
-        elif self._leaving:
+        elif self._leaving:  # the programs count on while no agent runs: their maps stay as they are
             self.tc.leave(ifindex)
+            return
         else:
             self.tc.detach(ifindex)
         for ext in self.extensions:
