@@ -107,15 +107,20 @@ def _elem(cmd: int, fd: int, key, value=None, flags: int = 0) -> None:
                       value=ct.addressof(value) if value is not None else 0, flags=flags))
 
 
-def map_lookup(fd: int, key, value) -> bool:
-    """Fill value (a ctypes object) with key's; False if there is no such key."""
+def _elem_found(cmd: int, fd: int, key, value=None) -> bool:
+    """An element command; False where the kernel says there is no such key (ENOENT)."""
     try:
-        _elem(MAP_LOOKUP_ELEM, fd, key, value)
+        _elem(cmd, fd, key, value)
         return True
     except OSError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    """Fill value (a ctypes object) with key's; False if there is no such key."""
+    return _elem_found(MAP_LOOKUP_ELEM, fd, key, value)
 
 
 def map_update(fd: int, key, value) -> None:
@@ -124,35 +129,17 @@ def map_update(fd: int, key, value) -> None:
 
 def map_delete(fd: int, key) -> bool:
     """False if there was no such key."""
-    try:
-        _elem(MAP_DELETE_ELEM, fd, key)
-        return True
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
+    return _elem_found(MAP_DELETE_ELEM, fd, key)
 
 
 def map_lookup_and_delete(fd: int, key, value) -> bool:
     """Take key's value and delete it in one step; False if there was no such key."""
-    try:
-        _elem(MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value)
-        return True
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
+    return _elem_found(MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value)
 
 
 def map_next_key(fd: int, key, next_key) -> bool:
     """The key after `key` (None: the first) into next_key; False past the last."""
-    try:
-        _elem(MAP_GET_NEXT_KEY, fd, key, next_key)
-        return True
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
+    return _elem_found(MAP_GET_NEXT_KEY, fd, key, next_key)
 
 
 def map_lookup_batch(fd: int, keys, values, count: int, token=None, token_out=None) -> tuple[int, bool]:
@@ -275,16 +262,14 @@ def link_update(link_fd: int, prog_fd: int) -> None:
 
 
 def array_create(value_size: int, entries: int, name: bytes) -> int:
-    return bpf(MAP_CREATE, _MapCreate(map_type=MAP_TYPE_ARRAY, key_size=4, value_size=value_size,
-                                      max_entries=entries, map_name=name))
+    return map_create(MAP_TYPE_ARRAY, 4, value_size, entries, 0, name)
 
 
 def array_set(fd: int, index: int, value: bytes) -> None:
-    k, v = ct.c_uint32(index), ct.create_string_buffer(value, len(value))
-    bpf(MAP_UPDATE_ELEM, _MapElem(map_fd=fd, key=ct.addressof(k), value=ct.addressof(v)))
+    map_update(fd, ct.c_uint32(index), ct.create_string_buffer(value, len(value)))
 
 
 def array_get(fd: int, index: int, value_size: int) -> bytes:
-    k, v = ct.c_uint32(index), ct.create_string_buffer(value_size)
-    bpf(MAP_LOOKUP_ELEM, _MapElem(map_fd=fd, key=ct.addressof(k), value=ct.addressof(v)))
+    v = ct.create_string_buffer(value_size)
+    _elem(MAP_LOOKUP_ELEM, fd, ct.c_uint32(index), v)  # an index in range is always there
     return v.raw

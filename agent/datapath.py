@@ -121,7 +121,7 @@ class Datapath:
 
     def load_program(self, program: str, cflags: list[str]):
         """bpf/<program>.c compiled (or from the cache) with its kept maps pinned and adopted
-        (lifecycle.keepAttached): for the programs that are not tc programs (tracepoints)."""
+        (lifecycle.keepAttached); tc programs go through load_tc_programs, which loads their functions."""
         pin_dir = self.pin_dir(program)
         bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
         if pin_dir is not None:
@@ -136,8 +136,7 @@ class Datapath:
         return self.pins.program_dir(program)
 
     def _load(self, program: str, cflags: list[str], functions: dict[str, bytes]):
-        pin_dir = self.pin_dir(program)
-        bpf = compile_program(program, cflags, self.headers, self.config.kernel.cacheDir, pin_dir)
+        bpf = self.load_program(program, cflags)
         try:  # the kernel verifies each hook's program on a thread of its own: a start's longest wait
             with ThreadPoolExecutor(len(functions) or 1) as pool:
                 loaded = pool.map(lambda fn: bpf.load_func(fn, bpf.SCHED_CLS), functions.values())
@@ -145,8 +144,6 @@ class Datapath:
         except FoveaError:  # the verifier's refusal
             bpf.cleanup()
             raise
-        if pin_dir is not None:
-            self._note_adoption(program, bpf)
         return bpf, fns
 
     def _note_adoption(self, program: str, bpf) -> None:
